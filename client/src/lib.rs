@@ -1,0 +1,200 @@
+//! The typed Rust client of the feature store.
+//!
+//! One [`Client`] holds one HTTP/2 channel, reused by every call and cheap to clone. Every
+//! call has a deadline; calls that fail with a retryable code (UNAVAILABLE, ABORTED) are
+//! retried with exponential backoff within that deadline, and no others are.
+
+use std::time::{Duration, Instant};
+
+use featurestore::domain::{ReadRequest, WriteRequest};
+use featurestore::proto;
+use featurestore::proto::feature_store_client::FeatureStoreClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub use featurestore;
+
+/// How a [`Client`] talks to the server.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Deadline of each call, retries included.
+    pub timeout: Duration,
+    /// Longest wait for a connection to be established.
+    pub connect_timeout: Duration,
+    /// Attempts after the first for retryable failures.
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each next one.
+    pub initial_backoff: Duration,
+    /// Largest response the client decodes, in bytes.
+    pub decode_message_bytes_max: usize,
+    /// Largest request the client encodes, in bytes.
+    pub encode_message_bytes_max: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            retries: 2,
+            initial_backoff: Duration::from_millis(50),
+            decode_message_bytes_max: 64 * 1024 * 1024,
+            encode_message_bytes_max: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+}
+
+impl ClientError {
+    /// The gRPC code of the failure (INVALID_ARGUMENT for a bad endpoint).
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::Endpoint { .. } => Code::InvalidArgument,
+            ClientError::Status(status) => status.code(),
+        }
+    }
+}
+
+/// A connection to a feature store server.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// The generated stub over the shared channel.
+    stub: FeatureStoreClient<Channel>,
+    options: ClientOptions,
+}
+
+impl Client {
+    /// A client of the server at `endpoint` (e.g. `http://127.0.0.1:50051`). The connection
+    /// is made on the first call, so this succeeds while the server is still starting.
+    pub fn connect(endpoint: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        let channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|source| ClientError::Endpoint {
+                endpoint: endpoint.to_string(),
+                source,
+            })?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let stub = FeatureStoreClient::new(channel)
+            .max_decoding_message_size(options.decode_message_bytes_max)
+            .max_encoding_message_size(options.encode_message_bytes_max);
+        Ok(Client { stub, options })
+    }
+
+    /// Reads features for a batch of (user, surface) keys.
+    pub async fn get_features(
+        &self,
+        request: ReadRequest,
+    ) -> Result<proto::GetFeaturesResponse, ClientError> {
+        let request = proto::GetFeaturesRequest::from(request);
+        self.call(request, |mut stub, request| async move {
+            stub.get_features(request).await
+        })
+        .await
+    }
+
+    /// Writes a batch of rows. A retry inside this call reuses the request's idempotency
+    /// key, so the write is applied at most once.
+    pub async fn write_features(
+        &self,
+        request: WriteRequest,
+    ) -> Result<proto::WriteFeaturesResponse, ClientError> {
+        self.write_features_raw(proto::WriteFeaturesRequest::from(request))
+            .await
+    }
+
+    /// Sends a wire-form write request as it is, without client-side checks.
+    pub async fn write_features_raw(
+        &self,
+        request: proto::WriteFeaturesRequest,
+    ) -> Result<proto::WriteFeaturesResponse, ClientError> {
+        self.call(request, |mut stub, request| async move {
+            stub.write_features(request).await
+        })
+        .await
+    }
+
+    /// Sends a wire-form read request as it is, without client-side checks.
+    pub async fn get_features_raw(
+        &self,
+        request: proto::GetFeaturesRequest,
+    ) -> Result<proto::GetFeaturesResponse, ClientError> {
+        self.call(request, |mut stub, request| async move {
+            stub.get_features(request).await
+        })
+        .await
+    }
+
+    /// The registered features.
+    pub async fn list_features(&self) -> Result<Vec<proto::FeatureDefinition>, ClientError> {
+        let response = self
+            .call(
+                proto::ListFeaturesRequest {},
+                |mut stub, request| async move { stub.list_features(request).await },
+            )
+            .await?;
+        Ok(response.features)
+    }
+
+    /// The registered surfaces.
+    pub async fn list_surfaces(&self) -> Result<Vec<proto::SurfaceDefinition>, ClientError> {
+        let response = self
+            .call(
+                proto::ListSurfacesRequest {},
+                |mut stub, request| async move { stub.list_surfaces(request).await },
+            )
+            .await?;
+        Ok(response.surfaces)
+    }
+
+    /// Sends `message` with the call's deadline, retrying retryable failures while the
+    /// deadline allows.
+    async fn call<M, R, F, Fut>(&self, message: M, send: F) -> Result<R, ClientError>
+    where
+        M: Clone,
+        F: Fn(FeatureStoreClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
+    {
+        let deadline = Instant::now() + self.options.timeout;
+        let mut backoff = self.options.initial_backoff;
+        let mut attempt = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut request = tonic::Request::new(message.clone());
+            request.set_timeout(remaining);
+            let result = tokio::time::timeout(remaining, send(self.stub.clone(), request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("client deadline exceeded")));
+            match result {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if is_retryable(status.code()) && attempt < self.options.retries => {
+                    // Never sleep past the deadline: the last attempt gets what is left.
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    if pause.is_zero() {
+                        return Err(status.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = backoff.saturating_mul(2);
+                    attempt += 1;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+}
+
+/// Codes that mean "the same request may succeed later".
+pub fn is_retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Aborted)
+}

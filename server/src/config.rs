@@ -1,0 +1,161 @@
+//! Server configuration: a TOML file, overridden by environment variables and flags (see
+//! `main.rs`), with an embedded default for every setting. Every limit is explicit here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use featurestore::RequestLimits;
+use serde::Deserialize;
+
+/// Everything the server needs to run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen_address: SocketAddr,
+    /// Directory holding the RocksDB database; created when missing.
+    pub data_dir: PathBuf,
+    /// Feature registry file; the embedded default registry when absent.
+    pub registry_path: Option<PathBuf>,
+    /// Whether each write is synced to disk before it is acknowledged.
+    pub durability: Durability,
+    /// How long a write's idempotency key is remembered.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+    pub limits: Limits,
+    pub storage: StorageConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_address: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("featurestore-data"),
+            registry_path: None,
+            durability: Durability::Sync,
+            idempotency_window: Duration::from_secs(24 * 60 * 60),
+            limits: Limits::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML configuration file; unset settings keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            anyhow::anyhow!("cannot read config file {}: {error}", path.display())
+        })?;
+        Self::from_toml(&text)
+            .map_err(|error| anyhow::anyhow!("config file {}: {error}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+/// When a write is acknowledged relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// The write-ahead log is synced before the answer: an acknowledged write survives a
+    /// power loss. The default.
+    Sync,
+    /// The write-ahead log is written but not synced: an acknowledged write survives a
+    /// process crash but may be lost with the machine.
+    Buffered,
+}
+
+/// Limits on requests and on the server's work. Every one has a default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most keys in one read.
+    pub read_keys_max: usize,
+    /// Most feature names in one read's selection.
+    pub read_features_max: usize,
+    /// Most rows in one write.
+    pub write_rows_max: usize,
+    /// Most feature values in one write row.
+    pub features_per_row_max: usize,
+    /// Largest request message the server decodes, in bytes.
+    pub decode_message_bytes_max: usize,
+    /// Largest response message the server encodes, in bytes.
+    pub encode_message_bytes_max: usize,
+    /// Requests doing work at once, server-wide; more are refused with RESOURCE_EXHAUSTED
+    /// rather than queued.
+    pub concurrent_requests_max: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub concurrent_streams_per_connection_max: u32,
+    /// Longest a request may run; a caller's shorter gRPC deadline wins.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings to idle connections.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Time in-flight requests get to finish at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let request = RequestLimits::default();
+        Limits {
+            read_keys_max: request.read_keys_max,
+            read_features_max: request.read_features_max,
+            write_rows_max: request.write_rows_max,
+            features_per_row_max: request.features_per_row_max,
+            decode_message_bytes_max: 16 * 1024 * 1024,
+            encode_message_bytes_max: 64 * 1024 * 1024,
+            concurrent_requests_max: 256,
+            concurrent_streams_per_connection_max: 256,
+            request_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// The limits that request parsing enforces.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            read_keys_max: self.read_keys_max,
+            read_features_max: self.read_features_max,
+            write_rows_max: self.write_rows_max,
+            features_per_row_max: self.features_per_row_max,
+        }
+    }
+}
+
+/// RocksDB settings that operators tune.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Size of the shared block cache, in bytes.
+    pub block_cache_bytes: usize,
+    /// Size of one memtable, in bytes.
+    pub write_buffer_bytes: usize,
+    /// Most files RocksDB keeps open (-1 for no limit).
+    pub max_open_files: i32,
+    /// Background flush and compaction threads.
+    pub background_jobs: i32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            block_cache_bytes: 512 * 1024 * 1024,
+            write_buffer_bytes: 64 * 1024 * 1024,
+            max_open_files: 4096,
+            background_jobs: 2,
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The read path: resolve the columns once, read every key in one batched lookup, and lay
+//! each row's values out by column offset straight into the wire response.
+
+use featurestore::domain::{ReadRequest, Timestamp, Value, ValueType};
+use featurestore::proto;
+
+use super::Core;
+use crate::error::Error;
+use crate::registry::{Feature, Surface};
+use crate::storage::{RowKey, RowRead, StoredRow};
+
+/// One response column: a feature and where its values sit in each row.
+struct Column<'a> {
+    feature: &'a Feature,
+    offset: usize,
+}
+
+/// Lengths of each per-type value array of every row.
+#[derive(Default, Clone, Copy)]
+struct RowShape {
+    floats: usize,
+    int64s: usize,
+    strings: usize,
+    sparse: usize,
+}
+
+impl Core {
+    /// Answers a batched read: one row per key, in request order.
+    pub fn read(&self, request: &ReadRequest) -> Result<proto::GetFeaturesResponse, Error> {
+        let now = self.clock.now();
+        let surfaces: Vec<Option<&Surface>> = request
+            .keys
+            .iter()
+            .map(|key| self.registry.surface(&key.surface))
+            .collect();
+        let features = self.select_features(request, &surfaces)?;
+        let (columns, shape) = lay_out(&features);
+
+        let known: Vec<RowKey> = request
+            .keys
+            .iter()
+            .zip(&surfaces)
+            .filter_map(|(key, surface)| {
+                surface.map(|surface| RowKey {
+                    user_id: key.user_id,
+                    surface: surface.id,
+                })
+            })
+            .collect();
+        let mut reads = self.store.read_rows(&known)?.into_iter();
+
+        let rows = surfaces
+            .iter()
+            .zip(&request.keys)
+            .map(|(surface, key)| {
+                let mut row = empty_row(columns.len(), shape, request.include_event_times);
+                let Some(surface) = surface else {
+                    row.status = proto::RowStatus::UnknownSurface as i32;
+                    return row;
+                };
+                let read = reads.next().expect("one read per key with a known surface");
+                match read {
+                    RowRead::Found(stored) => fill_row(&mut row, &columns, surface, Some(&stored), now),
+                    RowRead::Missing => fill_row(&mut row, &columns, surface, None, now),
+                    RowRead::Corrupt(problem) => {
+                        tracing::warn!(user_id = key.user_id, surface = %surface.name, %problem, "stored row does not decode");
+                        row.status = proto::RowStatus::DataLoss as i32;
+                    }
+                }
+                row
+            })
+            .collect();
+
+        Ok(proto::GetFeaturesResponse {
+            columns: columns
+                .iter()
+                .map(|column| proto::FeatureColumn {
+                    name: column.feature.name.clone(),
+                    value_type: proto::ValueType::from(column.feature.value_type) as i32,
+                    dimension: column_width(column.feature) as u32
+                        * u32::from(is_float_column(column.feature)),
+                    offset: column.offset as u32,
+                })
+                .collect(),
+            rows,
+        })
+    }
+
+    /// The requested features, or every feature registered for a surface of the request.
+    fn select_features(
+        &self,
+        request: &ReadRequest,
+        surfaces: &[Option<&Surface>],
+    ) -> Result<Vec<&Feature>, Error> {
+        if request.features.is_empty() {
+            return Ok(self
+                .registry
+                .features()
+                .iter()
+                .filter(|feature| {
+                    surfaces
+                        .iter()
+                        .flatten()
+                        .any(|surface| feature.surfaces.contains(&surface.id))
+                })
+                .collect());
+        }
+        request
+            .features
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                self.registry
+                    .feature(name)
+                    .ok_or_else(|| Error::UnknownFeature {
+                        index,
+                        name: name.clone(),
+                    })
+            })
+            .collect()
+    }
+}
+
+fn is_float_column(feature: &Feature) -> bool {
+    matches!(
+        feature.value_type,
+        ValueType::Float | ValueType::FloatVector
+    )
+}
+
+/// Elements a column takes in its type's array.
+fn column_width(feature: &Feature) -> usize {
+    match feature.value_type {
+        ValueType::FloatVector => feature.dimension as usize,
+        ValueType::Float | ValueType::Int64 | ValueType::String | ValueType::Sparse => 1,
+    }
+}
+
+fn lay_out<'a>(features: &[&'a Feature]) -> (Vec<Column<'a>>, RowShape) {
+    let mut shape = RowShape::default();
+    let columns = features
+        .iter()
+        .map(|&feature| {
+            let next = match feature.value_type {
+                ValueType::Float | ValueType::FloatVector => &mut shape.floats,
+                ValueType::Int64 => &mut shape.int64s,
+                ValueType::String => &mut shape.strings,
+                ValueType::Sparse => &mut shape.sparse,
+            };
+            let offset = *next;
+            *next += column_width(feature);
+            Column { feature, offset }
+        })
+        .collect();
+    (columns, shape)
+}
+
+fn empty_row(columns: usize, shape: RowShape, include_event_times: bool) -> proto::FeatureRow {
+    proto::FeatureRow {
+        status: proto::RowStatus::Ok as i32,
+        statuses: vec![proto::ValueStatus::Unspecified as i32; columns],
+        float_values: vec![0.0; shape.floats],
+        int64_values: vec![0; shape.int64s],
+        string_values: vec![String::new(); shape.strings],
+        sparse_values: vec![proto::SparseVector::default(); shape.sparse],
+        event_times_unix_micros: if include_event_times {
+            vec![0; columns]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+fn fill_row(
+    row: &mut proto::FeatureRow,
+    columns: &[Column<'_>],
+    surface: &Surface,
+    stored: Option<&StoredRow>,
+    now: Timestamp,
+) {
+    for (index, column) in columns.iter().enumerate() {
+        let feature = column.feature;
+        let status = if !feature.surfaces.contains(&surface.id) {
+            proto::ValueStatus::NotRegisteredForSurface
+        } else {
+            // A value whose type no longer matches the registry cannot be served.
+            let stored = stored
+                .and_then(|row| row.value(feature.id))
+                .filter(|value| feature.accepts(&value.value));
+            match stored {
+                Some(value) if value.expires_at > now => {
+                    put_value(row, column, &value.value);
+                    if let Some(event_time) = row.event_times_unix_micros.get_mut(index) {
+                        *event_time = value.event_time.unix_micros();
+                    }
+                    proto::ValueStatus::Present
+                }
+                _ if feature.default.is_some() => {
+                    put_value(
+                        row,
+                        column,
+                        feature.default.as_ref().expect("checked just above"),
+                    );
+                    proto::ValueStatus::Defaulted
+                }
+                Some(_) => proto::ValueStatus::Expired,
+                None => proto::ValueStatus::NotFound,
+            }
+        };
+        row.statuses[index] = status as i32;
+    }
+}
+
+fn put_value(row: &mut proto::FeatureRow, column: &Column<'_>, value: &Value) {
+    match value {
+        Value::Float(number) => row.float_values[column.offset] = *number,
+        Value::FloatVector(elements) => {
+            row.float_values[column.offset..column.offset + elements.len()]
+                .copy_from_slice(elements);
+        }
+        Value::Int64(number) => row.int64_values[column.offset] = *number,
+        Value::String(text) => row.string_values[column.offset].clone_from(text),
+        Value::Sparse(entries) => {
+            let sparse = &mut row.sparse_values[column.offset];
+            sparse.topics = entries.iter().map(|(topic, _)| topic.clone()).collect();
+            sparse.weights = entries.iter().map(|(_, weight)| *weight).collect();
+        }
+    }
+}

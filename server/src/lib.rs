@@ -1,0 +1,139 @@
+//! The feature store server: configuration, the registry, the storage engine, the domain
+//! core and the gRPC service, assembled by [`run`].
+
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod registry;
+pub mod service;
+pub mod storage;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use featurestore::proto::feature_store_server::FeatureStoreServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::domain::Core;
+use crate::registry::Registry;
+use crate::service::FeatureStoreService;
+use crate::storage::{RocksStore, Store};
+
+/// Serves on `listener` until `shutdown` is cancelled, with the system clock.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_clock(listener, config, Arc::new(SystemClock), shutdown).await
+}
+
+/// Serves on `listener` until `shutdown` is cancelled. At shutdown the health service
+/// turns NOT_SERVING, in-flight requests get `limits.shutdown_grace` to finish, and the
+/// database is flushed.
+pub async fn run_with_clock(
+    listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let registry = match &config.registry_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the feature registry {}", path.display()))?;
+            Registry::from_toml(&text)
+                .with_context(|| format!("feature registry {}", path.display()))?
+        }
+        None => Registry::embedded_default(),
+    };
+    let store = {
+        let config = config.clone();
+        let clock = Arc::clone(&clock);
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!(
+                    "cannot create the data directory {}",
+                    config.data_dir.display()
+                )
+            })?;
+            RocksStore::open(
+                &config.data_dir,
+                &config.storage,
+                config.durability,
+                config.idempotency_window,
+                clock,
+            )
+            .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))
+        })
+        .await??
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
+    let core = Arc::new(Core {
+        registry: Arc::new(registry),
+        store: Arc::clone(&store),
+        clock,
+        idempotency_window: config.idempotency_window,
+    });
+    let limits = &config.limits;
+    let service = FeatureStoreServer::new(FeatureStoreService::new(
+        core,
+        limits.request_limits(),
+        limits.concurrent_requests_max,
+    ))
+    .max_decoding_message_size(limits.decode_message_bytes_max)
+    .max_encoding_message_size(limits.encode_message_bytes_max);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<FeatureStoreServer<FeatureStoreService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(featurestore::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(featurestore::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let address = listener.local_addr()?;
+    tracing::info!(%address, data_dir = %config.data_dir.display(), durability = ?config.durability, "serving");
+    let stop_accepting = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .max_concurrent_streams(Some(limits.concurrent_streams_per_connection_max))
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stop_accepting.cancelled().await;
+            tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
+            health_reporter
+                .set_not_serving::<FeatureStoreServer<FeatureStoreService>>()
+                .await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        });
+    let grace = limits.shutdown_grace;
+    tokio::select! {
+        served = server => served.context("gRPC server failed")?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "in-flight requests did not finish within the shutdown grace");
+        }
+    }
+    tokio::task::spawn_blocking(move || store.flush())
+        .await?
+        .context("cannot flush the database at shutdown")?;
+    tracing::info!("stopped; database flushed");
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! `featurestore-server`: runs the feature store. With no arguments it serves on
+//! 127.0.0.1:50051 with its data in `./featurestore-data` and the embedded registry.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use featurestore_server::config::{Config, Durability};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// The feature store's gRPC server. Settings come from the config file, then environment
+/// variables, then flags, each overriding the one before.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// TOML configuration file (see config/featurestore.toml for every setting).
+    #[arg(long, env = "FEATURESTORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:50051.
+    #[arg(long, env = "FEATURESTORE_LISTEN_ADDRESS")]
+    listen_address: Option<SocketAddr>,
+    /// Directory of the RocksDB database.
+    #[arg(long, env = "FEATURESTORE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Feature registry file (TOML); the embedded default registry when absent.
+    #[arg(long, env = "FEATURESTORE_REGISTRY")]
+    registry: Option<PathBuf>,
+    /// Whether writes are synced to disk before they are acknowledged.
+    #[arg(long, env = "FEATURESTORE_DURABILITY", value_parser = parse_durability)]
+    durability: Option<Durability>,
+}
+
+fn parse_durability(text: &str) -> Result<Durability, String> {
+    match text {
+        "sync" => Ok(Durability::Sync),
+        "buffered" => Ok(Durability::Buffered),
+        other => Err(format!(
+            "{other:?} is not a durability mode; use sync or buffered"
+        )),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::from_toml_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(address) = args.listen_address {
+        config.listen_address = address;
+    }
+    if let Some(data_dir) = args.data_dir {
+        config.data_dir = data_dir;
+    }
+    if let Some(registry) = args.registry {
+        config.registry_path = Some(registry);
+    }
+    if let Some(durability) = args.durability {
+        config.durability = durability;
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("featurestore")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen_address)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_address))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        featurestore_server::run(listener, config, shutdown).await
+    })
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("interrupted"),
+        () = terminate => tracing::info!("terminated"),
+    }
+    shutdown.cancel();
+}

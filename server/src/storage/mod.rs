@@ -1,0 +1,132 @@
+//! The storage layer: a [`Store`] trait in domain types, and its RocksDB implementation.
+//!
+//! Nothing here knows about gRPC: this module never imports tonic or prost. Values are
+//! opaque to the engine beyond their encoding ([`codec`]); keys are user-first ([`keys`]).
+
+pub mod codec;
+pub mod keys;
+mod rocks;
+
+use std::fmt::Debug;
+
+use featurestore::domain::{Timestamp, Value};
+
+pub use rocks::RocksStore;
+
+use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
+
+/// The unit of storage: everything stored for one user on one surface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RowKey {
+    pub user_id: u64,
+    pub surface: SurfaceId,
+}
+
+/// One stored feature value with its provenance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredValue {
+    pub feature: FeatureId,
+    /// The interaction time the value was derived from; orders writes.
+    pub event_time: Timestamp,
+    /// When the store accepted the value.
+    pub write_time: Timestamp,
+    /// When the value stops being served.
+    pub expires_at: Timestamp,
+    pub source: SourceId,
+    pub sensitivity: Sensitivity,
+    /// Identifies the policy bundle that admitted the value (0 when none was in force).
+    pub policy_version: u64,
+    pub value: Value,
+}
+
+/// Everything stored under one [`RowKey`], sorted by feature id, one value per feature.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoredRow {
+    pub values: Vec<StoredValue>,
+}
+
+impl StoredRow {
+    /// The stored value of `feature`, if any.
+    pub fn value(&self, feature: FeatureId) -> Option<&StoredValue> {
+        self.values
+            .binary_search_by_key(&feature, |value| value.feature)
+            .ok()
+            .map(|index| &self.values[index])
+    }
+}
+
+/// What reading one key found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowRead {
+    Found(StoredRow),
+    Missing,
+    /// The stored bytes do not decode; the string says how.
+    Corrupt(String),
+}
+
+/// Values to merge into one row.
+#[derive(Clone, Debug)]
+pub struct RowWrite {
+    pub key: RowKey,
+    pub values: Vec<StoredValue>,
+}
+
+/// What a write did to one value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueOutcome {
+    /// The value is now the stored one.
+    Stored,
+    /// A value with a later event time was already stored; this one was ignored.
+    Superseded,
+}
+
+/// Identifies a write for idempotent retries.
+#[derive(Clone, Debug)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    /// Hash of the whole request, so reuse of a key for another request is caught.
+    pub fingerprint: u64,
+    pub created_at: Timestamp,
+}
+
+/// The answer of [`Store::apply_write`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The write was applied now; the answer was built from its outcomes.
+    Fresh { answer: Vec<u8> },
+    /// A write with this idempotency key was already applied; nothing changed.
+    Replayed { fingerprint: u64, answer: Vec<u8> },
+}
+
+/// Failures of the storage engine.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Builds the answer to store with a write, from the outcome of each value of each row.
+pub type AnswerBuilder<'a> = &'a mut dyn FnMut(&[Vec<ValueOutcome>]) -> Vec<u8>;
+
+/// A feature store's storage engine. Implementations must make [`Store::apply_write`]
+/// atomic and serialize writes that touch the same row or idempotency key.
+pub trait Store: Send + Sync + Debug + 'static {
+    /// Reads the rows of `keys`, one answer per key, in order.
+    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError>;
+
+    /// Merges `rows` into the store (per feature, the latest event time wins) together with
+    /// the idempotency record, all or nothing. When a record with the same key created at
+    /// or after `replay_since` exists, nothing is written and its answer is returned.
+    fn apply_write(
+        &self,
+        idempotency: &IdempotencyRecord,
+        replay_since: Timestamp,
+        rows: &[RowWrite],
+        answer: AnswerBuilder<'_>,
+    ) -> Result<Applied, StorageError>;
+
+    /// Makes everything written so far durable in the engine's files.
+    fn flush(&self) -> Result<(), StorageError>;
+}

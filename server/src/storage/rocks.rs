@@ -1,0 +1,446 @@
+//! The RocksDB implementation of [`Store`]: the only module that touches RocksDB.
+//!
+//! Column families: `features` holds one row per (user, surface) under a user-first key;
+//! `idempotency` holds the answer of every recent write under its idempotency key.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use featurestore::domain::Timestamp;
+use parking_lot::{Mutex, MutexGuard};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
+    DataBlockIndexType, Options, WriteBatch, WriteOptions, compaction_filter::Decision,
+};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::codec::{self, decode_row, encode_row, merge_value};
+use super::keys::encode_row_key;
+use super::{
+    AnswerBuilder, Applied, IdempotencyRecord, RowKey, RowRead, RowWrite, StorageError, Store,
+    StoredRow,
+};
+use crate::clock::Clock;
+use crate::config::{Durability, StorageConfig};
+
+const FEATURES_CF: &str = "features";
+const IDEMPOTENCY_CF: &str = "idempotency";
+/// Lock stripes serializing read-modify-write of rows and idempotency keys.
+const WRITE_LOCK_STRIPES: usize = 1024;
+const IDEMPOTENCY_RECORD_VERSION: u8 = 1;
+/// version:u8 created_at:i64 fingerprint:u64
+const IDEMPOTENCY_HEADER_LEN: usize = 17;
+
+/// A [`Store`] on an embedded RocksDB database.
+pub struct RocksStore {
+    /// The open database; column families as above.
+    db: DB,
+    /// Options of every write: the WAL is always on; `sync` follows the durability mode.
+    write_options: WriteOptions,
+    /// Writes that touch the same row or idempotency key take the same stripe, so a
+    /// read-modify-write never interleaves with another.
+    write_locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.db.path())
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine(error: rocksdb::Error) -> StorageError {
+    StorageError::Engine(error.into_string())
+}
+
+impl RocksStore {
+    /// Opens (creating when missing) the database in `path`. Idempotency records older
+    /// than `idempotency_window` by `clock` are dropped when compaction meets them.
+    pub fn open(
+        path: &Path,
+        config: &StorageConfig,
+        durability: Durability,
+        idempotency_window: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<RocksStore, StorageError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_open_files(config.max_open_files);
+        db_options.set_max_background_jobs(config.background_jobs);
+        db_options.set_keep_log_file_num(10);
+        // Both column families flush together, so a write's rows and its idempotency
+        // record are never split across a crash.
+        db_options.set_atomic_flush(true);
+
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // Point lookups dominate: a whole-key bloom filter skips files without the key and
+        // a hash index inside each data block avoids the binary search.
+        table.set_bloom_filter(10.0, false);
+        table.set_whole_key_filtering(true);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
+        table.set_block_size(16 * 1024);
+
+        let mut features = Options::default();
+        features.set_block_based_table_factory(&table);
+        features.set_write_buffer_size(config.write_buffer_bytes);
+        features.set_compression_type(DBCompressionType::Lz4);
+        features.set_merge_operator_associative(
+            "featurestore.last_event_time_wins.v1",
+            codec::merge_operator,
+        );
+
+        let mut idempotency = Options::default();
+        idempotency.set_block_based_table_factory(&table);
+        idempotency.set_compression_type(DBCompressionType::Lz4);
+        let window_micros = i64::try_from(idempotency_window.as_micros()).unwrap_or(i64::MAX);
+        idempotency.set_compaction_filter(
+            "featurestore.idempotency_expiry",
+            move |_level, _key, value: &[u8]| match idempotency_created_at(value) {
+                Some(created_at)
+                    if created_at.unix_micros()
+                        < clock.now().unix_micros().saturating_sub(window_micros) =>
+                {
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            },
+        );
+
+        let db = DB::open_cf_descriptors(
+            &db_options,
+            path,
+            [
+                ColumnFamilyDescriptor::new(FEATURES_CF, features),
+                ColumnFamilyDescriptor::new(IDEMPOTENCY_CF, idempotency),
+            ],
+        )
+        .map_err(engine)?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(durability == Durability::Sync);
+        write_options.disable_wal(false);
+        Ok(RocksStore {
+            db,
+            write_options,
+            write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("both column families are created when the database is opened")
+    }
+
+    /// Locks the stripes of every key, in stripe order so that two writes never deadlock.
+    fn lock_stripes<'a>(&'a self, keys: impl Iterator<Item = &'a [u8]>) -> Vec<MutexGuard<'a, ()>> {
+        let mut stripes: Vec<usize> = keys
+            .map(|key| (xxh3_64(key) as usize) % WRITE_LOCK_STRIPES)
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes
+            .into_iter()
+            .map(|stripe| self.write_locks[stripe].lock())
+            .collect()
+    }
+
+    fn read_idempotency(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Timestamp, u64, Vec<u8>)>, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(IDEMPOTENCY_CF), key.as_bytes())
+            .map_err(engine)?
+        else {
+            return Ok(None);
+        };
+        let created_at = idempotency_created_at(&bytes)
+            .ok_or_else(|| StorageError::Corrupt("idempotency record".to_string()))?;
+        let fingerprint = u64::from_le_bytes(
+            bytes[9..17]
+                .try_into()
+                .expect("header length checked above"),
+        );
+        Ok(Some((
+            created_at,
+            fingerprint,
+            bytes[IDEMPOTENCY_HEADER_LEN..].to_vec(),
+        )))
+    }
+}
+
+fn idempotency_created_at(record: &[u8]) -> Option<Timestamp> {
+    if record.len() < IDEMPOTENCY_HEADER_LEN || record[0] != IDEMPOTENCY_RECORD_VERSION {
+        return None;
+    }
+    let created_at = i64::from_le_bytes(record[1..9].try_into().ok()?);
+    Some(Timestamp::from_unix_micros(created_at))
+}
+
+impl Store for RocksStore {
+    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
+        // Sorted input lets RocksDB walk each file once for the whole batch.
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by_key(|&index| keys[index]);
+        let encoded: Vec<_> = order
+            .iter()
+            .map(|&index| encode_row_key(keys[index]))
+            .collect();
+        let results = self
+            .db
+            .batched_multi_get_cf(self.cf(FEATURES_CF), encoded.iter(), true);
+        let mut reads = vec![RowRead::Missing; keys.len()];
+        for (&index, result) in order.iter().zip(results) {
+            reads[index] = match result {
+                Ok(Some(bytes)) => match decode_row(&bytes) {
+                    Ok(row) => RowRead::Found(row),
+                    Err(error) => RowRead::Corrupt(error.to_string()),
+                },
+                Ok(None) => RowRead::Missing,
+                // A merge over undecodable operands surfaces as corruption of that key.
+                Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
+                    RowRead::Corrupt(error.into_string())
+                }
+                Err(error) => return Err(engine(error)),
+            };
+        }
+        Ok(reads)
+    }
+
+    fn apply_write(
+        &self,
+        idempotency: &IdempotencyRecord,
+        replay_since: Timestamp,
+        rows: &[RowWrite],
+        answer: AnswerBuilder<'_>,
+    ) -> Result<Applied, StorageError> {
+        let row_keys: Vec<_> = rows.iter().map(|row| encode_row_key(row.key)).collect();
+        let _guards = self.lock_stripes(
+            std::iter::once(idempotency.key.as_bytes())
+                .chain(row_keys.iter().map(|key| key.as_slice())),
+        );
+
+        if let Some((created_at, fingerprint, answer)) = self.read_idempotency(&idempotency.key)?
+            && created_at >= replay_since
+        {
+            return Ok(Applied::Replayed {
+                fingerprint,
+                answer,
+            });
+        }
+
+        // Current state of every distinct row the write touches.
+        let mut distinct: Vec<RowKey> = rows.iter().map(|row| row.key).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut current: Vec<StoredRow> = Vec::with_capacity(distinct.len());
+        for (key, read) in distinct.iter().zip(self.read_rows(&distinct)?) {
+            current.push(match read {
+                RowRead::Found(row) => row,
+                RowRead::Missing => StoredRow::default(),
+                RowRead::Corrupt(problem) => {
+                    return Err(StorageError::Corrupt(format!(
+                        "row of user {} surface {}: {problem}",
+                        key.user_id, key.surface.0
+                    )));
+                }
+            });
+        }
+        let mut changed = vec![false; distinct.len()];
+        let outcomes: Vec<Vec<_>> = rows
+            .iter()
+            .map(|row| {
+                let slot = distinct
+                    .binary_search(&row.key)
+                    .expect("every row key is in the distinct list");
+                row.values
+                    .iter()
+                    .map(|value| {
+                        let outcome = merge_value(&mut current[slot], value.clone());
+                        changed[slot] |= outcome == super::ValueOutcome::Stored;
+                        outcome
+                    })
+                    .collect()
+            })
+            .collect();
+        let answer = answer(&outcomes);
+
+        let mut batch = WriteBatch::default();
+        let features_cf = self.cf(FEATURES_CF);
+        for ((key, row), changed) in distinct.iter().zip(&current).zip(changed) {
+            if changed {
+                batch.put_cf(features_cf, encode_row_key(*key), encode_row(row));
+            }
+        }
+        let mut record = Vec::with_capacity(IDEMPOTENCY_HEADER_LEN + answer.len());
+        record.push(IDEMPOTENCY_RECORD_VERSION);
+        record.extend_from_slice(&idempotency.created_at.unix_micros().to_le_bytes());
+        record.extend_from_slice(&idempotency.fingerprint.to_le_bytes());
+        record.extend_from_slice(&answer);
+        batch.put_cf(self.cf(IDEMPOTENCY_CF), idempotency.key.as_bytes(), record);
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(engine)?;
+        Ok(Applied::Fresh { answer })
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true).map_err(engine)?;
+        self.db
+            .flush_cfs_opt(
+                &[self.cf(FEATURES_CF), self.cf(IDEMPOTENCY_CF)],
+                &rocksdb::FlushOptions::default(),
+            )
+            .map_err(engine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
+    use crate::storage::{StoredValue, ValueOutcome};
+    use featurestore::domain::Value;
+
+    fn open(dir: &Path) -> RocksStore {
+        let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(1_000)));
+        RocksStore::open(
+            dir,
+            &StorageConfig::default(),
+            Durability::Buffered,
+            Duration::from_secs(60),
+            clock,
+        )
+        .expect("open store")
+    }
+
+    fn value(feature: u16, event_time: i64, number: f32) -> StoredValue {
+        StoredValue {
+            feature: FeatureId(feature),
+            event_time: Timestamp::from_unix_micros(event_time),
+            write_time: Timestamp::from_unix_micros(event_time),
+            expires_at: Timestamp::MAX,
+            source: SourceId(1),
+            sensitivity: Sensitivity::None,
+            policy_version: 0,
+            value: Value::Float(number),
+        }
+    }
+
+    #[test]
+    fn merge_operands_apply_last_event_time_wins_in_any_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path());
+        let key = encode_row_key(RowKey {
+            user_id: 7,
+            surface: SurfaceId(1),
+        });
+        let cf = store.cf(FEATURES_CF);
+        let operand = |value| {
+            encode_row(&StoredRow {
+                values: vec![value],
+            })
+        };
+        // Newest first, then older ones: the newest must survive, also across a flush.
+        store
+            .db
+            .merge_cf(cf, key, operand(value(1, 300, 3.0)))
+            .expect("merge");
+        store
+            .db
+            .merge_cf(cf, key, operand(value(1, 100, 1.0)))
+            .expect("merge");
+        store
+            .db
+            .merge_cf(cf, key, operand(value(2, 50, 5.0)))
+            .expect("merge");
+        store.flush().expect("flush");
+        store
+            .db
+            .merge_cf(cf, key, operand(value(1, 200, 2.0)))
+            .expect("merge");
+        let reads = store
+            .read_rows(&[RowKey {
+                user_id: 7,
+                surface: SurfaceId(1),
+            }])
+            .expect("read");
+        let RowRead::Found(row) = &reads[0] else {
+            panic!("row missing: {reads:?}")
+        };
+        assert_eq!(
+            row.value(FeatureId(1)).map(|stored| &stored.value),
+            Some(&Value::Float(3.0))
+        );
+        assert_eq!(
+            row.value(FeatureId(2)).map(|stored| &stored.value),
+            Some(&Value::Float(5.0))
+        );
+    }
+
+    #[test]
+    fn corrupt_bytes_are_reported_per_row() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open(dir.path());
+        let bad = RowKey {
+            user_id: 1,
+            surface: SurfaceId(1),
+        };
+        let good = RowKey {
+            user_id: 2,
+            surface: SurfaceId(1),
+        };
+        store
+            .db
+            .put_cf(store.cf(FEATURES_CF), encode_row_key(bad), b"not a row")
+            .expect("put");
+        let record = IdempotencyRecord {
+            key: "k".to_string(),
+            fingerprint: 1,
+            created_at: Timestamp::from_unix_micros(1),
+        };
+        let rows = [RowWrite {
+            key: good,
+            values: vec![value(1, 10, 1.0)],
+        }];
+        let applied = store
+            .apply_write(
+                &record,
+                Timestamp::from_unix_micros(0),
+                &rows,
+                &mut |outcomes| {
+                    assert_eq!(outcomes, [vec![ValueOutcome::Stored]]);
+                    b"answer".to_vec()
+                },
+            )
+            .expect("write");
+        assert_eq!(
+            applied,
+            Applied::Fresh {
+                answer: b"answer".to_vec()
+            }
+        );
+        let reads = store
+            .read_rows(&[
+                bad,
+                good,
+                RowKey {
+                    user_id: 3,
+                    surface: SurfaceId(1),
+                },
+            ])
+            .expect("read");
+        assert!(matches!(reads[0], RowRead::Corrupt(_)), "{reads:?}");
+        assert!(matches!(reads[1], RowRead::Found(_)), "{reads:?}");
+        assert_eq!(reads[2], RowRead::Missing);
+    }
+}
