@@ -1,1 +1,139 @@
+//! Test support: starts the real server on a loopback port with a temporary RocksDB
+//! directory and a manual clock, and hands out a real client connected to it.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use featurestore::domain::{FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, Value, WriteRequest, WriteRow};
+use featurestore_client::{Client, ClientOptions};
+use featurestore_server::clock::ManualClock;
+use featurestore_server::config::{Config, Durability};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// 2026-01-15T00:00:00Z: after the policy's effective date, so AI signals are usable.
+pub const START_TIME: Timestamp = Timestamp::from_unix_micros(1_768_435_200_000_000);
+
+/// A running server and a client of it.
+#[derive(Debug)]
+pub struct TestServer {
+    pub endpoint: String,
+    pub client: Client,
+    /// The server's clock; move it to make values expire.
+    pub clock: Arc<ManualClock>,
+    pub config: Config,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+    data_dir: TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with default settings on a fresh directory.
+    pub async fn start() -> TestServer {
+        Self::start_with(tempfile::tempdir().expect("create a temporary directory"), |_| {}).await
+    }
+
+    /// Starts a server on `data_dir` after `configure` adjusts the default test config.
+    pub async fn start_with(data_dir: TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config {
+            data_dir: data_dir.path().join("db"),
+            durability: Durability::Buffered,
+            ..Config::default()
+        };
+        config.storage.block_cache_bytes = 8 * 1024 * 1024;
+        configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
+        let clock = Arc::new(ManualClock::new(START_TIME));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(featurestore_server::run_with_clock(
+            listener,
+            config.clone(),
+            Arc::clone(&clock) as Arc<dyn featurestore_server::clock::Clock>,
+            shutdown.clone(),
+        ));
+        let client = Client::connect(&endpoint, ClientOptions::default()).expect("valid endpoint");
+        TestServer {
+            endpoint,
+            client,
+            clock,
+            config,
+            shutdown,
+            task,
+            data_dir,
+        }
+    }
+
+    /// Stops the server gracefully, checks that it shut down cleanly, and returns its
+    /// directory so a new server can start on it.
+    pub async fn stop(self) -> TempDir {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("server task did not panic")
+            .expect("server shut down cleanly");
+        self.data_dir
+    }
+
+    /// A client with other options.
+    pub fn client_with(&self, options: ClientOptions) -> Client {
+        Client::connect(&self.endpoint, options).expect("valid endpoint")
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+}
+
+/// A row of `features` for `user_id` on `surfaces`, from AI chat on Facebook, with the given
+/// interaction time.
+pub fn row(user_id: u64, surfaces: &[&str], interaction_time: Timestamp, features: Vec<(&str, Value)>) -> WriteRow {
+    WriteRow {
+        user_id,
+        target_surfaces: surfaces.iter().map(|surface| surface.to_string()).collect(),
+        provenance: Provenance {
+            source: "ai_chat".to_string(),
+            origin_app: "facebook".to_string(),
+            interaction_time,
+            producer_id: "tests@v1".to_string(),
+            microphone_permission_granted: false,
+        },
+        features: features
+            .into_iter()
+            .map(|(name, value)| FeatureWrite {
+                name: name.to_string(),
+                value,
+                topic: None,
+                ttl: None,
+            })
+            .collect(),
+        user_state_generation: 0,
+    }
+}
+
+pub fn write(idempotency_key: &str, rows: Vec<WriteRow>) -> WriteRequest {
+    WriteRequest {
+        idempotency_key: idempotency_key.to_string(),
+        rows,
+    }
+}
+
+pub fn read(keys: &[(u64, &str)], features: &[&str]) -> ReadRequest {
+    ReadRequest {
+        keys: keys
+            .iter()
+            .map(|&(user_id, surface)| ReadKey {
+                user_id,
+                surface: surface.to_string(),
+            })
+            .collect(),
+        features: features.iter().map(|name| name.to_string()).collect(),
+        include_event_times: true,
+    }
+}
+
+/// `START_TIME` plus `seconds`.
+pub fn at(seconds: i64) -> Timestamp {
+    Timestamp::from_unix_micros(START_TIME.unix_micros() + seconds * 1_000_000)
+}
