@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use featurestore::domain::{FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, Value, WriteRequest, WriteRow};
+use featurestore::domain::{
+    FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, Value, WriteRequest, WriteRow,
+};
 use featurestore_client::{Client, ClientOptions};
 use featurestore_server::clock::ManualClock;
 use featurestore_server::config::{Config, Durability};
@@ -31,7 +33,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with default settings on a fresh directory.
     pub async fn start() -> TestServer {
-        Self::start_with(tempfile::tempdir().expect("create a temporary directory"), |_| {}).await
+        Self::start_with(
+            tempfile::tempdir().expect("create a temporary directory"),
+            |_| {},
+        )
+        .await
     }
 
     /// Starts a server on `data_dir` after `configure` adjusts the default test config.
@@ -43,7 +49,9 @@ impl TestServer {
         };
         config.storage.block_cache_bytes = 8 * 1024 * 1024;
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
         let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
         let clock = Arc::new(ManualClock::new(START_TIME));
         let shutdown = CancellationToken::new();
@@ -88,7 +96,12 @@ impl TestServer {
 
 /// A row of `features` for `user_id` on `surfaces`, from AI chat on Facebook, with the given
 /// interaction time.
-pub fn row(user_id: u64, surfaces: &[&str], interaction_time: Timestamp, features: Vec<(&str, Value)>) -> WriteRow {
+pub fn row(
+    user_id: u64,
+    surfaces: &[&str],
+    interaction_time: Timestamp,
+    features: Vec<(&str, Value)>,
+) -> WriteRow {
     WriteRow {
         user_id,
         target_surfaces: surfaces.iter().map(|surface| surface.to_string()).collect(),

@@ -52,7 +52,7 @@ pub enum ClientError {
         endpoint: String,
         source: tonic::transport::Error,
     },
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] Status),
 }
 

@@ -109,8 +109,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                         type_name(feature.value_type, feature.dimension),
                         feature.sources.join(","),
                         sensitivity_name(feature.sensitivity),
-                        humantime::format_duration(Duration::from_secs(feature.ttl_seconds))
-                            .to_string(),
+                        format_ttl(feature.ttl_seconds),
                         feature.surfaces.join(","),
                     ]
                 })
@@ -237,6 +236,26 @@ fn sensitivity_name(sensitivity: i32) -> String {
                 .to_lowercase()
         })
         .unwrap_or_else(|_| "?".to_string())
+}
+
+/// A TTL in whole days when it is one, else as humantime prints it.
+fn format_ttl(seconds: u64) -> String {
+    const DAY: u64 = 24 * 60 * 60;
+    if seconds > 0 && seconds.is_multiple_of(DAY) {
+        format!("{}d", seconds / DAY)
+    } else {
+        humantime::format_duration(Duration::from_secs(seconds)).to_string()
+    }
+}
+
+/// A float as JSON, printed with the shortest digits that read back as the same `f32`.
+fn float_json(number: f32) -> Json {
+    number
+        .to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Json::Null, Json::Number)
 }
 
 fn enum_name(name: &str, prefix: &str) -> String {
@@ -529,13 +548,16 @@ fn read_rows_json(keys: &[ReadKey], response: &proto::GetFeaturesResponse) -> Ve
 fn cell_value(column: &proto::FeatureColumn, row: &proto::FeatureRow) -> Json {
     let offset = column.offset as usize;
     match proto::ValueType::try_from(column.value_type) {
-        Ok(proto::ValueType::Float) => json!(row.float_values.get(offset)),
-        Ok(proto::ValueType::FloatVector) => {
-            json!(
-                row.float_values
-                    .get(offset..offset + column.dimension as usize)
-            )
-        }
+        Ok(proto::ValueType::Float) => row
+            .float_values
+            .get(offset)
+            .map_or(Json::Null, |&number| float_json(number)),
+        Ok(proto::ValueType::FloatVector) => row
+            .float_values
+            .get(offset..offset + column.dimension as usize)
+            .map_or(Json::Null, |elements| {
+                elements.iter().map(|&number| float_json(number)).collect()
+            }),
         Ok(proto::ValueType::Int64) => json!(row.int64_values.get(offset)),
         Ok(proto::ValueType::String) => json!(row.string_values.get(offset)),
         Ok(proto::ValueType::Sparse) => {
@@ -545,7 +567,7 @@ fn cell_value(column: &proto::FeatureColumn, row: &proto::FeatureRow) -> Json {
                         .topics
                         .iter()
                         .zip(&sparse.weights)
-                        .map(|(topic, weight)| (topic.clone(), json!(weight)))
+                        .map(|(topic, weight)| (topic.clone(), float_json(*weight)))
                         .collect(),
                 )
             })

@@ -9,7 +9,7 @@ use featurestore::RequestLimits;
 use serde::Deserialize;
 
 /// Everything the server needs to run.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the gRPC server listens on.
@@ -69,7 +69,7 @@ pub enum Durability {
 }
 
 /// Limits on requests and on the server's work. Every one has a default.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Most keys in one read.
@@ -136,7 +136,7 @@ impl Limits {
 }
 
 /// RocksDB settings that operators tune.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Size of the shared block cache, in bytes.
@@ -157,5 +157,24 @@ impl Default for StorageConfig {
             max_open_files: 4096,
             background_jobs: 2,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_reference_file_states_the_defaults() {
+        let reference = include_str!("../../config/featurestore.toml");
+        let parsed = Config::from_toml(reference).expect("the reference file parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_settings_are_refused_by_name() {
+        let error =
+            Config::from_toml("[limits]\nread_keys_maximum = 5\n").expect_err("a typo is refused");
+        assert!(error.to_string().contains("read_keys_maximum"), "{error}");
     }
 }

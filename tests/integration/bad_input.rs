@@ -12,11 +12,19 @@ use tonic::Code;
 use crate::status;
 
 fn wire_row(user_id: u64) -> proto::WriteRow {
-    proto::WriteRow::from(row(user_id, &["facebook_feed"], at(-1), vec![("interest_hiking", Value::Float(0.5))]))
+    proto::WriteRow::from(row(
+        user_id,
+        &["facebook_feed"],
+        at(-1),
+        vec![("interest_hiking", Value::Float(0.5))],
+    ))
 }
 
 /// Sends a write whose first row was altered by `damage`; returns the refusal.
-async fn refused_write(server: &TestServer, damage: impl FnOnce(&mut proto::WriteRow)) -> tonic::Status {
+async fn refused_write(
+    server: &TestServer,
+    damage: impl FnOnce(&mut proto::WriteRow),
+) -> tonic::Status {
     let mut first = wire_row(1);
     damage(&mut first);
     let request = proto::WriteFeaturesRequest {
@@ -34,21 +42,40 @@ async fn refused_write(server: &TestServer, damage: impl FnOnce(&mut proto::Writ
 async fn malformed_writes_are_refused_whole_naming_the_field() {
     let server = TestServer::start().await;
     let cases: Vec<(&str, Box<dyn FnOnce(&mut proto::WriteRow)>)> = vec![
-        ("rows[1].provenance: is required", Box::new(|row| row.provenance = None)),
-        ("rows[1].user_id: must not be 0", Box::new(|row| row.user_id = 0)),
+        (
+            "rows[1].provenance: is required",
+            Box::new(|row| row.provenance = None),
+        ),
+        (
+            "rows[1].user_id: must not be 0",
+            Box::new(|row| row.user_id = 0),
+        ),
         (
             "rows[1].features[0].float_value: NaN is not a finite number",
-            Box::new(|row| row.features[0].value = Some(proto::feature_value::Value::FloatValue(f32::NAN))),
+            Box::new(|row| {
+                row.features[0].value = Some(proto::feature_value::Value::FloatValue(f32::NAN))
+            }),
         ),
-        ("rows[1].features[0].value: is required", Box::new(|row| row.features[0].value = None)),
-        ("rows[1].target_surfaces: needs at least 1 entries", Box::new(|row| row.target_surfaces.clear())),
+        (
+            "rows[1].features[0].value: is required",
+            Box::new(|row| row.features[0].value = None),
+        ),
+        (
+            "rows[1].target_surfaces: needs at least 1 entries",
+            Box::new(|row| row.target_surfaces.clear()),
+        ),
         (
             "rows[1].features[1]: \"interest_hiking\" appears twice",
             Box::new(|row| row.features.push(row.features[0].clone())),
         ),
         (
             "rows[1].provenance.interaction_time_unix_micros",
-            Box::new(|row| row.provenance.as_mut().expect("set").interaction_time_unix_micros = 0),
+            Box::new(|row| {
+                row.provenance
+                    .as_mut()
+                    .expect("set")
+                    .interaction_time_unix_micros = 0
+            }),
         ),
         (
             "rows[1].features[0].topic_confidence: 1.5 is outside [0, 1]",
@@ -60,12 +87,27 @@ async fn malformed_writes_are_refused_whole_naming_the_field() {
     ];
     for (expected, damage) in cases {
         let status = refused_write(&server, damage).await;
-        assert_eq!(status.code(), Code::InvalidArgument, "{expected}: {status:?}");
-        assert!(status.message().contains(expected), "expected {expected:?} in {:?}", status.message());
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{expected}: {status:?}"
+        );
+        assert!(
+            status.message().contains(expected),
+            "expected {expected:?} in {:?}",
+            status.message()
+        );
     }
     // Nothing of the refused requests was written, not even their valid first rows.
-    let response = server.client.get_features(read(&[(2, "facebook_feed")], &["interest_hiking"])).await.expect("read");
-    assert_eq!(status(&response, 0, "interest_hiking"), ValueStatus::Defaulted);
+    let response = server
+        .client
+        .get_features(read(&[(2, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("read");
+    assert_eq!(
+        status(&response, 0, "interest_hiking"),
+        ValueStatus::Defaulted
+    );
 
     let status = server
         .client
@@ -88,31 +130,74 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
     })
     .await;
     let keys: Vec<(u64, &str)> = (1..=11).map(|user| (user, "facebook_feed")).collect();
-    let error = server.client.get_features(read(&keys, &[])).await.expect_err("11 keys refused");
+    let error = server
+        .client
+        .get_features(read(&keys, &[]))
+        .await
+        .expect_err("11 keys refused");
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.to_string().contains("11 entries exceed the limit read_keys_max = 10"), "{error}");
-    server.client.get_features(read(&keys[..10], &[])).await.expect("10 keys are fine");
+    assert!(
+        error
+            .to_string()
+            .contains("11 entries exceed the limit read_keys_max = 10"),
+        "{error}"
+    );
+    server
+        .client
+        .get_features(read(&keys[..10], &[]))
+        .await
+        .expect("10 keys are fine");
 
-    let rows = (1..=3).map(|user| row(user, &["facebook_feed"], at(-1), vec![("interest_hiking", Value::Float(0.1))]));
-    let error = server.client.write_features(write("too-many", rows.collect())).await.expect_err("3 rows refused");
+    let rows = (1..=3).map(|user| {
+        row(
+            user,
+            &["facebook_feed"],
+            at(-1),
+            vec![("interest_hiking", Value::Float(0.1))],
+        )
+    });
+    let error = server
+        .client
+        .write_features(write("too-many", rows.collect()))
+        .await
+        .expect_err("3 rows refused");
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.to_string().contains("write_rows_max = 2"), "{error}");
 
     let big = "x".repeat(40 * 1024);
     let rows = (1..=2)
-        .map(|user| row(user, &["facebook_feed"], at(-1), vec![("top_topic", Value::String(big.clone()))]))
+        .map(|user| {
+            row(
+                user,
+                &["facebook_feed"],
+                at(-1),
+                vec![("top_topic", Value::String(big.clone()))],
+            )
+        })
         .collect();
-    let error = server.client.write_features(write("too-big", rows)).await.expect_err("an oversized message is refused");
+    let error = server
+        .client
+        .write_features(write("too-big", rows))
+        .await
+        .expect_err("an oversized message is refused");
     assert_eq!(error.code(), Code::OutOfRange, "{error}");
     assert!(error.to_string().contains("limit"), "{error}");
 
     let error = server
         .client
-        .get_features(read(&[(1, "facebook_feed")], &["interest_hiking", "no_such_feature"]))
+        .get_features(read(
+            &[(1, "facebook_feed")],
+            &["interest_hiking", "no_such_feature"],
+        ))
         .await
         .expect_err("unknown feature in the selection");
     assert_eq!(error.code(), Code::InvalidArgument);
-    assert!(error.to_string().contains("features[1]: unknown feature \"no_such_feature\""), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("features[1]: unknown feature \"no_such_feature\""),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -122,7 +207,12 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
         .client
         .write_features(write(
             "healthy",
-            vec![row(2, &["facebook_feed"], at(-1), vec![("interest_hiking", Value::Float(0.25))])],
+            vec![row(
+                2,
+                &["facebook_feed"],
+                at(-1),
+                vec![("interest_hiking", Value::Float(0.25))],
+            )],
         ))
         .await
         .expect("write");
@@ -131,24 +221,36 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
     // Damage user 1's row behind the server's back.
     {
         let path = data_dir.path().join("db");
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["features", "idempotency"])
-            .expect("open the server's database");
+        let db = rocksdb::DB::open_cf(
+            &rocksdb::Options::default(),
+            &path,
+            ["features", "idempotency"],
+        )
+        .expect("open the server's database");
         let features = db.cf_handle("features").expect("features column family");
         let key = encode_row_key(RowKey {
             user_id: 1,
             surface: SurfaceId(1),
         });
-        db.put_cf(features, key, b"\x01garbage that is not a row").expect("put");
+        db.put_cf(features, key, b"\x01garbage that is not a row")
+            .expect("put");
     }
 
     let server = TestServer::start_with(data_dir, |_| {}).await;
     let response = server
         .client
-        .get_features(read(&[(1, "facebook_feed"), (2, "facebook_feed")], &["interest_hiking"]))
+        .get_features(read(
+            &[(1, "facebook_feed"), (2, "facebook_feed")],
+            &["interest_hiking"],
+        ))
         .await
         .expect("one corrupt row never fails the batch");
     assert_eq!(response.rows[0].status, RowStatus::DataLoss as i32);
-    assert_eq!(response.rows[0].float_values, vec![0.0], "nothing from a corrupt row is served");
+    assert_eq!(
+        response.rows[0].float_values,
+        vec![0.0],
+        "nothing from a corrupt row is served"
+    );
     assert_eq!(response.rows[1].status, RowStatus::Ok as i32);
     assert_eq!(response.rows[1].float_values, vec![0.25]);
 
@@ -157,7 +259,12 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
         .client
         .write_features(write(
             "onto-corrupt",
-            vec![row(1, &["facebook_feed"], at(0), vec![("interest_hiking", Value::Float(0.5))])],
+            vec![row(
+                1,
+                &["facebook_feed"],
+                at(0),
+                vec![("interest_hiking", Value::Float(0.5))],
+            )],
         ))
         .await
         .expect_err("refused");

@@ -4,13 +4,13 @@ use featurestore::domain::Value;
 use featurestore::proto::ValueStatus;
 use featurestore_tests::{TestServer, at, read, row, write};
 use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use crate::{float, status};
 
@@ -19,18 +19,39 @@ async fn everything_written_is_read_back_after_a_restart() {
     let server = TestServer::start().await;
     let rows = (1..=50)
         .map(|user| {
-            row(user, &["facebook_feed", "instagram_ads"], at(-1), vec![("interest_hiking", Value::Float(user as f32 / 100.0))])
+            row(
+                user,
+                &["facebook_feed", "instagram_ads"],
+                at(-1),
+                vec![("interest_hiking", Value::Float(user as f32 / 100.0))],
+            )
         })
         .collect();
-    server.client.write_features(write("before-restart", rows)).await.expect("write");
+    server
+        .client
+        .write_features(write("before-restart", rows))
+        .await
+        .expect("write");
     let data_dir = server.stop().await;
 
     let server = TestServer::start_with(data_dir, |_| {}).await;
-    let keys: Vec<(u64, &str)> = (1..=50).flat_map(|user| [(user, "facebook_feed"), (user, "instagram_ads")]).collect();
-    let response = server.client.get_features(read(&keys, &["interest_hiking"])).await.expect("read");
+    let keys: Vec<(u64, &str)> = (1..=50)
+        .flat_map(|user| [(user, "facebook_feed"), (user, "instagram_ads")])
+        .collect();
+    let response = server
+        .client
+        .get_features(read(&keys, &["interest_hiking"]))
+        .await
+        .expect("read");
     for (index, (user, _)) in keys.iter().enumerate() {
-        assert_eq!(status(&response, index, "interest_hiking"), ValueStatus::Present);
-        assert_eq!(float(&response, index, "interest_hiking"), *user as f32 / 100.0);
+        assert_eq!(
+            status(&response, index, "interest_hiking"),
+            ValueStatus::Present
+        );
+        assert_eq!(
+            float(&response, index, "interest_hiking"),
+            *user as f32 / 100.0
+        );
     }
     // The idempotency record survived too.
     let replay = server
@@ -39,7 +60,12 @@ async fn everything_written_is_read_back_after_a_restart() {
             "before-restart",
             (1..=50)
                 .map(|user| {
-                    row(user, &["facebook_feed", "instagram_ads"], at(-1), vec![("interest_hiking", Value::Float(user as f32 / 100.0))])
+                    row(
+                        user,
+                        &["facebook_feed", "instagram_ads"],
+                        at(-1),
+                        vec![("interest_hiking", Value::Float(user as f32 / 100.0))],
+                    )
                 })
                 .collect(),
         ))
@@ -65,7 +91,11 @@ async fn health_answers_serving_and_reflection_lists_the_services() {
             })
             .await
             .expect("health check");
-        assert_eq!(response.into_inner().status, ServingStatus::Serving as i32, "{service:?}");
+        assert_eq!(
+            response.into_inner().status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
 
     let mut reflection = ServerReflectionClient::new(channel);
@@ -81,16 +111,39 @@ async fn health_answers_serving_and_reflection_lists_the_services() {
             )),
         },
     ]);
-    let mut responses = reflection.server_reflection_info(requests).await.expect("reflection").into_inner();
-    let first = responses.next().await.expect("an answer").expect("not an error");
+    let mut responses = reflection
+        .server_reflection_info(requests)
+        .await
+        .expect("reflection")
+        .into_inner();
+    let first = responses
+        .next()
+        .await
+        .expect("an answer")
+        .expect("not an error");
     let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
         panic!("expected a service list, got {first:?}");
     };
-    let names: Vec<_> = list.service.iter().map(|service| service.name.as_str()).collect();
-    for expected in ["featurestore.v1.FeatureStore", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    let names: Vec<_> = list
+        .service
+        .iter()
+        .map(|service| service.name.as_str())
+        .collect();
+    for expected in [
+        "featurestore.v1.FeatureStore",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
-    let second = responses.next().await.expect("an answer").expect("not an error");
+    let second = responses
+        .next()
+        .await
+        .expect("an answer")
+        .expect("not an error");
     let Some(MessageResponse::FileDescriptorResponse(files)) = second.message_response else {
         panic!("expected descriptors, got {second:?}");
     };
@@ -102,10 +155,21 @@ async fn a_stopped_server_refuses_new_calls() {
     let server = TestServer::start().await;
     let client = server.client.clone();
     client
-        .write_features(write("last", vec![row(1, &["facebook_feed"], at(-1), vec![("interest_hiking", Value::Float(0.5))])]))
+        .write_features(write(
+            "last",
+            vec![row(
+                1,
+                &["facebook_feed"],
+                at(-1),
+                vec![("interest_hiking", Value::Float(0.5))],
+            )],
+        ))
         .await
         .expect("write");
     let _data_dir = server.stop().await;
-    let error = client.get_features(read(&[(1, "facebook_feed")], &[])).await.expect_err("server is gone");
+    let error = client
+        .get_features(read(&[(1, "facebook_feed")], &[]))
+        .await
+        .expect_err("server is gone");
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
 }

@@ -28,7 +28,11 @@ fn column_index(response: &GetFeaturesResponse, feature: &str) -> usize {
 }
 
 /// Verdict of the feature at `feature` of row `row` of a write response.
-fn verdict(response: &proto::WriteFeaturesResponse, row: usize, feature: usize) -> &proto::FeatureVerdict {
+fn verdict(
+    response: &proto::WriteFeaturesResponse,
+    row: usize,
+    feature: usize,
+) -> &proto::FeatureVerdict {
     &response.rows[row].verdicts[feature]
 }
 
