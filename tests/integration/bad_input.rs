@@ -11,6 +11,9 @@ use tonic::Code;
 
 use crate::status;
 
+/// Turns a valid row into a malformed one.
+type Damage = Box<dyn FnOnce(&mut proto::WriteRow)>;
+
 fn wire_row(user_id: u64) -> proto::WriteRow {
     proto::WriteRow::from(row(
         user_id,
@@ -41,7 +44,7 @@ async fn refused_write(
 #[tokio::test]
 async fn malformed_writes_are_refused_whole_naming_the_field() {
     let server = TestServer::start().await;
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut proto::WriteRow)>)> = vec![
+    let cases: Vec<(&str, Damage)> = vec![
         (
             "rows[1].provenance: is required",
             Box::new(|row| row.provenance = None),
