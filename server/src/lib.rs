@@ -110,6 +110,7 @@ pub async fn run_with_clock(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(oversized_request_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -136,4 +137,23 @@ pub async fn run_with_clock(
         .context("cannot flush the database at shutdown")?;
     tracing::info!("stopped; database flushed");
     Ok(())
+}
+
+/// tonic refuses a request over `decode_message_bytes_max` with OUT_OF_RANGE before any
+/// handler runs; the gRPC convention for a message over a size limit is
+/// RESOURCE_EXHAUSTED, which is what clients of other gRPC stacks expect. Nothing else in
+/// the server answers OUT_OF_RANGE, so the code is rewritten wherever it appears in the
+/// response headers (where an error answered before the handler lives).
+fn oversized_request_is_resource_exhausted(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    const OUT_OF_RANGE: &[u8] = b"11";
+    if response.headers().get("grpc-status").map(|code| code.as_bytes()) == Some(OUT_OF_RANGE) {
+        let code = (tonic::Code::ResourceExhausted as i32).to_string();
+        response.headers_mut().insert(
+            "grpc-status",
+            http::HeaderValue::from_str(&code).expect("a decimal code is a valid header value"),
+        );
+    }
+    response
 }

@@ -183,7 +183,7 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
         .write_features(write("too-big", rows))
         .await
         .expect_err("an oversized message is refused");
-    assert_eq!(error.code(), Code::OutOfRange, "{error}");
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
     assert!(error.to_string().contains("limit"), "{error}");
 
     let error = server
