@@ -14,6 +14,8 @@ use tonic::{Code, Status};
 
 pub use featurestore;
 
+pub mod cli;
+
 /// How a [`Client`] talks to the server.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {

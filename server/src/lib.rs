@@ -110,7 +110,9 @@ pub async fn run_with_clock(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
-        .layer(tower::util::MapResponseLayer::new(oversized_request_is_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_request_is_resource_exhausted,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -148,7 +150,12 @@ fn oversized_request_is_resource_exhausted(
     mut response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
     const OUT_OF_RANGE: &[u8] = b"11";
-    if response.headers().get("grpc-status").map(|code| code.as_bytes()) == Some(OUT_OF_RANGE) {
+    if response
+        .headers()
+        .get("grpc-status")
+        .map(|code| code.as_bytes())
+        == Some(OUT_OF_RANGE)
+    {
         let code = (tonic::Code::ResourceExhausted as i32).to_string();
         response.headers_mut().insert(
             "grpc-status",

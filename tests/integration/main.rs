@@ -2,6 +2,7 @@
 //! through the real client.
 
 mod bad_input;
+mod cli;
 mod lifecycle;
 mod read_write;
 

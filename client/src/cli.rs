@@ -1,0 +1,622 @@
+//! The operator CLI (`featurestore`): lists the registry, writes features from JSON, and
+//! reads features as a table or JSON. Lives in the library so that tests drive it
+//! in-process against a real server.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::{Client, ClientOptions};
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use featurestore::domain::{ReadKey, ReadRequest};
+use featurestore::proto;
+use serde_json::{Map, Value as Json, json};
+
+/// Operator CLI of the feature store.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Args {
+    /// Server address.
+    #[arg(
+        long,
+        env = "FEATURESTORE_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    endpoint: String,
+    /// Deadline of each call, e.g. 500ms or 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the registered features.
+    Features,
+    /// List the registered surfaces.
+    Surfaces,
+    /// Write feature rows from a JSON file (or standard input); see the README for the
+    /// format. Exits with 3 when any value was refused.
+    Write {
+        /// JSON file; standard input when absent or "-".
+        file: Option<String>,
+    },
+    /// Read features for (user, surface) keys.
+    Read {
+        /// Surface of every --user.
+        #[arg(long)]
+        surface: Option<String>,
+        /// User ids to read on --surface.
+        #[arg(long = "user", value_delimiter = ',')]
+        users: Vec<u64>,
+        /// Explicit keys as USER:SURFACE.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Features to return (all of the surfaces' features when absent).
+        #[arg(long = "feature", value_delimiter = ',')]
+        features: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+/// Exit status when every call succeeded and nothing was refused.
+pub const EXIT_SUCCESS: u8 = 0;
+/// Exit status when the command failed (the error is returned).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status of `write` when any value was refused on some surface.
+pub const EXIT_REFUSED: u8 = 3;
+
+/// Runs one CLI command, printing its answer to `out`; returns the exit status.
+pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let options = ClientOptions {
+        timeout: args.timeout,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(&args.endpoint, options)?;
+    let call = |error| anyhow!("{error} (server {})", args.endpoint);
+    match args.command {
+        Command::Features => {
+            let features = client.list_features().await.map_err(call)?;
+            let rows = features
+                .iter()
+                .map(|feature| {
+                    vec![
+                        feature.name.clone(),
+                        type_name(feature.value_type, feature.dimension),
+                        feature.sources.join(","),
+                        sensitivity_name(feature.sensitivity),
+                        format_ttl(feature.ttl_seconds),
+                        feature.surfaces.join(","),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(
+                out,
+                &[
+                    "feature",
+                    "type",
+                    "sources",
+                    "sensitivity",
+                    "ttl",
+                    "surfaces",
+                ],
+                &rows,
+            )?;
+        }
+        Command::Surfaces => {
+            let surfaces = client.list_surfaces().await.map_err(call)?;
+            let rows = surfaces
+                .iter()
+                .map(|surface| {
+                    let purpose =
+                        proto::Purpose::try_from(surface.purpose).map_or("?", |purpose| {
+                            match purpose {
+                                proto::Purpose::Content => "content",
+                                proto::Purpose::Ads => "ads",
+                                proto::Purpose::Unspecified => "?",
+                            }
+                        });
+                    vec![
+                        surface.name.clone(),
+                        surface.app.clone(),
+                        purpose.to_string(),
+                        surface.description.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(out, &["surface", "app", "purpose", "description"], &rows)?;
+        }
+        Command::Write { file } => {
+            let text = match file.as_deref() {
+                None | Some("-") => {
+                    let mut text = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("cannot read standard input")?;
+                    text
+                }
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+                }
+            };
+            let features = client.list_features().await.map_err(call)?;
+            let request = write_request_from_json(&text, &features)?;
+            let response = client
+                .write_features_raw(request.clone())
+                .await
+                .map_err(call)?;
+            return Ok(print_write(out, &request, &response)?);
+        }
+        Command::Read {
+            surface,
+            users,
+            keys,
+            features,
+            format,
+        } => {
+            let mut read_keys = Vec::new();
+            if !users.is_empty() {
+                let surface = surface.context("--user needs --surface")?;
+                read_keys.extend(users.iter().map(|&user_id| ReadKey {
+                    user_id,
+                    surface: surface.clone(),
+                }));
+            }
+            for key in &keys {
+                let (user, surface) = key
+                    .split_once(':')
+                    .with_context(|| format!("--key {key:?} is not USER:SURFACE"))?;
+                let user_id = user
+                    .parse()
+                    .with_context(|| format!("--key {key:?}: {user:?} is not a user id"))?;
+                read_keys.push(ReadKey {
+                    user_id,
+                    surface: surface.to_string(),
+                });
+            }
+            if read_keys.is_empty() {
+                bail!("nothing to read: give --surface with --user, or --key USER:SURFACE");
+            }
+            let request = ReadRequest {
+                keys: read_keys.clone(),
+                features,
+                include_event_times: true,
+            };
+            let response = client.get_features(request).await.map_err(call)?;
+            let rows = read_rows_json(&read_keys, &response);
+            match format {
+                Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
+                Format::Table => print_read_table(out, &response, &rows)?,
+            }
+        }
+    }
+    Ok(EXIT_SUCCESS)
+}
+
+fn type_name(value_type: i32, dimension: u32) -> String {
+    match proto::ValueType::try_from(value_type) {
+        Ok(proto::ValueType::Float) => "float".to_string(),
+        Ok(proto::ValueType::Int64) => "int64".to_string(),
+        Ok(proto::ValueType::String) => "string".to_string(),
+        Ok(proto::ValueType::FloatVector) => format!("float_vector[{dimension}]"),
+        Ok(proto::ValueType::Sparse) => "sparse".to_string(),
+        Ok(proto::ValueType::Unspecified) | Err(_) => "?".to_string(),
+    }
+}
+
+fn sensitivity_name(sensitivity: i32) -> String {
+    proto::SensitivityClass::try_from(sensitivity)
+        .map(|class| {
+            class
+                .as_str_name()
+                .trim_start_matches("SENSITIVITY_CLASS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+/// A TTL in whole days when it is one, else as humantime prints it.
+fn format_ttl(seconds: u64) -> String {
+    const DAY: u64 = 24 * 60 * 60;
+    if seconds > 0 && seconds.is_multiple_of(DAY) {
+        format!("{}d", seconds / DAY)
+    } else {
+        humantime::format_duration(Duration::from_secs(seconds)).to_string()
+    }
+}
+
+/// A float as JSON, printed with the shortest digits that read back as the same `f32`.
+fn float_json(number: f32) -> Json {
+    number
+        .to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Json::Null, Json::Number)
+}
+
+fn enum_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
+/// Builds a write request from the CLI's JSON format, typing each value by the registry.
+fn write_request_from_json(
+    text: &str,
+    features: &[proto::FeatureDefinition],
+) -> anyhow::Result<proto::WriteFeaturesRequest> {
+    let document: Json = serde_json::from_str(text).context("the input is not valid JSON")?;
+    let (idempotency_key, rows) = match &document {
+        Json::Array(rows) => (None, rows.as_slice()),
+        Json::Object(object) if object.contains_key("rows") => (
+            object
+                .get("idempotency_key")
+                .and_then(Json::as_str)
+                .map(str::to_string),
+            object["rows"]
+                .as_array()
+                .map(Vec::as_slice)
+                .context("\"rows\" must be an array")?,
+        ),
+        Json::Object(_) => (None, std::slice::from_ref(&document)),
+        _ => bail!("the input must be a row object, an array of rows, or {{\"rows\": [...]}}"),
+    };
+    let types: HashMap<&str, &proto::FeatureDefinition> = features
+        .iter()
+        .map(|feature| (feature.name.as_str(), feature))
+        .collect();
+    let rows = rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| {
+            write_row_from_json(row, &types).with_context(|| format!("rows[{index}]"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let idempotency_key = idempotency_key.unwrap_or_else(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos());
+        format!("cli-{}-{nanos}", std::process::id())
+    });
+    Ok(proto::WriteFeaturesRequest {
+        idempotency_key,
+        rows,
+    })
+}
+
+fn write_row_from_json(
+    row: &Json,
+    types: &HashMap<&str, &proto::FeatureDefinition>,
+) -> anyhow::Result<proto::WriteRow> {
+    let row = row.as_object().context("a row must be an object")?;
+    let text = |field: &str| -> anyhow::Result<String> {
+        row.get(field)
+            .and_then(Json::as_str)
+            .map(str::to_string)
+            .with_context(|| format!("\"{field}\" must be a string"))
+    };
+    let user_id = row
+        .get("user_id")
+        .and_then(Json::as_u64)
+        .context("\"user_id\" must be a positive integer")?;
+    let surfaces = row
+        .get("surfaces")
+        .and_then(Json::as_array)
+        .context("\"surfaces\" must be an array of surface names")?
+        .iter()
+        .map(|surface| {
+            surface
+                .as_str()
+                .map(str::to_string)
+                .context("surface names are strings")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let interaction_time = match row.get("interaction_time") {
+        None => SystemTime::now(),
+        Some(Json::String(text)) => humantime::parse_rfc3339_weak(text)
+            .with_context(|| format!("\"interaction_time\" {text:?} is not an RFC 3339 time"))?,
+        Some(_) => {
+            bail!("\"interaction_time\" must be an RFC 3339 time such as \"2026-01-05T10:00:00Z\"")
+        }
+    };
+    let interaction_time_unix_micros = interaction_time
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|since| i64::try_from(since.as_micros()).ok())
+        .context("\"interaction_time\" must be after 1970")?;
+    let features = row
+        .get("features")
+        .and_then(Json::as_object)
+        .context("\"features\" must be an object of name: value")?
+        .iter()
+        .map(|(name, value)| {
+            feature_from_json(name, value, types).with_context(|| format!("feature {name:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(proto::WriteRow {
+        user_id,
+        target_surfaces: surfaces,
+        provenance: Some(proto::Provenance {
+            source: text("source")?,
+            origin_app: text("origin_app")?,
+            interaction_time_unix_micros,
+            producer_id: row
+                .get("producer_id")
+                .and_then(Json::as_str)
+                .unwrap_or("featurestore-cli")
+                .to_string(),
+            microphone_permission_granted: row
+                .get("microphone_permission_granted")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+        }),
+        features,
+        user_state_generation: row
+            .get("user_state_generation")
+            .and_then(Json::as_u64)
+            .unwrap_or(0),
+    })
+}
+
+/// A feature is `name: value`, or `name: {"value": ..., "topic_id", "topic_confidence",
+/// "ttl_seconds"}`.
+fn feature_from_json(
+    name: &str,
+    value: &Json,
+    types: &HashMap<&str, &proto::FeatureDefinition>,
+) -> anyhow::Result<proto::FeatureValue> {
+    use proto::feature_value::Value as Wire;
+    let definition = types
+        .get(name)
+        .with_context(|| "is not registered (see `featurestore features`)".to_string())?;
+    let (value, details) = match value {
+        Json::Object(object) if object.contains_key("value") => (&object["value"], Some(object)),
+        other => (other, None),
+    };
+    let value_type =
+        proto::ValueType::try_from(definition.value_type).unwrap_or(proto::ValueType::Unspecified);
+    let as_f32 = |value: &Json| value.as_f64().map(|number| number as f32);
+    let wire = match value_type {
+        proto::ValueType::Float => as_f32(value).map(Wire::FloatValue),
+        proto::ValueType::Int64 => value.as_i64().map(Wire::Int64Value),
+        proto::ValueType::String => value
+            .as_str()
+            .map(|text| Wire::StringValue(text.to_string())),
+        proto::ValueType::FloatVector => value
+            .as_array()
+            .and_then(|elements| elements.iter().map(as_f32).collect::<Option<Vec<_>>>())
+            .map(|values| Wire::VectorValue(proto::FloatVector { values })),
+        proto::ValueType::Sparse => value
+            .as_object()
+            .and_then(|entries| {
+                entries
+                    .iter()
+                    .map(|(topic, weight)| as_f32(weight).map(|weight| (topic.clone(), weight)))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .map(|entries| {
+                let (topics, weights) = entries.into_iter().unzip();
+                Wire::SparseValue(proto::SparseVector { topics, weights })
+            }),
+        proto::ValueType::Unspecified => None,
+    }
+    .with_context(|| {
+        format!(
+            "the value is not a {}",
+            type_name(definition.value_type, definition.dimension)
+        )
+    })?;
+    let detail = |field: &str| details.and_then(|object: &Map<String, Json>| object.get(field));
+    Ok(proto::FeatureValue {
+        name: name.to_string(),
+        value: Some(wire),
+        topic_id: detail("topic_id")
+            .and_then(Json::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        topic_confidence: detail("topic_confidence").and_then(as_f32),
+        ttl_seconds: detail("ttl_seconds").and_then(Json::as_u64).unwrap_or(0),
+    })
+}
+
+fn format_time(micros: i64) -> String {
+    let Ok(micros) = u64::try_from(micros) else {
+        return "-".to_string();
+    };
+    if micros == 0 {
+        return "-".to_string();
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_micros(micros)).to_string()
+}
+
+/// Prints one line per (row, feature) and returns 3 when any value was refused.
+fn print_write(
+    out: &mut dyn Write,
+    request: &proto::WriteFeaturesRequest,
+    response: &proto::WriteFeaturesResponse,
+) -> std::io::Result<u8> {
+    let mut refused = false;
+    let mut lines = Vec::new();
+    for (row, result) in request.rows.iter().zip(&response.rows) {
+        for verdict in &result.verdicts {
+            let verdict_name = proto::Verdict::try_from(verdict.verdict)
+                .map_or("?".to_string(), |verdict| {
+                    enum_name(verdict.as_str_name(), "VERDICT_")
+                });
+            refused |= verdict.verdict != proto::Verdict::Allow as i32;
+            let surfaces = verdict
+                .surfaces
+                .iter()
+                .map(|surface| {
+                    let outcome = proto::Outcome::try_from(surface.outcome)
+                        .map_or("?".to_string(), |outcome| {
+                            enum_name(outcome.as_str_name(), "OUTCOME_")
+                        });
+                    let reasons = surface
+                        .reasons
+                        .iter()
+                        .map(|&reason| {
+                            proto::ReasonCode::try_from(reason).map_or("?".to_string(), |reason| {
+                                reason
+                                    .as_str_name()
+                                    .trim_start_matches("REASON_CODE_")
+                                    .to_string()
+                            })
+                        })
+                        .collect::<Vec<_>>();
+                    if reasons.is_empty() {
+                        format!("{}={outcome}", surface.surface)
+                    } else {
+                        format!("{}={outcome}({})", surface.surface, reasons.join(","))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            lines.push(vec![
+                row.user_id.to_string(),
+                verdict.feature.clone(),
+                verdict_name,
+                format_time(verdict.expires_at_unix_micros),
+                surfaces,
+            ]);
+        }
+    }
+    if response.replayed {
+        writeln!(
+            out,
+            "replayed: a write with this idempotency key was already applied; nothing changed"
+        )?;
+    }
+    print_table(
+        out,
+        &["user", "feature", "verdict", "expires_at", "surfaces"],
+        &lines,
+    )?;
+    Ok(if refused { EXIT_REFUSED } else { EXIT_SUCCESS })
+}
+
+/// The response as JSON objects, one per key.
+fn read_rows_json(keys: &[ReadKey], response: &proto::GetFeaturesResponse) -> Vec<Json> {
+    keys.iter()
+        .zip(&response.rows)
+        .map(|(key, row)| {
+            let status = proto::RowStatus::try_from(row.status)
+                .map_or("?".to_string(), |status| enum_name(status.as_str_name(), "ROW_STATUS_"));
+            let mut features = Map::new();
+            for (index, column) in response.columns.iter().enumerate() {
+                let Some(&value_status) = row.statuses.get(index) else { continue };
+                let value_status = proto::ValueStatus::try_from(value_status)
+                    .map_or("?".to_string(), |status| enum_name(status.as_str_name(), "VALUE_STATUS_"));
+                let mut cell = Map::new();
+                cell.insert("status".to_string(), json!(value_status));
+                if value_status == "present" || value_status == "defaulted" {
+                    cell.insert("value".to_string(), cell_value(column, row));
+                }
+                if let Some(&event_time) = row.event_times_unix_micros.get(index).filter(|&&time| time != 0) {
+                    cell.insert("event_time".to_string(), json!(format_time(event_time)));
+                }
+                features.insert(column.name.clone(), Json::Object(cell));
+            }
+            json!({"user_id": key.user_id, "surface": key.surface, "status": status, "features": features})
+        })
+        .collect()
+}
+
+fn cell_value(column: &proto::FeatureColumn, row: &proto::FeatureRow) -> Json {
+    let offset = column.offset as usize;
+    match proto::ValueType::try_from(column.value_type) {
+        Ok(proto::ValueType::Float) => row
+            .float_values
+            .get(offset)
+            .map_or(Json::Null, |&number| float_json(number)),
+        Ok(proto::ValueType::FloatVector) => row
+            .float_values
+            .get(offset..offset + column.dimension as usize)
+            .map_or(Json::Null, |elements| {
+                elements.iter().map(|&number| float_json(number)).collect()
+            }),
+        Ok(proto::ValueType::Int64) => json!(row.int64_values.get(offset)),
+        Ok(proto::ValueType::String) => json!(row.string_values.get(offset)),
+        Ok(proto::ValueType::Sparse) => {
+            row.sparse_values.get(offset).map_or(Json::Null, |sparse| {
+                Json::Object(
+                    sparse
+                        .topics
+                        .iter()
+                        .zip(&sparse.weights)
+                        .map(|(topic, weight)| (topic.clone(), float_json(*weight)))
+                        .collect(),
+                )
+            })
+        }
+        Ok(proto::ValueType::Unspecified) | Err(_) => Json::Null,
+    }
+}
+
+fn print_read_table(
+    out: &mut dyn Write,
+    response: &proto::GetFeaturesResponse,
+    rows: &[Json],
+) -> std::io::Result<()> {
+    let mut header = vec!["user", "surface", "row"];
+    header.extend(response.columns.iter().map(|column| column.name.as_str()));
+    let lines = rows
+        .iter()
+        .map(|row| {
+            let mut line = vec![
+                row["user_id"].to_string(),
+                row["surface"].as_str().unwrap_or("").to_string(),
+            ];
+            line.push(row["status"].as_str().unwrap_or("").to_string());
+            for column in &response.columns {
+                let cell = &row["features"][&column.name];
+                let status = cell["status"].as_str().unwrap_or("");
+                line.push(match cell.get("value") {
+                    Some(value) if status == "present" => value.to_string(),
+                    Some(value) => format!("{value} ({status})"),
+                    None => format!("({status})"),
+                });
+            }
+            line
+        })
+        .collect::<Vec<_>>();
+    print_table(out, &header, &lines)
+}
+
+fn print_table<S: AsRef<str>>(
+    out: &mut dyn Write,
+    header: &[S],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|title| title.as_ref().len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.iter().map(AsRef::as_ref).collect()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}

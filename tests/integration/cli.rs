@@ -1,0 +1,175 @@
+//! The operator CLI, run in-process against the real server: the README's tour.
+
+use std::time::Duration;
+
+use clap::Parser;
+use featurestore_client::cli::{self, Args, EXIT_REFUSED, EXIT_SUCCESS};
+use featurestore_tests::TestServer;
+
+/// Runs `featurestore <arguments>` against `server`; returns the exit status and output.
+async fn featurestore(server: &TestServer, arguments: &[&str]) -> anyhow::Result<(u8, String)> {
+    let mut command = vec!["featurestore", "--endpoint", server.endpoint.as_str()];
+    command.extend_from_slice(arguments);
+    let args = Args::try_parse_from(command)?;
+    let mut out = Vec::new();
+    let code = cli::run(args, &mut out).await?;
+    Ok((code, String::from_utf8(out)?))
+}
+
+/// The line of `output` that starts with `prefix` (after collapsing runs of spaces).
+fn line_starting<'a>(output: &'a str, prefix: &str) -> String {
+    output
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .find(|line| line.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{output}"))
+}
+
+#[tokio::test]
+async fn the_readme_tour_works() {
+    let server = TestServer::start().await;
+    let (_, surfaces) = featurestore(&server, &["surfaces"])
+        .await
+        .expect("surfaces");
+    assert_eq!(
+        line_starting(&surfaces, "facebook_ads"),
+        "facebook_ads facebook ads Ads ranking on Facebook"
+    );
+    let (_, features) = featurestore(&server, &["features"])
+        .await
+        .expect("features");
+    assert!(
+        line_starting(&features, "topic_embedding")
+            .starts_with("topic_embedding float_vector[8] ai_chat,ai_voice none 30d")
+    );
+
+    let rows = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        rows.path(),
+        r#"{"rows": [{
+            "user_id": 42,
+            "surfaces": ["facebook_feed", "facebook_ads"],
+            "source": "ai_chat",
+            "origin_app": "facebook",
+            "interaction_time": "2026-01-14T10:00:00Z",
+            "features": {
+                "interest_hiking": 0.83,
+                "interest_fitness_health": {"value": 0.4, "ttl_seconds": 30},
+                "topic_embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+            }
+        }]}"#,
+    )
+    .expect("write the rows file");
+    let path = rows.path().to_str().expect("UTF-8 path");
+    let (code, written) = featurestore(&server, &["write", path])
+        .await
+        .expect("write");
+    assert_eq!(
+        code, EXIT_REFUSED,
+        "the embedding is refused on facebook_ads:\n{written}"
+    );
+    assert!(
+        line_starting(&written, "42 interest_hiking allow")
+            .ends_with("facebook_feed=stored facebook_ads=stored")
+    );
+    assert!(
+        line_starting(&written, "42 topic_embedding allow_with_transform")
+            .ends_with("facebook_feed=stored facebook_ads=refused(SCHEMA_VIOLATION)"),
+        "{written}"
+    );
+
+    let read = [
+        "read",
+        "--surface",
+        "facebook_feed",
+        "--user",
+        "42,43",
+        "--feature",
+        "interest_hiking,interest_fitness_health",
+    ];
+    let (code, table) = featurestore(&server, &read).await.expect("read");
+    assert_eq!(code, EXIT_SUCCESS);
+    assert_eq!(line_starting(&table, "42 "), "42 facebook_feed ok 0.83 0.4");
+    assert_eq!(
+        line_starting(&table, "43 "),
+        "43 facebook_feed ok 0.0 (defaulted) (not_found)"
+    );
+
+    let (_, json) = featurestore(
+        &server,
+        &[
+            "read",
+            "--key",
+            "42:facebook_feed",
+            "--feature",
+            "interest_hiking",
+            "--format",
+            "json",
+        ],
+    )
+    .await
+    .expect("read json");
+    let json: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    assert_eq!(
+        json[0]["features"]["interest_hiking"]["value"],
+        serde_json::json!(0.83)
+    );
+    assert_eq!(
+        json[0]["features"]["interest_hiking"]["event_time"],
+        "2026-01-14T10:00:00Z"
+    );
+
+    server.advance(Duration::from_secs(31));
+    let (_, table) = featurestore(&server, &read).await.expect("read");
+    assert_eq!(
+        line_starting(&table, "42 "),
+        "42 facebook_feed ok 0.83 (expired)"
+    );
+}
+
+#[tokio::test]
+async fn cli_errors_are_clear() {
+    let server = TestServer::start().await;
+    let error = featurestore(
+        &server,
+        &[
+            "read",
+            "--surface",
+            "facebook_feed",
+            "--user",
+            "1",
+            "--feature",
+            "nope",
+        ],
+    )
+    .await
+    .expect_err("unknown feature");
+    assert!(
+        error
+            .to_string()
+            .contains("InvalidArgument: features[0]: unknown feature \"nope\""),
+        "{error}"
+    );
+
+    let rows = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(rows.path(), r#"[{"user_id": 1, "surfaces": ["facebook_feed"], "source": "ai_chat", "origin_app": "facebook", "features": {"interest_hiking": "high"}}]"#)
+        .expect("write the rows file");
+    let error = featurestore(
+        &server,
+        &["write", rows.path().to_str().expect("UTF-8 path")],
+    )
+    .await
+    .expect_err("a string for a float feature");
+    assert_eq!(
+        format!("{error:#}"),
+        "rows[0]: feature \"interest_hiking\": the value is not a float"
+    );
+
+    let error = featurestore(&server, &["read", "--user", "1"])
+        .await
+        .expect_err("no surface");
+    assert!(
+        error.to_string().contains("--user needs --surface"),
+        "{error}"
+    );
+}
