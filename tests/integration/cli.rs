@@ -17,7 +17,7 @@ async fn featurestore(server: &TestServer, arguments: &[&str]) -> anyhow::Result
 }
 
 /// The line of `output` that starts with `prefix` (after collapsing runs of spaces).
-fn line_starting<'a>(output: &'a str, prefix: &str) -> String {
+fn line_starting(output: &str, prefix: &str) -> String {
     output
         .lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
