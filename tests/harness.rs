@@ -89,6 +89,28 @@ impl TestServer {
         Client::connect(&self.endpoint, options).expect("valid endpoint")
     }
 
+    /// Writes one float feature of one user on one surface, expecting success.
+    pub async fn write_float(
+        &self,
+        idempotency_key: &str,
+        user_id: u64,
+        surface: &str,
+        interaction_time: Timestamp,
+        feature: &str,
+        value: f32,
+    ) -> featurestore::proto::WriteFeaturesResponse {
+        let rows = vec![row(
+            user_id,
+            &[surface],
+            interaction_time,
+            vec![(feature, Value::Float(value))],
+        )];
+        self.client
+            .write_features(write(idempotency_key, rows))
+            .await
+            .expect("the write succeeds")
+    }
+
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }

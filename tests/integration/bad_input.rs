@@ -207,18 +207,15 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
 async fn corrupt_stored_bytes_fail_only_their_row() {
     let server = TestServer::start().await;
     server
-        .client
-        .write_features(write(
+        .write_float(
             "healthy",
-            vec![row(
-                2,
-                &["facebook_feed"],
-                at(-1),
-                vec![("interest_hiking", Value::Float(0.25))],
-            )],
-        ))
-        .await
-        .expect("write");
+            2,
+            "facebook_feed",
+            at(-1),
+            "interest_hiking",
+            0.25,
+        )
+        .await;
     let data_dir = server.stop().await;
 
     // Damage user 1's row behind the server's back.

@@ -17,19 +17,22 @@ use crate::{float, status};
 #[tokio::test]
 async fn everything_written_is_read_back_after_a_restart() {
     let server = TestServer::start().await;
-    let rows = (1..=50)
-        .map(|user| {
-            row(
-                user,
-                &["facebook_feed", "instagram_ads"],
-                at(-1),
-                vec![("interest_hiking", Value::Float(user as f32 / 100.0))],
-            )
-        })
-        .collect();
+    let request = write(
+        "before-restart",
+        (1..=50)
+            .map(|user| {
+                row(
+                    user,
+                    &["facebook_feed", "instagram_ads"],
+                    at(-1),
+                    vec![("interest_hiking", Value::Float(user as f32 / 100.0))],
+                )
+            })
+            .collect(),
+    );
     server
         .client
-        .write_features(write("before-restart", rows))
+        .write_features(request.clone())
         .await
         .expect("write");
     let data_dir = server.stop().await;
@@ -54,23 +57,7 @@ async fn everything_written_is_read_back_after_a_restart() {
         );
     }
     // The idempotency record survived too.
-    let replay = server
-        .client
-        .write_features(write(
-            "before-restart",
-            (1..=50)
-                .map(|user| {
-                    row(
-                        user,
-                        &["facebook_feed", "instagram_ads"],
-                        at(-1),
-                        vec![("interest_hiking", Value::Float(user as f32 / 100.0))],
-                    )
-                })
-                .collect(),
-        ))
-        .await
-        .expect("retry");
+    let replay = server.client.write_features(request).await.expect("retry");
     assert!(replay.replayed);
 }
 

@@ -100,18 +100,8 @@ async fn written_values_of_every_type_read_back() {
 async fn rows_come_back_in_request_order_with_a_status_each() {
     let server = TestServer::start().await;
     server
-        .client
-        .write_features(write(
-            "order",
-            vec![row(
-                7,
-                &["facebook_feed"],
-                at(-1),
-                vec![("interest_cooking", Value::Float(0.5))],
-            )],
-        ))
-        .await
-        .expect("write succeeds");
+        .write_float("order", 7, "facebook_feed", at(-1), "interest_cooking", 0.5)
+        .await;
     let response = server
         .client
         .get_features(read(
@@ -343,18 +333,8 @@ async fn a_retried_write_returns_the_first_answer_and_changes_nothing() {
 
     // Meanwhile a newer value is written under another key.
     server
-        .client
-        .write_features(write(
-            "other",
-            vec![row(
-                3,
-                &["facebook_feed"],
-                at(-1),
-                vec![("interest_hiking", Value::Float(0.6))],
-            )],
-        ))
-        .await
-        .expect("write");
+        .write_float("other", 3, "facebook_feed", at(-1), "interest_hiking", 0.6)
+        .await;
 
     let replay = server
         .client
