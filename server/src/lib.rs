@@ -51,6 +51,13 @@ pub async fn run_with_clock(
         }
         None => Registry::embedded_default(),
     };
+    tracing::info!(
+        registry = %config.registry_path.as_ref().map_or("embedded default".into(), |path| path.display().to_string()),
+        surfaces = registry.surfaces().len(),
+        sources = registry.sources().len(),
+        features = registry.features().len(),
+        "feature registry loaded"
+    );
     let store = {
         let config = config.clone();
         let clock = Arc::clone(&clock);
