@@ -144,3 +144,38 @@ impl fmt::Display for ValueType {
         })
     }
 }
+
+/// A person's age band; unknown counts as a minor for ads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AgeBand {
+    Unknown,
+    Minor,
+    Adult,
+}
+
+impl AgeBand {
+    pub const ALL: [AgeBand; 3] = [AgeBand::Unknown, AgeBand::Minor, AgeBand::Adult];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AgeBand::Unknown => "unknown",
+            AgeBand::Minor => "minor",
+            AgeBand::Adult => "adult",
+        }
+    }
+}
+
+/// A change of a user's state by the privacy role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserStateUpdate {
+    /// Never 0.
+    pub user_id: u64,
+    /// ISO 3166 code, optionally with a subdivision ("US-CA"); empty when unknown.
+    pub jurisdiction: String,
+    pub age_band: AgeBand,
+    /// Apps whose accounts are linked with each other; no duplicates.
+    pub linked_apps: Vec<String>,
+    pub ads_objection: bool,
+    /// Apply only if the current generation is this one.
+    pub expected_generation: Option<u64>,
+}

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::domain::{
-    FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, Topic, Value, ValueType,
-    WriteRequest, WriteRow,
+    AgeBand, FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, Topic, UserStateUpdate,
+    Value, ValueType, WriteRequest, WriteRow,
 };
 use crate::proto;
 
@@ -538,6 +538,95 @@ impl From<Value> for proto::feature_value::Value {
                 let (topics, weights) = entries.into_iter().unzip();
                 Wire::SparseValue(proto::SparseVector { topics, weights })
             }
+        }
+    }
+}
+
+/// Longest jurisdiction code, in bytes ("US-CA" is 5).
+const JURISDICTION_BYTES_MAX: usize = 16;
+/// Most apps in one user's linked accounts.
+const LINKED_APPS_MAX: usize = 16;
+
+impl TryFrom<proto::SetUserStateRequest> for UserStateUpdate {
+    type Error = InvalidRequest;
+
+    fn try_from(request: proto::SetUserStateRequest) -> Result<Self, Self::Error> {
+        let state = request
+            .state
+            .ok_or_else(|| InvalidRequest::new("state", "is required"))?;
+        if state.user_id == 0 {
+            return Err(InvalidRequest::new("state.user_id", "must not be 0"));
+        }
+        let jurisdiction = state.jurisdiction.trim().to_ascii_uppercase();
+        if jurisdiction.len() > JURISDICTION_BYTES_MAX
+            || !jurisdiction
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(InvalidRequest::new(
+                "state.jurisdiction",
+                format!(
+                    "{:?} is not an ISO 3166 code such as \"DE\" or \"US-CA\"",
+                    state.jurisdiction
+                ),
+            ));
+        }
+        let age_band = match proto::AgeBand::try_from(state.age_band) {
+            Ok(proto::AgeBand::Unknown) => AgeBand::Unknown,
+            Ok(proto::AgeBand::Minor) => AgeBand::Minor,
+            Ok(proto::AgeBand::Adult) => AgeBand::Adult,
+            Ok(proto::AgeBand::Unspecified) | Err(_) => {
+                return Err(InvalidRequest::new(
+                    "state.age_band",
+                    "is required: AGE_BAND_UNKNOWN, AGE_BAND_MINOR or AGE_BAND_ADULT",
+                ));
+            }
+        };
+        check_count(
+            "state.linked_apps",
+            state.linked_apps.len(),
+            0,
+            LINKED_APPS_MAX,
+            "linked apps",
+        )?;
+        check_unique_names(
+            "state.linked_apps",
+            state.linked_apps.iter().map(String::as_str),
+        )?;
+        Ok(UserStateUpdate {
+            user_id: state.user_id,
+            jurisdiction,
+            age_band,
+            linked_apps: state.linked_apps,
+            ads_objection: state.ads_objection,
+            expected_generation: (request.expected_generation > 0)
+                .then_some(request.expected_generation),
+        })
+    }
+}
+
+impl From<AgeBand> for proto::AgeBand {
+    fn from(age_band: AgeBand) -> Self {
+        match age_band {
+            AgeBand::Unknown => proto::AgeBand::Unknown,
+            AgeBand::Minor => proto::AgeBand::Minor,
+            AgeBand::Adult => proto::AgeBand::Adult,
+        }
+    }
+}
+
+impl From<UserStateUpdate> for proto::SetUserStateRequest {
+    fn from(update: UserStateUpdate) -> Self {
+        proto::SetUserStateRequest {
+            state: Some(proto::UserState {
+                user_id: update.user_id,
+                jurisdiction: update.jurisdiction,
+                age_band: proto::AgeBand::from(update.age_band) as i32,
+                linked_apps: update.linked_apps,
+                ads_objection: update.ads_objection,
+                ..Default::default()
+            }),
+            expected_generation: update.expected_generation.unwrap_or(0),
         }
     }
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use featurestore::domain::{
-    FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, Value, WriteRequest, WriteRow,
+    AgeBand, FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, UserStateUpdate, Value,
+    WriteRequest, WriteRow,
 };
 use featurestore_client::{Client, ClientOptions};
 use featurestore_server::clock::ManualClock;
@@ -13,6 +14,9 @@ use featurestore_server::config::{Config, Durability};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// The user-state generation after a user's state was set once: what [`row`] states.
+pub const FIRST_GENERATION: u64 = 1;
 
 /// 2026-01-15T00:00:00Z: after the policy's effective date, so AI signals are usable.
 pub const START_TIME: Timestamp = Timestamp::from_unix_micros(1_768_435_200_000_000);
@@ -111,13 +115,37 @@ impl TestServer {
             .expect("the write succeeds")
     }
 
+    /// Makes `users` adults in the US (outside every excluded region) whose Facebook and
+    /// Instagram accounts are linked: people the policy lets every signal through for.
+    /// Their state generation becomes [`FIRST_GENERATION`].
+    pub async fn us_adults(&self, users: impl IntoIterator<Item = u64>) {
+        for user_id in users {
+            let state = self
+                .client
+                .set_user_state(UserStateUpdate {
+                    user_id,
+                    jurisdiction: "US".to_string(),
+                    age_band: AgeBand::Adult,
+                    linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
+                    ads_objection: false,
+                    expected_generation: None,
+                })
+                .await
+                .expect("set the user state");
+            assert_eq!(
+                state.generation, FIRST_GENERATION,
+                "user {user_id} had no state before"
+            );
+        }
+    }
+
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }
 }
 
 /// A row of `features` for `user_id` on `surfaces`, from AI chat on Facebook, with the given
-/// interaction time.
+/// interaction time, made after seeing the user's [`FIRST_GENERATION`] state.
 pub fn row(
     user_id: u64,
     surfaces: &[&str],
@@ -143,7 +171,7 @@ pub fn row(
                 ttl: None,
             })
             .collect(),
-        user_state_generation: 0,
+        user_state_generation: FIRST_GENERATION,
     }
 }
 

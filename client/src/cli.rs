@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::{Client, ClientOptions};
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use featurestore::domain::{ReadKey, ReadRequest};
+use featurestore::domain::{AgeBand, ReadKey, ReadRequest, UserStateUpdate};
 use featurestore::proto;
 use serde_json::{Map, Value as Json, json};
 
@@ -44,6 +44,33 @@ enum Command {
         /// JSON file; standard input when absent or "-".
         file: Option<String>,
     },
+    /// Decide a write from a JSON file without storing it: the verdicts, the rules that
+    /// fired on each surface, and the policy bundle that decided. Exits with 3 when any
+    /// value would be refused.
+    Explain {
+        /// JSON file; standard input when absent or "-".
+        file: Option<String>,
+    },
+    /// Create or replace a user's state (privacy role); prints the new state.
+    SetUser {
+        user_id: u64,
+        /// ISO 3166 code such as DE, GB, KR, US or US-CA; empty for unknown.
+        #[arg(long, default_value = "")]
+        jurisdiction: String,
+        #[arg(long, value_enum)]
+        age: AgeArg,
+        /// Apps whose accounts are linked, e.g. facebook,instagram.
+        #[arg(long = "linked", value_delimiter = ',')]
+        linked_apps: Vec<String>,
+        /// The user objected to ad personalization.
+        #[arg(long)]
+        ads_objection: bool,
+        /// Apply only if the state is still at this generation.
+        #[arg(long)]
+        expected_generation: Option<u64>,
+    },
+    /// Show a user's state (privacy role).
+    GetUser { user_id: u64 },
     /// Read features for (user, surface) keys.
     Read {
         /// Surface of every --user.
@@ -62,6 +89,23 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AgeArg {
+    Unknown,
+    Minor,
+    Adult,
+}
+
+impl From<AgeArg> for AgeBand {
+    fn from(age: AgeArg) -> Self {
+        match age {
+            AgeArg::Unknown => AgeBand::Unknown,
+            AgeArg::Minor => AgeBand::Minor,
+            AgeArg::Adult => AgeBand::Adult,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -84,7 +128,14 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         ..ClientOptions::default()
     };
     let client = Client::connect(&args.endpoint, options)?;
-    let call = |error| anyhow!("{error} (server {})", args.endpoint);
+    let call = |error: crate::ClientError| match error.policy_refusal() {
+        Some(refusal) => anyhow!(
+            "{error} (the user's state is at generation {}; server {})",
+            refusal.current_generation,
+            args.endpoint
+        ),
+        None => anyhow!("{error} (server {})", args.endpoint),
+    };
     match args.command {
         Command::Features => {
             let features = client.list_features().await.map_err(call)?;
@@ -138,18 +189,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             print_table(out, &["surface", "app", "purpose", "description"], &rows)?;
         }
         Command::Write { file } => {
-            let text = match file.as_deref() {
-                None | Some("-") => {
-                    let mut text = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut text)
-                        .context("cannot read standard input")?;
-                    text
-                }
-                Some(path) => {
-                    std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
-                }
-            };
+            let text = read_input(file.as_deref())?;
             let features = client.list_features().await.map_err(call)?;
             let request = write_request_from_json(&text, &features)?;
             let response = client
@@ -157,6 +197,56 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 .await
                 .map_err(call)?;
             return Ok(print_write(out, &request, &response)?);
+        }
+        Command::Explain { file } => {
+            let text = read_input(file.as_deref())?;
+            let features = client.list_features().await.map_err(call)?;
+            let request = write_request_from_json(&text, &features)?;
+            let response = client
+                .explain_write_raw(request.clone())
+                .await
+                .map_err(call)?;
+            writeln!(out, "policy bundle {}", response.policy_bundle_hash)?;
+            return match response.verdicts {
+                Some(verdicts) => Ok(print_write(out, &request, &verdicts)?),
+                None => {
+                    let reason = proto::ReasonCode::try_from(response.request_refusal)
+                        .map_or("?", |reason| {
+                            reason.as_str_name().trim_start_matches("REASON_CODE_")
+                        });
+                    writeln!(
+                        out,
+                        "the whole request would be refused: {reason} (rows[{}])",
+                        response.refused_row
+                    )?;
+                    Ok(EXIT_REFUSED)
+                }
+            };
+        }
+        Command::SetUser {
+            user_id,
+            jurisdiction,
+            age,
+            linked_apps,
+            ads_objection,
+            expected_generation,
+        } => {
+            let state = client
+                .set_user_state(UserStateUpdate {
+                    user_id,
+                    jurisdiction,
+                    age_band: age.into(),
+                    linked_apps,
+                    ads_objection,
+                    expected_generation,
+                })
+                .await
+                .map_err(call)?;
+            print_user_state(out, &state)?;
+        }
+        Command::GetUser { user_id } => {
+            let state = client.get_user_state(user_id).await.map_err(call)?;
+            print_user_state(out, &state)?;
         }
         Command::Read {
             surface,
@@ -202,6 +292,52 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         }
     }
     Ok(EXIT_SUCCESS)
+}
+
+/// The text of `file`, or of standard input when it is absent or "-".
+fn read_input(file: Option<&str>) -> anyhow::Result<String> {
+    match file {
+        None | Some("-") => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read standard input")?;
+            Ok(text)
+        }
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}")),
+    }
+}
+
+fn print_user_state(out: &mut dyn Write, state: &proto::UserState) -> std::io::Result<()> {
+    let age = proto::AgeBand::try_from(state.age_band).map_or("?".to_string(), |band| {
+        enum_name(band.as_str_name(), "AGE_BAND_")
+    });
+    let erasure = proto::ErasureState::try_from(state.erasure_state)
+        .map_or("?".to_string(), |erasure| {
+            enum_name(erasure.as_str_name(), "ERASURE_STATE_")
+        });
+    let jurisdiction = if state.jurisdiction.is_empty() {
+        "(unknown)"
+    } else {
+        &state.jurisdiction
+    };
+    let rows = vec![
+        vec!["user".to_string(), state.user_id.to_string()],
+        vec![
+            "jurisdiction".to_string(),
+            format!("{jurisdiction} ({})", state.jurisdiction_group),
+        ],
+        vec!["age_band".to_string(), age],
+        vec!["linked_apps".to_string(), state.linked_apps.join(",")],
+        vec!["ads_objection".to_string(), state.ads_objection.to_string()],
+        vec!["erasure".to_string(), erasure],
+        vec!["generation".to_string(), state.generation.to_string()],
+        vec![
+            "updated_at".to_string(),
+            format_time(state.updated_at_unix_micros),
+        ],
+    ];
+    print_table(out, &["field", "value"], &rows)
 }
 
 fn type_name(value_type: i32, dimension: u32) -> String {

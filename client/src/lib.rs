@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use featurestore::domain::{ReadRequest, WriteRequest};
+use featurestore::domain::{ReadRequest, UserStateUpdate, WriteRequest};
 use featurestore::proto;
 use featurestore::proto::feature_store_client::FeatureStoreClient;
+use featurestore::proto::privacy_client::PrivacyClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -58,6 +59,17 @@ pub enum ClientError {
     Status(#[from] Status),
 }
 
+/// Why the write-time policy refused a whole request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRefusal {
+    /// The reason code's name, e.g. "STALE_GENERATION" or "USER_ERASED".
+    pub reason: String,
+    /// Index of the offending row.
+    pub row: usize,
+    /// The user's current state generation.
+    pub current_generation: u64,
+}
+
 impl ClientError {
     /// The gRPC code of the failure (INVALID_ARGUMENT for a bad endpoint).
     pub fn code(&self) -> Code {
@@ -66,6 +78,20 @@ impl ClientError {
             ClientError::Status(status) => status.code(),
         }
     }
+
+    /// The policy's reason when the write-time policy refused the whole request.
+    pub fn policy_refusal(&self) -> Option<PolicyRefusal> {
+        use tonic_types::StatusExt;
+        let ClientError::Status(status) = self else {
+            return None;
+        };
+        let info = status.get_details_error_info()?;
+        Some(PolicyRefusal {
+            reason: info.reason.clone(),
+            row: info.metadata.get("row")?.parse().ok()?,
+            current_generation: info.metadata.get("current_generation")?.parse().ok()?,
+        })
+    }
 }
 
 /// A connection to a feature store server.
@@ -73,6 +99,8 @@ impl ClientError {
 pub struct Client {
     /// The generated stub over the shared channel.
     stub: FeatureStoreClient<Channel>,
+    /// The privacy service's stub over the same channel.
+    privacy: PrivacyClient<Channel>,
     options: ClientOptions,
 }
 
@@ -88,10 +116,17 @@ impl Client {
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
-        let stub = FeatureStoreClient::new(channel)
+        let stub = FeatureStoreClient::new(channel.clone())
             .max_decoding_message_size(options.decode_message_bytes_max)
             .max_encoding_message_size(options.encode_message_bytes_max);
-        Ok(Client { stub, options })
+        let privacy = PrivacyClient::new(channel)
+            .max_decoding_message_size(options.decode_message_bytes_max)
+            .max_encoding_message_size(options.encode_message_bytes_max);
+        Ok(Client {
+            stub,
+            privacy,
+            options,
+        })
     }
 
     /// Reads features for a batch of (user, surface) keys.
@@ -134,6 +169,50 @@ impl Client {
     ) -> Result<proto::GetFeaturesResponse, ClientError> {
         self.call(request, |mut stub, request| async move {
             stub.get_features(request).await
+        })
+        .await
+    }
+
+    /// Decides a write as `write_features` would, without storing anything.
+    pub async fn explain_write(
+        &self,
+        request: WriteRequest,
+    ) -> Result<proto::ExplainWriteResponse, ClientError> {
+        self.explain_write_raw(proto::WriteFeaturesRequest::from(request))
+            .await
+    }
+
+    /// Sends a wire-form explain request as it is.
+    pub async fn explain_write_raw(
+        &self,
+        request: proto::WriteFeaturesRequest,
+    ) -> Result<proto::ExplainWriteResponse, ClientError> {
+        self.call(request, |mut stub, request| async move {
+            stub.explain_write(request).await
+        })
+        .await
+    }
+
+    /// Creates or replaces a user's state (privacy role).
+    pub async fn set_user_state(
+        &self,
+        update: UserStateUpdate,
+    ) -> Result<proto::UserState, ClientError> {
+        let request = proto::SetUserStateRequest::from(update);
+        let privacy = self.privacy.clone();
+        self.call(request, move |_, request| {
+            let mut privacy = privacy.clone();
+            async move { privacy.set_user_state(request).await }
+        })
+        .await
+    }
+
+    /// A user's state (privacy role); NOT_FOUND when the user has none.
+    pub async fn get_user_state(&self, user_id: u64) -> Result<proto::UserState, ClientError> {
+        let privacy = self.privacy.clone();
+        self.call(proto::GetUserStateRequest { user_id }, move |_, request| {
+            let mut privacy = privacy.clone();
+            async move { privacy.get_user_state(request).await }
         })
         .await
     }

@@ -18,6 +18,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Feature registry file; the embedded default registry when absent.
     pub registry_path: Option<PathBuf>,
+    /// Policy bundle file; the embedded default bundle when absent.
+    pub policy_bundle_path: Option<PathBuf>,
     /// Whether each write is synced to disk before it is acknowledged.
     pub durability: Durability,
     /// How long a write's idempotency key is remembered.
@@ -33,6 +35,7 @@ impl Default for Config {
             listen_address: SocketAddr::from(([127, 0, 0, 1], 50051)),
             data_dir: PathBuf::from("featurestore-data"),
             registry_path: None,
+            policy_bundle_path: None,
             durability: Durability::Sync,
             idempotency_window: Duration::from_secs(24 * 60 * 60),
             limits: Limits::default(),

@@ -2,6 +2,7 @@
 //! tells a caller what to do. Only the service layer turns a kind into a gRPC status.
 
 use featurestore::InvalidRequest;
+use featurestore::proto::ReasonCode;
 
 use crate::storage::StorageError;
 
@@ -10,8 +11,15 @@ use crate::storage::StorageError;
 pub enum ErrorKind {
     /// Fix the request; retrying it unchanged fails again.
     InvalidRequest,
-    /// The request conflicts with an earlier one (an idempotency key reused).
+    /// The thing asked for does not exist.
+    NotFound,
+    /// The write-time policy refuses the whole request; the reason says why.
+    DeniedByPolicy,
+    /// The request conflicts with the current state (an idempotency key reused, a user
+    /// state changed since the caller read it).
     Conflict,
+    /// The request lost a race; retrying it is safe and will likely succeed.
+    Aborted,
     /// The server is at a limit right now; retry later with backoff.
     Overloaded,
     /// The store cannot serve now; retry later.
@@ -28,6 +36,16 @@ pub enum Error {
     InvalidRequest(#[from] InvalidRequest),
     #[error("features[{index}]: unknown feature {name:?}")]
     UnknownFeature { index: usize, name: String },
+    #[error("user {user_id} has no user state")]
+    NoUserState { user_id: u64 },
+    #[error("rows[{row}]: refused by policy: {}", crate::policy::bundle::reason_name(*reason))]
+    Refused {
+        reason: ReasonCode,
+        row: usize,
+        current_generation: u64,
+    },
+    #[error("the state of user {user_id} kept changing while the write was decided; retry it")]
+    WriteRaced { user_id: u64 },
     #[error("idempotency key {key:?} was already used for a different request")]
     IdempotencyKeyReused { key: String },
     #[error("the server is at its limit of {limit} concurrent requests")]
@@ -44,7 +62,11 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidRequest(_) | Error::UnknownFeature { .. } => ErrorKind::InvalidRequest,
-            Error::IdempotencyKeyReused { .. } => ErrorKind::Conflict,
+            Error::NoUserState { .. } => ErrorKind::NotFound,
+            Error::Refused { .. } => ErrorKind::DeniedByPolicy,
+            Error::IdempotencyKeyReused { .. }
+            | Error::Storage(StorageError::GenerationChanged { .. }) => ErrorKind::Conflict,
+            Error::WriteRaced { .. } => ErrorKind::Aborted,
             Error::Overloaded { .. } => ErrorKind::Overloaded,
             Error::Storage(StorageError::Engine(_)) => ErrorKind::Unavailable,
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {

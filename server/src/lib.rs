@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod policy;
 pub mod registry;
 pub mod service;
 pub mod storage;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use featurestore::proto::feature_store_server::FeatureStoreServer;
+use featurestore::proto::privacy_server::PrivacyServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::domain::Core;
+use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::service::FeatureStoreService;
 use crate::storage::{RocksStore, Store};
@@ -58,6 +61,21 @@ pub async fn run_with_clock(
         features = registry.features().len(),
         "feature registry loaded"
     );
+    let policy = match &config.policy_bundle_path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the policy bundle {}", path.display()))?;
+            Policy::from_toml(&text, &registry)
+                .with_context(|| format!("policy bundle {}", path.display()))?
+        }
+        None => Policy::embedded_default(&registry).context("the embedded policy bundle")?,
+    };
+    tracing::info!(
+        version = %policy.version,
+        hash = %policy.hash,
+        rules = policy.rules.iter().filter(|rule| rule.enabled).count(),
+        "policy bundle loaded"
+    );
     let store = {
         let config = config.clone();
         let clock = Arc::clone(&clock);
@@ -80,24 +98,32 @@ pub async fn run_with_clock(
         .await??
     };
     let store: Arc<dyn Store> = Arc::new(store);
-    let core = Arc::new(Core {
-        registry: Arc::new(registry),
-        store: Arc::clone(&store),
+    let core = Arc::new(Core::new(
+        Arc::new(registry),
+        Arc::new(policy),
+        Arc::clone(&store),
         clock,
-        idempotency_window: config.idempotency_window,
-    });
+        config.idempotency_window,
+    ));
     let limits = &config.limits;
-    let service = FeatureStoreServer::new(FeatureStoreService::new(
+    let handlers = FeatureStoreService::new(
         core,
         limits.request_limits(),
         limits.concurrent_requests_max,
-    ))
-    .max_decoding_message_size(limits.decode_message_bytes_max)
-    .max_encoding_message_size(limits.encode_message_bytes_max);
+    );
+    let service = FeatureStoreServer::new(handlers.clone())
+        .max_decoding_message_size(limits.decode_message_bytes_max)
+        .max_encoding_message_size(limits.encode_message_bytes_max);
+    let privacy = PrivacyServer::new(handlers)
+        .max_decoding_message_size(limits.decode_message_bytes_max)
+        .max_encoding_message_size(limits.encode_message_bytes_max);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<FeatureStoreServer<FeatureStoreService>>()
+        .await;
+    health_reporter
+        .set_serving::<PrivacyServer<FeatureStoreService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(featurestore::FILE_DESCRIPTOR_SET)
@@ -124,11 +150,15 @@ pub async fn run_with_clock(
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(privacy)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop_accepting.cancelled().await;
             tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
             health_reporter
                 .set_not_serving::<FeatureStoreServer<FeatureStoreService>>()
+                .await;
+            health_reporter
+                .set_not_serving::<PrivacyServer<FeatureStoreService>>()
                 .await;
             health_reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)

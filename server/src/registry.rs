@@ -26,12 +26,47 @@ pub struct FeatureId(pub u16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SourceId(pub u16);
 
+/// What a source is, as far as the policy is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Not derived from the AI assistant (engagement, ...).
+    NotAi,
+    /// Derived from text conversations with the AI assistant.
+    AiText,
+    /// Derived from voice conversations with the AI assistant (needs microphone permission).
+    AiVoice,
+}
+
+impl SourceKind {
+    pub const ALL: [SourceKind; 3] = [SourceKind::NotAi, SourceKind::AiText, SourceKind::AiVoice];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::NotAi => "not_ai",
+            SourceKind::AiText => "ai_text",
+            SourceKind::AiVoice => "ai_voice",
+        }
+    }
+}
+
 /// What a surface ranks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Purpose {
     Content,
     Ads,
+}
+
+impl Purpose {
+    pub const ALL: [Purpose; 2] = [Purpose::Content, Purpose::Ads];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Content => "content",
+            Purpose::Ads => "ads",
+        }
+    }
 }
 
 /// The special categories of personal data a topic may fall in.
@@ -50,19 +85,33 @@ pub enum Sensitivity {
 }
 
 impl Sensitivity {
+    pub const ALL: [Sensitivity; 8] = [
+        Sensitivity::None,
+        Sensitivity::ReligiousViews,
+        Sensitivity::SexualOrientation,
+        Sensitivity::PoliticalViews,
+        Sensitivity::Health,
+        Sensitivity::RacialOrEthnicOrigin,
+        Sensitivity::PhilosophicalBeliefs,
+        Sensitivity::TradeUnionMembership,
+    ];
+
     /// The class stored as `code`, if it is one.
     pub fn from_code(code: u8) -> Option<Sensitivity> {
-        const ALL: [Sensitivity; 8] = [
-            Sensitivity::None,
-            Sensitivity::ReligiousViews,
-            Sensitivity::SexualOrientation,
-            Sensitivity::PoliticalViews,
-            Sensitivity::Health,
-            Sensitivity::RacialOrEthnicOrigin,
-            Sensitivity::PhilosophicalBeliefs,
-            Sensitivity::TradeUnionMembership,
-        ];
-        ALL.get(usize::from(code)).copied()
+        Self::ALL.get(usize::from(code)).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sensitivity::None => "none",
+            Sensitivity::ReligiousViews => "religious_views",
+            Sensitivity::SexualOrientation => "sexual_orientation",
+            Sensitivity::PoliticalViews => "political_views",
+            Sensitivity::Health => "health",
+            Sensitivity::RacialOrEthnicOrigin => "racial_or_ethnic_origin",
+            Sensitivity::PhilosophicalBeliefs => "philosophical_beliefs",
+            Sensitivity::TradeUnionMembership => "trade_union_membership",
+        }
     }
 
     pub fn code(self) -> u8 {
@@ -83,8 +132,8 @@ pub struct Surface {
 pub struct Source {
     pub id: SourceId,
     pub name: String,
-    /// Derived from conversations with the AI assistant (the policy treats these apart).
-    pub ai_derived: bool,
+    /// What the policy treats the source as.
+    pub kind: SourceKind,
     pub description: String,
 }
 
@@ -161,7 +210,7 @@ struct SurfaceEntry {
 struct SourceEntry {
     name: String,
     id: u16,
-    ai_derived: bool,
+    kind: SourceKind,
     #[serde(default)]
     description: String,
 }
@@ -258,7 +307,7 @@ impl Registry {
             sources.push(Source {
                 id: SourceId(entry.id),
                 name: entry.name,
-                ai_derived: entry.ai_derived,
+                kind: entry.kind,
                 description: entry.description,
             });
         }
@@ -566,7 +615,7 @@ mod tests {
             [[sources]]
             name = "ai_chat"
             id = 1
-            ai_derived = true
+            kind = "ai_text"
             [[features]]
             name = "f"
             id = 1

@@ -1,16 +1,22 @@
-//! The gRPC service: decode a request into domain types once, run the domain core on the
+//! The gRPC services: decode a request into domain types once, run the domain core on the
 //! blocking pool, and encode the answer. The only place that builds a `tonic::Status`.
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use featurestore::RequestLimits;
-use featurestore::proto::{self, feature_store_server::FeatureStore};
+use featurestore::domain::UserStateUpdate;
+use featurestore::proto::{self, feature_store_server::FeatureStore, privacy_server::Privacy};
 use prost::Message;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::Core;
 use crate::error::{Error, ErrorKind};
+use crate::policy::bundle::reason_name;
+use crate::storage::{ErasureState, UserState};
 
 /// Implements `featurestore.v1.FeatureStore`.
 #[derive(Debug, Clone)]
@@ -90,6 +96,21 @@ impl FeatureStore for FeatureStoreService {
         Ok(Response::new(response))
     }
 
+    async fn explain_write(
+        &self,
+        request: Request<proto::WriteFeaturesRequest>,
+    ) -> Result<Response<proto::ExplainWriteResponse>, Status> {
+        let request = self
+            .limits
+            .parse_write(request.into_inner())
+            .map_err(|error| status(error.into()))?;
+        let response = self
+            .run_blocking(move |core| core.explain(&request))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(response))
+    }
+
     async fn list_features(
         &self,
         _request: Request<proto::ListFeaturesRequest>,
@@ -109,12 +130,85 @@ impl FeatureStore for FeatureStoreService {
     }
 }
 
+#[tonic::async_trait]
+impl Privacy for FeatureStoreService {
+    async fn set_user_state(
+        &self,
+        request: Request<proto::SetUserStateRequest>,
+    ) -> Result<Response<proto::UserState>, Status> {
+        let update = UserStateUpdate::try_from(request.into_inner())
+            .map_err(|error| status(error.into()))?;
+        let state = self
+            .run_blocking(move |core| core.set_user_state(&update))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.user_state_to_proto(state)))
+    }
+
+    async fn get_user_state(
+        &self,
+        request: Request<proto::GetUserStateRequest>,
+    ) -> Result<Response<proto::UserState>, Status> {
+        let user_id = request.into_inner().user_id;
+        let state = self
+            .run_blocking(move |core| core.user_state(user_id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.user_state_to_proto(state)))
+    }
+}
+
+impl FeatureStoreService {
+    fn user_state_to_proto(&self, state: UserState) -> proto::UserState {
+        let group = self.core.policy().jurisdiction_group(&state.jurisdiction);
+        proto::UserState {
+            user_id: state.user_id,
+            jurisdiction_group: group.name().to_string(),
+            jurisdiction: state.jurisdiction,
+            age_band: proto::AgeBand::from(state.age_band) as i32,
+            linked_apps: state.linked_apps,
+            ads_objection: state.ads_objection,
+            erasure_state: match state.erasure {
+                ErasureState::None => proto::ErasureState::None,
+                ErasureState::Pending => proto::ErasureState::Pending,
+                ErasureState::Erased => proto::ErasureState::Erased,
+            } as i32,
+            generation: state.generation,
+            updated_at_unix_micros: state.updated_at.unix_micros(),
+        }
+    }
+}
+
 /// Maps an error to the gRPC status the caller sees, logging the ones operators must see.
 fn status(error: Error) -> Status {
     let message = error.to_string();
     match error.kind() {
         ErrorKind::InvalidRequest => Status::invalid_argument(message),
+        ErrorKind::NotFound => Status::not_found(message),
+        ErrorKind::DeniedByPolicy => {
+            let mut metadata = HashMap::new();
+            if let Error::Refused {
+                reason,
+                row,
+                current_generation,
+            } = &error
+            {
+                metadata.insert("reason_code".to_string(), reason_name(*reason).to_string());
+                metadata.insert("row".to_string(), row.to_string());
+                metadata.insert(
+                    "current_generation".to_string(),
+                    current_generation.to_string(),
+                );
+            }
+            let reason = metadata.get("reason_code").cloned().unwrap_or_default();
+            Status::with_error_details(
+                tonic::Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(reason, "featurestore.v1", metadata),
+            )
+        }
         ErrorKind::Conflict => Status::failed_precondition(message),
+        ErrorKind::Aborted => Status::aborted(message),
         ErrorKind::Overloaded => Status::resource_exhausted(message),
         ErrorKind::Unavailable => {
             tracing::error!(error = %message, "storage unavailable");

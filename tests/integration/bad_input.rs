@@ -206,6 +206,7 @@ async fn requests_over_a_limit_are_refused_naming_the_limit() {
 #[tokio::test]
 async fn corrupt_stored_bytes_fail_only_their_row() {
     let server = TestServer::start().await;
+    server.us_adults([1, 2]).await;
     server
         .write_float(
             "healthy",
@@ -224,7 +225,7 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             &path,
-            ["features", "idempotency"],
+            ["features", "idempotency", "user_state"],
         )
         .expect("open the server's database");
         let features = db.cf_handle("features").expect("features column family");

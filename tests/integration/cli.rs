@@ -43,31 +43,45 @@ async fn the_readme_tour_works() {
             .starts_with("topic_embedding float_vector[8] ai_chat,ai_voice none 30d")
     );
 
+    let set_user = [
+        "set-user",
+        "42",
+        "--jurisdiction",
+        "US",
+        "--age",
+        "adult",
+        "--linked",
+        "facebook,instagram",
+    ];
+    let (_, state) = featurestore(&server, &set_user).await.expect("set-user");
+    assert_eq!(
+        line_starting(&state, "jurisdiction"),
+        "jurisdiction US (other)"
+    );
+    assert_eq!(line_starting(&state, "generation"), "generation 1");
+
     let rows = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(
-        rows.path(),
-        r#"{"rows": [{
-            "user_id": 42,
-            "surfaces": ["facebook_feed", "facebook_ads"],
-            "source": "ai_chat",
-            "origin_app": "facebook",
-            "interaction_time": "2026-01-14T10:00:00Z",
-            "features": {
-                "interest_hiking": 0.83,
-                "interest_fitness_health": {"value": 0.4, "ttl_seconds": 30},
-                "topic_embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-            }
-        }]}"#,
-    )
-    .expect("write the rows file");
+    std::fs::write(rows.path(), TOUR_ROWS).expect("write the rows file");
     let path = rows.path().to_str().expect("UTF-8 path");
+
+    let (code, explained) = featurestore(&server, &["explain", path])
+        .await
+        .expect("explain");
+    assert_eq!(code, EXIT_REFUSED);
+    assert!(
+        line_starting(&explained, "42 interest_fitness_health deny")
+            .ends_with("facebook_feed=refused(SENSITIVE_TOPIC_FOR_CONTENT) facebook_ads=refused(SENSITIVE_TOPIC_FOR_ADS)"),
+        "{explained}"
+    );
+    assert!(
+        line_starting(&explained, "42 interest_hiking allow")
+            .ends_with("facebook_feed=admitted facebook_ads=admitted")
+    );
+
     let (code, written) = featurestore(&server, &["write", path])
         .await
         .expect("write");
-    assert_eq!(
-        code, EXIT_REFUSED,
-        "the embedding is refused on facebook_ads:\n{written}"
-    );
+    assert_eq!(code, EXIT_REFUSED, "some values are refused:\n{written}");
     assert!(
         line_starting(&written, "42 interest_hiking allow")
             .ends_with("facebook_feed=stored facebook_ads=stored")
@@ -77,6 +91,10 @@ async fn the_readme_tour_works() {
             .ends_with("facebook_feed=stored facebook_ads=refused(SCHEMA_VIOLATION)"),
         "{written}"
     );
+    assert!(
+        line_starting(&written, "42 interest_fitness_health deny")
+            .contains("refused(SENSITIVE_TOPIC_FOR_CONTENT)")
+    );
 
     let read = [
         "read",
@@ -85,14 +103,17 @@ async fn the_readme_tour_works() {
         "--user",
         "42,43",
         "--feature",
-        "interest_hiking,interest_fitness_health",
+        "interest_hiking,top_topic,interest_fitness_health",
     ];
     let (code, table) = featurestore(&server, &read).await.expect("read");
     assert_eq!(code, EXIT_SUCCESS);
-    assert_eq!(line_starting(&table, "42 "), "42 facebook_feed ok 0.83 0.4");
+    assert_eq!(
+        line_starting(&table, "42 "),
+        "42 facebook_feed ok 0.83 \"outdoors/hiking\" (not_found)"
+    );
     assert_eq!(
         line_starting(&table, "43 "),
-        "43 facebook_feed ok 0.0 (defaulted) (not_found)"
+        "43 facebook_feed ok 0.0 (defaulted) (not_found) (not_found)"
     );
 
     let (_, json) = featurestore(
@@ -123,9 +144,42 @@ async fn the_readme_tour_works() {
     let (_, table) = featurestore(&server, &read).await.expect("read");
     assert_eq!(
         line_starting(&table, "42 "),
-        "42 facebook_feed ok 0.83 (expired)"
+        "42 facebook_feed ok 0.83 (expired) (not_found)"
+    );
+
+    // A change of the user's state makes writes made against the old one stale.
+    featurestore(
+        &server,
+        &["set-user", "42", "--jurisdiction", "DE", "--age", "adult"],
+    )
+    .await
+    .expect("set-user");
+    let error = featurestore(&server, &["write", path])
+        .await
+        .expect_err("stale");
+    assert!(
+        error
+            .to_string()
+            .contains("refused by policy: STALE_GENERATION (the user's state is at generation 2"),
+        "{error}"
     );
 }
+
+/// The rows of the README's tour, written after user 42's state was set once.
+const TOUR_ROWS: &str = r#"{"rows": [{
+    "user_id": 42,
+    "user_state_generation": 1,
+    "surfaces": ["facebook_feed", "facebook_ads"],
+    "source": "ai_chat",
+    "origin_app": "facebook",
+    "interaction_time": "2026-01-14T10:00:00Z",
+    "features": {
+        "interest_hiking": 0.83,
+        "interest_fitness_health": 0.4,
+        "top_topic": {"value": "outdoors/hiking", "ttl_seconds": 30},
+        "topic_embedding": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    }
+}]}"#;
 
 #[tokio::test]
 async fn cli_errors_are_clear() {

@@ -17,6 +17,7 @@ use crate::{float, status};
 #[tokio::test]
 async fn everything_written_is_read_back_after_a_restart() {
     let server = TestServer::start().await;
+    server.us_adults(1..=50).await;
     let request = write(
         "before-restart",
         (1..=50)
@@ -140,6 +141,7 @@ async fn health_answers_serving_and_reflection_lists_the_services() {
 #[tokio::test]
 async fn a_stopped_server_refuses_new_calls() {
     let server = TestServer::start().await;
+    server.us_adults([1]).await;
     let client = server.client.clone();
     client
         .write_features(write(

@@ -12,6 +12,7 @@ use crate::{float, outcomes, status, verdict};
 #[tokio::test]
 async fn written_values_of_every_type_read_back() {
     let server = TestServer::start().await;
+    server.us_adults([42]).await;
     let embedding: Vec<f32> = (0..8).map(|index| index as f32 / 8.0).collect();
     let response = server
         .client
@@ -99,6 +100,7 @@ async fn written_values_of_every_type_read_back() {
 #[tokio::test]
 async fn rows_come_back_in_request_order_with_a_status_each() {
     let server = TestServer::start().await;
+    server.us_adults([7]).await;
     server
         .write_float("order", 7, "facebook_feed", at(-1), "interest_cooking", 0.5)
         .await;
@@ -189,13 +191,14 @@ async fn rows_come_back_in_request_order_with_a_status_each() {
 #[tokio::test]
 async fn values_expire_by_the_servers_clock() {
     let server = TestServer::start().await;
+    server.us_adults([5, 6]).await;
     let mut short = row(
         5,
         &["facebook_feed"],
         at(-10),
         vec![
             ("interest_hiking", Value::Float(0.7)),
-            ("interest_fitness_health", Value::Float(0.4)),
+            ("top_topic", Value::String("outdoors/hiking".to_string())),
         ],
     );
     for feature in &mut short.features {
@@ -211,16 +214,13 @@ async fn values_expire_by_the_servers_clock() {
         at(60).unix_micros()
     );
 
-    let features = ["interest_hiking", "interest_fitness_health"];
+    let features = ["interest_hiking", "top_topic"];
     let before = server
         .client
         .get_features(read(&[(5, "facebook_feed")], &features))
         .await
         .expect("read");
-    assert_eq!(
-        status(&before, 0, "interest_fitness_health"),
-        ValueStatus::Present
-    );
+    assert_eq!(status(&before, 0, "top_topic"), ValueStatus::Present);
     assert_eq!(float(&before, 0, "interest_hiking"), 0.7);
 
     server.advance(Duration::from_secs(61));
@@ -229,13 +229,10 @@ async fn values_expire_by_the_servers_clock() {
         .get_features(read(&[(5, "facebook_feed")], &features))
         .await
         .expect("read");
+    assert_eq!(status(&after, 0, "top_topic"), ValueStatus::Expired);
     assert_eq!(
-        status(&after, 0, "interest_fitness_health"),
-        ValueStatus::Expired
-    );
-    assert_eq!(
-        float(&after, 0, "interest_fitness_health"),
-        0.0,
+        after.rows[0].string_values,
+        vec![String::new()],
         "an expired value is never returned"
     );
     assert_eq!(status(&after, 0, "interest_hiking"), ValueStatus::Defaulted);
@@ -268,6 +265,7 @@ async fn values_expire_by_the_servers_clock() {
 #[tokio::test]
 async fn the_latest_event_time_wins_whatever_the_arrival_order() {
     let server = TestServer::start().await;
+    server.us_adults([1]).await;
     let hiking = |value: f32, time: i64| {
         row(
             1,
@@ -315,6 +313,7 @@ async fn the_latest_event_time_wins_whatever_the_arrival_order() {
 #[tokio::test]
 async fn a_retried_write_returns_the_first_answer_and_changes_nothing() {
     let server = TestServer::start().await;
+    server.us_adults([3]).await;
     let first = write(
         "retry-me",
         vec![row(
@@ -385,6 +384,7 @@ async fn a_retried_write_returns_the_first_answer_and_changes_nothing() {
 #[tokio::test]
 async fn invalid_items_get_verdicts_and_valid_ones_are_stored() {
     let server = TestServer::start().await;
+    server.us_adults([11, 12]).await;
     let mut voice = row(
         11,
         &["facebook_feed", "no_such_surface", "facebook_ads"],
@@ -397,6 +397,7 @@ async fn invalid_items_get_verdicts_and_valid_ones_are_stored() {
         ],
     );
     voice.provenance.source = "ai_voice".to_string();
+    voice.provenance.microphone_permission_granted = true;
     let mut unknown_source = row(
         12,
         &["facebook_feed"],

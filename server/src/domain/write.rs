@@ -1,15 +1,26 @@
-//! The write path: decide per (feature, target surface) whether a value is admitted, merge
-//! the admitted values into the store atomically with the idempotency record, and answer
-//! with a verdict per feature.
+//! The write path: fence the request against each user's state, decide per (feature,
+//! target surface) with the registry and the compiled policy, merge the admitted values
+//! into the store atomically with the idempotency record, and answer with a verdict per
+//! feature. `explain` runs the same decisions without storing.
 
-use featurestore::domain::{FeatureWrite, Timestamp, WriteRequest, WriteRow};
+use std::collections::HashMap;
+
+use featurestore::domain::{FeatureWrite, Timestamp, Value, WriteRequest, WriteRow};
 use featurestore::proto::{self, ReasonCode};
 use prost::Message;
 
 use super::Core;
 use crate::error::Error;
-use crate::registry::{Source, Surface};
-use crate::storage::{Applied, IdempotencyRecord, RowKey, RowWrite, StoredValue, ValueOutcome};
+use crate::policy::{Confidence, DecisionInput, JurisdictionGroup, Policy, Reasons};
+use crate::registry::{Feature, Sensitivity, Source, Surface};
+use crate::storage::{
+    Applied, ErasureState, IdempotencyRecord, RowKey, RowWrite, StorageError, StoredValue,
+    UserState, ValueOutcome,
+};
+
+/// Times a write is decided again when a user's state changed between the decision and
+/// the write; past that the caller gets ABORTED and may retry.
+const DECISION_ATTEMPTS: usize = 3;
 
 /// Where an admitted value went: which storage row, and which value of it.
 #[derive(Clone, Copy)]
@@ -21,7 +32,17 @@ struct Placement {
 /// The decision for one (feature, target surface) before storage answers.
 enum Decision {
     Admitted(Placement),
-    Refused(Vec<ReasonCode>),
+    Refused(Reasons),
+}
+
+/// Everything decided for a request, ready to apply.
+struct Plan {
+    /// (user, state generation decided with) for every user of the request.
+    fence: Vec<(u64, u64)>,
+    /// The admitted values, grouped by storage row.
+    writes: Vec<RowWrite>,
+    /// decisions[row][feature][target surface]
+    decisions: Vec<Vec<Vec<Decision>>>,
 }
 
 impl Core {
@@ -35,56 +56,147 @@ impl Core {
         if request.rows.is_empty() {
             return Ok(proto::WriteFeaturesResponse::default());
         }
-        let now = self.clock.now();
-        let mut writes: Vec<RowWrite> = Vec::new();
-        // decisions[row][feature][surface]
-        let decisions: Vec<Vec<Vec<Decision>>> = request
-            .rows
-            .iter()
-            .map(|row| self.decide_row(row, now, &mut writes))
-            .collect();
-
-        let record = IdempotencyRecord {
-            key: request.idempotency_key.clone(),
-            fingerprint,
-            created_at: now,
-        };
-        let replay_since = Timestamp::from_unix_micros(now.unix_micros().saturating_sub(
-            i64::try_from(self.idempotency_window.as_micros()).unwrap_or(i64::MAX),
-        ));
-        let mut fresh = None;
-        let applied = self
-            .store
-            .apply_write(&record, replay_since, &writes, &mut |outcomes| {
-                let response = answer(request, &decisions, &writes, outcomes);
-                let encoded = response.encode_to_vec();
-                fresh = Some(response);
-                encoded
-            })?;
-        match applied {
-            Applied::Fresh { .. } => {
-                Ok(fresh.expect("the store builds the answer of every fresh write"))
-            }
-            Applied::Replayed {
-                fingerprint: stored,
-                answer,
-            } => {
-                if stored != fingerprint {
-                    return Err(Error::IdempotencyKeyReused {
-                        key: request.idempotency_key.clone(),
-                    });
+        let policy = self.policy();
+        let mut attempt = 1;
+        loop {
+            let now = self.clock.now();
+            let plan = self.plan(request, &policy, now)?;
+            let record = IdempotencyRecord {
+                key: request.idempotency_key.clone(),
+                fingerprint,
+                created_at: now,
+            };
+            let replay_since = Timestamp::from_unix_micros(now.unix_micros().saturating_sub(
+                i64::try_from(self.idempotency_window.as_micros()).unwrap_or(i64::MAX),
+            ));
+            let mut fresh = None;
+            let applied = self.store.apply_write(
+                &record,
+                replay_since,
+                &plan.fence,
+                &plan.writes,
+                &mut |outcomes| {
+                    let response = answer(request, &plan, Some(outcomes), &policy);
+                    let encoded = response.encode_to_vec();
+                    fresh = Some(response);
+                    encoded
+                },
+            );
+            return match applied {
+                Ok(Applied::Fresh { .. }) => {
+                    Ok(fresh.expect("the store builds the answer of every fresh write"))
                 }
-                let mut response = proto::WriteFeaturesResponse::decode(answer.as_slice())
-                    .map_err(|error| Error::CorruptReplay(error.to_string()))?;
-                response.replayed = true;
-                Ok(response)
+                Ok(Applied::Replayed {
+                    fingerprint: stored,
+                    answer,
+                }) => {
+                    if stored != fingerprint {
+                        return Err(Error::IdempotencyKeyReused {
+                            key: request.idempotency_key.clone(),
+                        });
+                    }
+                    let mut response = proto::WriteFeaturesResponse::decode(answer.as_slice())
+                        .map_err(|error| Error::CorruptReplay(error.to_string()))?;
+                    response.replayed = true;
+                    Ok(response)
+                }
+                Err(StorageError::GenerationChanged { user_id, .. })
+                    if attempt < DECISION_ATTEMPTS =>
+                {
+                    tracing::debug!(
+                        user_id,
+                        attempt,
+                        "user state changed during a write; deciding again"
+                    );
+                    attempt += 1;
+                    continue;
+                }
+                Err(StorageError::GenerationChanged { user_id, .. }) => {
+                    Err(Error::WriteRaced { user_id })
+                }
+                Err(error) => Err(error.into()),
+            };
+        }
+    }
+
+    /// Decides a write exactly as [`Core::write`] would, without storing anything.
+    pub fn explain(&self, request: &WriteRequest) -> Result<proto::ExplainWriteResponse, Error> {
+        let policy = self.policy();
+        let now = self.clock.now();
+        match self.plan(request, &policy, now) {
+            Ok(plan) => Ok(proto::ExplainWriteResponse {
+                verdicts: Some(answer(request, &plan, None, &policy)),
+                request_refusal: ReasonCode::Unspecified as i32,
+                refused_row: 0,
+                policy_bundle_hash: policy.hash.clone(),
+            }),
+            Err(Error::Refused { reason, row, .. }) => Ok(proto::ExplainWriteResponse {
+                verdicts: None,
+                request_refusal: reason as i32,
+                refused_row: u32::try_from(row).unwrap_or(u32::MAX),
+                policy_bundle_hash: policy.hash.clone(),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Reads the users' states, applies the request-level fences, and decides every
+    /// (feature, target surface).
+    fn plan(&self, request: &WriteRequest, policy: &Policy, now: Timestamp) -> Result<Plan, Error> {
+        let mut users: Vec<u64> = request.rows.iter().map(|row| row.user_id).collect();
+        users.sort_unstable();
+        users.dedup();
+        let states: HashMap<u64, UserState> = users
+            .iter()
+            .zip(self.store.read_user_states(&users)?)
+            .filter_map(|(user_id, state)| state.map(|state| (*user_id, state)))
+            .collect();
+        for (index, row) in request.rows.iter().enumerate() {
+            let Some(state) = states.get(&row.user_id) else {
+                continue;
+            };
+            if state.erasure != ErasureState::None {
+                return Err(Error::Refused {
+                    reason: ReasonCode::UserErased,
+                    row: index,
+                    current_generation: state.generation,
+                });
+            }
+            if row.user_state_generation < state.generation {
+                return Err(Error::Refused {
+                    reason: ReasonCode::StaleGeneration,
+                    row: index,
+                    current_generation: state.generation,
+                });
             }
         }
+        let fence = users
+            .iter()
+            .map(|user_id| {
+                (
+                    *user_id,
+                    states.get(user_id).map_or(0, |state| state.generation),
+                )
+            })
+            .collect();
+        let mut writes = Vec::new();
+        let decisions = request
+            .rows
+            .iter()
+            .map(|row| self.decide_row(row, states.get(&row.user_id), policy, now, &mut writes))
+            .collect();
+        Ok(Plan {
+            fence,
+            writes,
+            decisions,
+        })
     }
 
     fn decide_row(
         &self,
         row: &WriteRow,
+        state: Option<&UserState>,
+        policy: &Policy,
         now: Timestamp,
         writes: &mut Vec<RowWrite>,
     ) -> Vec<Vec<Decision>> {
@@ -103,10 +215,17 @@ impl Core {
                     .iter()
                     .enumerate()
                     .map(|(surface_index, surface)| {
-                        let (stored, reasons) =
-                            self.admit(row, feature_write, source, *surface, now);
-                        let Some(stored) = stored else {
-                            return Decision::Refused(reasons);
+                        let stored = match self.admit(
+                            row,
+                            feature_write,
+                            source,
+                            *surface,
+                            state,
+                            policy,
+                            now,
+                        ) {
+                            Ok(stored) => stored,
+                            Err(reasons) => return Decision::Refused(reasons),
                         };
                         let surface = surface.expect("a value is only admitted to a known surface");
                         let write = *write_of_surface[surface_index].get_or_insert_with(|| {
@@ -130,64 +249,133 @@ impl Core {
             .collect()
     }
 
-    /// Checks one value against the registry for one surface: the value to store, or the
-    /// reasons it is refused.
+    /// Decides one value for one surface: the registry's checks, then the policy. Returns
+    /// the value to store, or the reasons it is refused.
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &self,
         row: &WriteRow,
         feature_write: &FeatureWrite,
         source: Option<&Source>,
         surface: Option<&Surface>,
+        state: Option<&UserState>,
+        policy: &Policy,
         now: Timestamp,
-    ) -> (Option<StoredValue>, Vec<ReasonCode>) {
+    ) -> Result<StoredValue, Reasons> {
         let feature = self.registry.feature(&feature_write.name);
-        let mut reasons = Vec::new();
+        let mut reasons = Reasons::NONE;
         if feature.is_none() {
-            reasons.push(ReasonCode::UnknownFeature);
+            reasons = reasons.with(ReasonCode::UnknownFeature);
         }
         if surface.is_none() {
-            reasons.push(ReasonCode::UnknownSurface);
+            reasons = reasons.with(ReasonCode::UnknownSurface);
         }
         if source.is_none() {
-            reasons.push(ReasonCode::UnknownSource);
+            reasons = reasons.with(ReasonCode::UnknownSource);
         }
         let (Some(feature), Some(surface), Some(source)) = (feature, surface, source) else {
-            return (None, reasons);
+            return Err(reasons);
         };
         let fits = feature.surfaces.contains(&surface.id)
             && feature.sources.contains(&source.id)
             && feature.accepts(&feature_write.value);
         if !fits {
-            return (None, vec![ReasonCode::SchemaViolation]);
+            return Err(Reasons::of(ReasonCode::SchemaViolation));
+        }
+
+        let interaction_time = row.provenance.interaction_time;
+        let retention_ends =
+            interaction_time.saturating_add(policy.retention(source.id, surface.purpose));
+        let input = DecisionInput {
+            source_kind: source.kind,
+            before_effective_date: interaction_time < policy.effective_date,
+            microphone_permission: row.provenance.microphone_permission_granted,
+            jurisdiction_group: state.map_or(JurisdictionGroup::Unknown, |state| {
+                policy.jurisdiction_group(&state.jurisdiction)
+            }),
+            age_band: state.map_or(featurestore::domain::AgeBand::Unknown, |state| {
+                state.age_band
+            }),
+            ads_objection: state.is_some_and(|state| state.ads_objection),
+            sensitivity: sensitivity(feature, feature_write, policy),
+            purpose: surface.purpose,
+            cross_app_unlinked: row.provenance.origin_app != surface.app
+                && !state.is_some_and(|state| {
+                    state.linked_apps.contains(&row.provenance.origin_app)
+                        && state.linked_apps.contains(&surface.app)
+                }),
+            confidence: match feature_write
+                .topic
+                .as_ref()
+                .and_then(|topic| topic.confidence)
+            {
+                None => Confidence::NotApplicable,
+                Some(confidence) if confidence < policy.low_confidence_threshold => {
+                    Confidence::Below
+                }
+                Some(_) => Confidence::AtOrAbove,
+            },
+            retention_expired: retention_ends <= now,
+        };
+        let reasons = policy.decide(&input);
+        if !reasons.is_empty() {
+            return Err(reasons);
         }
         let ttl = feature_write
             .ttl
             .map_or(feature.ttl, |requested| requested.min(feature.ttl));
-        let stored = StoredValue {
+        Ok(StoredValue {
             feature: feature.id,
-            event_time: row.provenance.interaction_time,
+            event_time: interaction_time,
             write_time: now,
-            expires_at: now.saturating_add(ttl),
+            expires_at: now.saturating_add(ttl).min(retention_ends),
             source: source.id,
-            sensitivity: feature.sensitivity,
-            policy_version: 0,
+            sensitivity: input.sensitivity,
+            policy_version: policy.hash_prefix,
             value: feature_write.value.clone(),
-        };
-        (Some(stored), reasons)
+        })
     }
 }
 
-/// Builds the response from the decisions and the storage outcomes.
+/// A value's sensitivity class: the feature's registered class, else the taxonomy's class
+/// of the value's topic, else of the first sensitive topic of a sparse value.
+fn sensitivity(feature: &Feature, feature_write: &FeatureWrite, policy: &Policy) -> Sensitivity {
+    if feature.sensitivity != Sensitivity::None {
+        return feature.sensitivity;
+    }
+    let topic = feature_write
+        .topic
+        .as_ref()
+        .map_or(Sensitivity::None, |topic| {
+            policy.topic_sensitivity(&topic.id)
+        });
+    if topic != Sensitivity::None {
+        return topic;
+    }
+    match &feature_write.value {
+        Value::Sparse(entries) => entries
+            .iter()
+            .map(|(topic, _)| policy.topic_sensitivity(topic))
+            .find(|class| *class != Sensitivity::None)
+            .unwrap_or(Sensitivity::None),
+        Value::Float(_) | Value::Int64(_) | Value::String(_) | Value::FloatVector(_) => {
+            Sensitivity::None
+        }
+    }
+}
+
+/// Builds the response from the decisions and the storage outcomes (`None` for a dry
+/// run: admitted values are reported ADMITTED).
 fn answer(
     request: &WriteRequest,
-    decisions: &[Vec<Vec<Decision>>],
-    writes: &[RowWrite],
-    outcomes: &[Vec<ValueOutcome>],
+    plan: &Plan,
+    outcomes: Option<&[Vec<ValueOutcome>]>,
+    policy: &Policy,
 ) -> proto::WriteFeaturesResponse {
     let rows = request
         .rows
         .iter()
-        .zip(decisions)
+        .zip(&plan.decisions)
         .map(|(row, row_decisions)| proto::RowResult {
             verdicts: row
                 .features
@@ -198,7 +386,7 @@ fn answer(
                         &feature.name,
                         &row.target_surfaces,
                         surface_decisions,
-                        writes,
+                        &plan.writes,
                         outcomes,
                     )
                 })
@@ -208,7 +396,7 @@ fn answer(
     proto::WriteFeaturesResponse {
         rows,
         replayed: false,
-        policy_bundle_hash: String::new(),
+        policy_bundle_hash: policy.hash.clone(),
     }
 }
 
@@ -217,9 +405,9 @@ fn verdict(
     target_surfaces: &[String],
     decisions: &[Decision],
     writes: &[RowWrite],
-    outcomes: &[Vec<ValueOutcome>],
+    outcomes: Option<&[Vec<ValueOutcome>]>,
 ) -> proto::FeatureVerdict {
-    let mut reasons: Vec<ReasonCode> = Vec::new();
+    let mut reasons = Reasons::NONE;
     let mut admitted = 0;
     let mut expires_at = 0;
     let surfaces = target_surfaces
@@ -233,10 +421,12 @@ fn verdict(
                         .expires_at
                         .unix_micros(),
                 );
-                let outcome = match outcomes[placement.write][placement.value] {
-                    ValueOutcome::Stored => proto::Outcome::Stored,
-                    ValueOutcome::Superseded => proto::Outcome::Superseded,
-                };
+                let outcome =
+                    match outcomes.map(|outcomes| outcomes[placement.write][placement.value]) {
+                        Some(ValueOutcome::Stored) => proto::Outcome::Stored,
+                        Some(ValueOutcome::Superseded) => proto::Outcome::Superseded,
+                        None => proto::Outcome::Admitted,
+                    };
                 proto::SurfaceOutcome {
                     surface: surface.clone(),
                     outcome: outcome as i32,
@@ -244,15 +434,11 @@ fn verdict(
                 }
             }
             Decision::Refused(refusals) => {
-                for reason in refusals {
-                    if !reasons.contains(reason) {
-                        reasons.push(*reason);
-                    }
-                }
+                reasons = reasons.union(*refusals);
                 proto::SurfaceOutcome {
                     surface: surface.clone(),
                     outcome: proto::Outcome::Refused as i32,
-                    reasons: refusals.iter().map(|reason| *reason as i32).collect(),
+                    reasons: refusals.iter().map(|reason| reason as i32).collect(),
                 }
             }
         })
@@ -265,7 +451,7 @@ fn verdict(
     proto::FeatureVerdict {
         feature: feature.to_string(),
         verdict: verdict as i32,
-        reasons: reasons.into_iter().map(|reason| reason as i32).collect(),
+        reasons: reasons.iter().map(|reason| reason as i32).collect(),
         surfaces,
         expires_at_unix_micros: expires_at,
     }

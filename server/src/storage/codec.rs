@@ -14,7 +14,9 @@
 
 use featurestore::domain::{Timestamp, Value};
 
-use super::{StoredRow, StoredValue, ValueOutcome};
+use featurestore::domain::AgeBand;
+
+use super::{ErasureState, StoredRow, StoredValue, UserState, ValueOutcome};
 use crate::registry::{FeatureId, Sensitivity, SourceId};
 
 const FORMAT_VERSION: u8 = 1;
@@ -289,6 +291,96 @@ pub fn merge_operator(
     Some(encode_row(&row))
 }
 
+const USER_STATE_VERSION: u8 = 1;
+
+/// Encodes a user state:
+/// `version:u8 generation:u64 updated_at:i64 age:u8 erasure:u8 objection:u8
+///  jurisdiction:(len:u8 bytes) apps:(n:u8 (len:u8 bytes)*n) crc32:u32`.
+pub fn encode_user_state(state: &UserState) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.push(USER_STATE_VERSION);
+    bytes.extend_from_slice(&state.generation.to_le_bytes());
+    bytes.extend_from_slice(&state.updated_at.unix_micros().to_le_bytes());
+    bytes.push(match state.age_band {
+        AgeBand::Unknown => 0,
+        AgeBand::Minor => 1,
+        AgeBand::Adult => 2,
+    });
+    bytes.push(match state.erasure {
+        ErasureState::None => 0,
+        ErasureState::Pending => 1,
+        ErasureState::Erased => 2,
+    });
+    bytes.push(u8::from(state.ads_objection));
+    let short =
+        |text: &str| u8::try_from(text.len()).expect("names and codes are at most 128 bytes");
+    bytes.push(short(&state.jurisdiction));
+    bytes.extend_from_slice(state.jurisdiction.as_bytes());
+    bytes.push(u8::try_from(state.linked_apps.len()).expect("at most 16 linked apps"));
+    for app in &state.linked_apps {
+        bytes.push(short(app));
+        bytes.extend_from_slice(app.as_bytes());
+    }
+    let checksum = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+    debug_assert_eq!(decode_user_state(state.user_id, &bytes).as_ref(), Ok(state));
+    bytes
+}
+
+/// Decodes a user state stored under `user_id`.
+pub fn decode_user_state(user_id: u64, bytes: &[u8]) -> Result<UserState, CodecError> {
+    let (body, checksum) = bytes
+        .split_last_chunk::<4>()
+        .ok_or(CodecError("shorter than a checksum"))?;
+    if crc32fast::hash(body) != u32::from_le_bytes(*checksum) {
+        return Err(CodecError("checksum mismatch"));
+    }
+    let mut reader = Reader { bytes: body };
+    if reader.u8()? != USER_STATE_VERSION {
+        return Err(CodecError("unknown user state version"));
+    }
+    let generation = reader.u64()?;
+    let updated_at = Timestamp::from_unix_micros(reader.i64()?);
+    let age_band = match reader.u8()? {
+        0 => AgeBand::Unknown,
+        1 => AgeBand::Minor,
+        2 => AgeBand::Adult,
+        _ => return Err(CodecError("unknown age band")),
+    };
+    let erasure = match reader.u8()? {
+        0 => ErasureState::None,
+        1 => ErasureState::Pending,
+        2 => ErasureState::Erased,
+        _ => return Err(CodecError("unknown erasure state")),
+    };
+    let ads_objection = match reader.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(CodecError("objection flag is not 0 or 1")),
+    };
+    let jurisdiction_len = usize::from(reader.u8()?);
+    let jurisdiction = reader.text(jurisdiction_len)?;
+    let apps = usize::from(reader.u8()?);
+    let mut linked_apps = Vec::with_capacity(apps);
+    for _ in 0..apps {
+        let len = usize::from(reader.u8()?);
+        linked_apps.push(reader.text(len)?);
+    }
+    if !reader.bytes.is_empty() {
+        return Err(CodecError("trailing bytes"));
+    }
+    Ok(UserState {
+        user_id,
+        jurisdiction,
+        age_band,
+        linked_apps,
+        ads_objection,
+        erasure,
+        generation,
+        updated_at,
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -363,6 +455,31 @@ pub(crate) mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_row(&bytes);
+            let _ = decode_user_state(1, &bytes);
+        }
+
+        #[test]
+        fn user_states_round_trip(
+            user_id in any::<u64>(),
+            jurisdiction in "[A-Z]{0,2}(-[A-Z]{2})?",
+            age in 0usize..3,
+            linked_apps in proptest::collection::vec("[a-z]{1,12}", 0..4),
+            ads_objection in any::<bool>(),
+            erasure in 0usize..3,
+            generation in any::<u64>(),
+            updated_at in any::<i64>(),
+        ) {
+            let state = UserState {
+                user_id,
+                jurisdiction,
+                age_band: AgeBand::ALL[age],
+                linked_apps,
+                ads_objection,
+                erasure: [ErasureState::None, ErasureState::Pending, ErasureState::Erased][erasure],
+                generation,
+                updated_at: Timestamp::from_unix_micros(updated_at),
+            };
+            prop_assert_eq!(decode_user_state(user_id, &encode_user_state(&state)), Ok(state));
         }
 
         #[test]

@@ -9,7 +9,7 @@ mod rocks;
 
 use std::fmt::Debug;
 
-use featurestore::domain::{Timestamp, Value};
+use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
 
 pub use rocks::RocksStore;
 
@@ -98,6 +98,31 @@ pub enum Applied {
     Replayed { fingerprint: u64, answer: Vec<u8> },
 }
 
+/// Where a user is in erasure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErasureState {
+    None,
+    /// Requested; every write for the user is refused.
+    Pending,
+    Erased,
+}
+
+/// The authoritative state of one user, written only by the privacy role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserState {
+    pub user_id: u64,
+    /// ISO 3166 code ("DE", "US-CA"), upper case; empty when unknown.
+    pub jurisdiction: String,
+    pub age_band: AgeBand,
+    /// Apps whose accounts are linked with each other.
+    pub linked_apps: Vec<String>,
+    pub ads_objection: bool,
+    pub erasure: ErasureState,
+    /// Increases by one on every change; 0 is "no state".
+    pub generation: u64,
+    pub updated_at: Timestamp,
+}
+
 /// Failures of the storage engine.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -105,6 +130,12 @@ pub enum StorageError {
     Engine(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A user's state is not at the generation the caller expected.
+    #[error("the state of user {user_id} changed: its generation is now {current_generation}")]
+    GenerationChanged {
+        user_id: u64,
+        current_generation: u64,
+    },
 }
 
 /// Builds the answer to store with a write, from the outcome of each value of each row.
@@ -119,13 +150,30 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Merges `rows` into the store (per feature, the latest event time wins) together with
     /// the idempotency record, all or nothing. When a record with the same key created at
     /// or after `replay_since` exists, nothing is written and its answer is returned.
+    /// Otherwise, if any user of `fence` (user id, generation decided with; 0 for no state)
+    /// now has another state generation, nothing is written and
+    /// [`StorageError::GenerationChanged`] is returned, so that no write decided on an
+    /// outdated user state is ever applied.
     fn apply_write(
         &self,
         idempotency: &IdempotencyRecord,
         replay_since: Timestamp,
+        fence: &[(u64, u64)],
         rows: &[RowWrite],
         answer: AnswerBuilder<'_>,
     ) -> Result<Applied, StorageError>;
+
+    /// The states of `users`, one answer per user, in order.
+    fn read_user_states(&self, users: &[u64]) -> Result<Vec<Option<UserState>>, StorageError>;
+
+    /// Creates or replaces a user's state, increasing its generation by one, serialized
+    /// with writes for the same user. Refuses with [`StorageError::GenerationChanged`] when
+    /// `update.expected_generation` is set and differs. The erasure state is kept.
+    fn set_user_state(
+        &self,
+        update: &UserStateUpdate,
+        now: Timestamp,
+    ) -> Result<UserState, StorageError>;
 
     /// Makes everything written so far durable in the engine's files.
     fn flush(&self) -> Result<(), StorageError>;

@@ -1,7 +1,8 @@
 //! The RocksDB implementation of [`Store`]: the only module that touches RocksDB.
 //!
 //! Column families: `features` holds one row per (user, surface) under a user-first key;
-//! `idempotency` holds the answer of every recent write under its idempotency key.
+//! `idempotency` holds the answer of every recent write under its idempotency key;
+//! `user_state` holds each user's state under the big-endian user id.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,18 +16,23 @@ use rocksdb::{
 };
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::codec::{self, decode_row, encode_row, merge_value};
+use super::codec::{
+    self, decode_row, decode_user_state, encode_row, encode_user_state, merge_value,
+};
 use super::keys::encode_row_key;
 use super::{
-    AnswerBuilder, Applied, IdempotencyRecord, RowKey, RowRead, RowWrite, StorageError, Store,
-    StoredRow,
+    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, RowKey, RowRead, RowWrite,
+    StorageError, Store, StoredRow, UserState,
 };
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
+use featurestore::domain::UserStateUpdate;
 
 const FEATURES_CF: &str = "features";
 const IDEMPOTENCY_CF: &str = "idempotency";
-/// Lock stripes serializing read-modify-write of rows and idempotency keys.
+const USER_STATE_CF: &str = "user_state";
+/// Lock stripes serializing read-modify-write of a user's rows and state, and of
+/// idempotency keys.
 const WRITE_LOCK_STRIPES: usize = 1024;
 const IDEMPOTENCY_RECORD_VERSION: u8 = 1;
 /// version:u8 created_at:i64 fingerprint:u64
@@ -38,8 +44,9 @@ pub struct RocksStore {
     db: DB,
     /// Options of every write: the WAL is always on; `sync` follows the durability mode.
     write_options: WriteOptions,
-    /// Writes that touch the same row or idempotency key take the same stripe, so a
-    /// read-modify-write never interleaves with another.
+    /// Writes that touch the same user or idempotency key take the same stripe, so a
+    /// read-modify-write never interleaves with another, and a user-state change never
+    /// interleaves with a write for that user.
     write_locks: Vec<Mutex<()>>,
 }
 
@@ -113,12 +120,17 @@ impl RocksStore {
             },
         );
 
+        let mut user_state = Options::default();
+        user_state.set_block_based_table_factory(&table);
+        user_state.set_compression_type(DBCompressionType::Lz4);
+
         let db = DB::open_cf_descriptors(
             &db_options,
             path,
             [
                 ColumnFamilyDescriptor::new(FEATURES_CF, features),
                 ColumnFamilyDescriptor::new(IDEMPOTENCY_CF, idempotency),
+                ColumnFamilyDescriptor::new(USER_STATE_CF, user_state),
             ],
         )
         .map_err(engine)?;
@@ -138,7 +150,8 @@ impl RocksStore {
             .expect("both column families are created when the database is opened")
     }
 
-    /// Locks the stripes of every key, in stripe order so that two writes never deadlock.
+    /// Locks the stripes of every key (an idempotency key, or a big-endian user id), in
+    /// stripe order so that two writes never deadlock.
     fn lock_stripes<'a>(&'a self, keys: impl Iterator<Item = &'a [u8]>) -> Vec<MutexGuard<'a, ()>> {
         let mut stripes: Vec<usize> = keys
             .map(|key| (xxh3_64(key) as usize) % WRITE_LOCK_STRIPES)
@@ -219,13 +232,19 @@ impl Store for RocksStore {
         &self,
         idempotency: &IdempotencyRecord,
         replay_since: Timestamp,
+        fence: &[(u64, u64)],
         rows: &[RowWrite],
         answer: AnswerBuilder<'_>,
     ) -> Result<Applied, StorageError> {
-        let row_keys: Vec<_> = rows.iter().map(|row| encode_row_key(row.key)).collect();
+        let users: Vec<[u8; 8]> = rows
+            .iter()
+            .map(|row| row.key.user_id)
+            .chain(fence.iter().map(|(user_id, _)| *user_id))
+            .map(u64::to_be_bytes)
+            .collect();
         let _guards = self.lock_stripes(
             std::iter::once(idempotency.key.as_bytes())
-                .chain(row_keys.iter().map(|key| key.as_slice())),
+                .chain(users.iter().map(|user| user.as_slice())),
         );
 
         if let Some((created_at, fingerprint, answer)) = self.read_idempotency(&idempotency.key)?
@@ -292,11 +311,74 @@ impl Store for RocksStore {
         Ok(Applied::Fresh { answer })
     }
 
+    fn read_user_states(&self, users: &[u64]) -> Result<Vec<Option<UserState>>, StorageError> {
+        let keys: Vec<[u8; 8]> = users.iter().map(|user| user.to_be_bytes()).collect();
+        self.db
+            .batched_multi_get_cf(self.cf(USER_STATE_CF), keys.iter(), false)
+            .into_iter()
+            .zip(users)
+            .map(|(result, &user_id)| match result.map_err(engine)? {
+                Some(bytes) => decode_user_state(user_id, &bytes)
+                    .map(Some)
+                    .map_err(|error| {
+                        StorageError::Corrupt(format!("state of user {user_id}: {error}"))
+                    }),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn set_user_state(
+        &self,
+        update: &UserStateUpdate,
+        now: Timestamp,
+    ) -> Result<UserState, StorageError> {
+        let key = update.user_id.to_be_bytes();
+        let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
+        let current = self
+            .read_user_states(&[update.user_id])?
+            .pop()
+            .expect("one answer per user");
+        let current_generation = current.as_ref().map_or(0, |state| state.generation);
+        if update
+            .expected_generation
+            .is_some_and(|expected| expected != current_generation)
+        {
+            return Err(StorageError::GenerationChanged {
+                user_id: update.user_id,
+                current_generation,
+            });
+        }
+        let state = UserState {
+            user_id: update.user_id,
+            jurisdiction: update.jurisdiction.clone(),
+            age_band: update.age_band,
+            linked_apps: update.linked_apps.clone(),
+            ads_objection: update.ads_objection,
+            erasure: current.map_or(ErasureState::None, |state| state.erasure),
+            generation: current_generation + 1,
+            updated_at: now,
+        };
+        self.db
+            .put_cf_opt(
+                self.cf(USER_STATE_CF),
+                key,
+                encode_user_state(&state),
+                &self.write_options,
+            )
+            .map_err(engine)?;
+        Ok(state)
+    }
+
     fn flush(&self) -> Result<(), StorageError> {
         self.db.flush_wal(true).map_err(engine)?;
         self.db
             .flush_cfs_opt(
-                &[self.cf(FEATURES_CF), self.cf(IDEMPOTENCY_CF)],
+                &[
+                    self.cf(FEATURES_CF),
+                    self.cf(IDEMPOTENCY_CF),
+                    self.cf(USER_STATE_CF),
+                ],
                 &rocksdb::FlushOptions::default(),
             )
             .map_err(engine)
@@ -416,6 +498,7 @@ mod tests {
             .apply_write(
                 &record,
                 Timestamp::from_unix_micros(0),
+                &[],
                 &rows,
                 &mut |outcomes| {
                     assert_eq!(outcomes, [vec![ValueOutcome::Stored]]);

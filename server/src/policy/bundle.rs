@@ -1,0 +1,343 @@
+//! The policy bundle file format: a TOML document with the bundle's version, effective
+//! date, confidence threshold, jurisdiction groups, topic taxonomy, retention table and
+//! rules. Loading validates all of it and compiles the rules into the decision table.
+//!
+//! A rule is "deny with REASON when every listed input is one of the listed values":
+//!
+//! ```toml
+//! [[rules]]
+//! reason = "AI_SIGNAL_REGION_EXCLUDED"
+//! when = { source_kind = ["ai_text", "ai_voice"], jurisdiction_group = ["eea", "uk", "kr", "unknown"] }
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, UNIX_EPOCH};
+
+use featurestore::domain::Timestamp;
+use featurestore::proto::ReasonCode;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::inputs::{DecisionInput, Dimension, JurisdictionGroup};
+use super::{Policy, Reasons};
+use crate::registry::{Registry, Sensitivity};
+
+/// The bundle shipped with the server, used when the configuration names none.
+pub const DEFAULT_BUNDLE_TOML: &str = include_str!("../../policy/bundle-v1.toml");
+
+/// Reasons a bundle rule may give: the ones decided per (feature, surface) from the
+/// bucketed inputs. Registry problems and the request-level fences are not rules.
+const RULE_REASONS: [ReasonCode; 10] = [
+    ReasonCode::AiSignalRegionExcluded,
+    ReasonCode::AiSignalBeforeEffectiveDate,
+    ReasonCode::SensitiveTopicForAds,
+    ReasonCode::SensitiveTopicForContent,
+    ReasonCode::MinorOrUnknownAgeForAds,
+    ReasonCode::CrossAppNotLinked,
+    ReasonCode::AdsObjection,
+    ReasonCode::MicPermissionMissing,
+    ReasonCode::LowConfidenceForAds,
+    ReasonCode::RetentionExpired,
+];
+
+/// A bundle that cannot be used; the message names the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid policy bundle: {0}")]
+pub struct PolicyError(String);
+
+fn invalid(message: impl Into<String>) -> PolicyError {
+    PolicyError(message.into())
+}
+
+/// One compiled rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub reason: ReasonCode,
+    pub enabled: bool,
+    pub description: String,
+    /// Per dimension, the bit set of the value ordinals the rule applies to; dimensions
+    /// the rule does not mention are absent (any value).
+    pub conditions: Vec<(Dimension, u32)>,
+}
+
+impl Rule {
+    pub fn matches(&self, input: &DecisionInput) -> bool {
+        self.conditions
+            .iter()
+            .all(|(dimension, allowed)| allowed & (1 << input.ordinal(*dimension)) != 0)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleFile {
+    version: String,
+    effective_date: String,
+    low_confidence_threshold: f32,
+    jurisdiction_groups: HashMap<String, Vec<String>>,
+    taxonomy: HashMap<String, Sensitivity>,
+    retention: HashMap<String, RetentionEntry>,
+    rules: Vec<RuleEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionEntry {
+    #[serde(with = "humantime_serde")]
+    content: Duration,
+    #[serde(with = "humantime_serde")]
+    ads: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    reason: String,
+    #[serde(default = "enabled_by_default")]
+    enabled: bool,
+    #[serde(default)]
+    description: String,
+    when: toml::Table,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+impl Policy {
+    /// Parses, validates and compiles a bundle. Source names in its retention table are
+    /// checked against `registry`.
+    pub fn from_toml(text: &str, registry: &Registry) -> Result<Policy, PolicyError> {
+        let file: BundleFile = toml::from_str(text).map_err(|error| invalid(error.to_string()))?;
+        if file.version.is_empty() {
+            return Err(invalid("version must not be empty"));
+        }
+        let effective_date = humantime::parse_rfc3339(&file.effective_date)
+            .ok()
+            .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
+            .and_then(|since| i64::try_from(since.as_micros()).ok())
+            .map(Timestamp::from_unix_micros)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "effective_date {:?} is not an RFC 3339 UTC time",
+                    file.effective_date
+                ))
+            })?;
+        if !(0.0..=1.0).contains(&file.low_confidence_threshold) {
+            return Err(invalid(format!(
+                "low_confidence_threshold {} is outside [0, 1]",
+                file.low_confidence_threshold
+            )));
+        }
+        let jurisdictions = jurisdictions(file.jurisdiction_groups)?;
+        let mut taxonomy: Vec<(String, Sensitivity)> = file.taxonomy.into_iter().collect();
+        if let Some((topic, _)) = taxonomy
+            .iter()
+            .find(|(topic, _)| topic.is_empty() || topic.ends_with('/'))
+        {
+            return Err(invalid(format!(
+                "taxonomy topic {topic:?} must be non-empty without a trailing /"
+            )));
+        }
+        taxonomy.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+
+        let default_retention = file
+            .retention
+            .get("default")
+            .map(|entry| [entry.content, entry.ads])
+            .ok_or_else(|| invalid("retention needs a \"default\" entry"))?;
+        let mut retention = HashMap::new();
+        for (source, entry) in &file.retention {
+            if source == "default" {
+                continue;
+            }
+            let id = registry
+                .source(source)
+                .ok_or_else(|| invalid(format!("retention names unknown source {source:?}")))?
+                .id;
+            retention.insert(id, [entry.content, entry.ads]);
+        }
+        if let Some(zero) = file
+            .retention
+            .iter()
+            .find(|(_, entry)| entry.content.is_zero() || entry.ads.is_zero())
+        {
+            return Err(invalid(format!(
+                "retention of {:?} must be longer than zero",
+                zero.0
+            )));
+        }
+
+        let mut seen = HashSet::new();
+        let rules = file
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let rule = parse_rule(entry)
+                    .map_err(|problem| invalid(format!("rules[{index}]: {problem}")))?;
+                if !seen.insert(rule.reason) {
+                    return Err(invalid(format!(
+                        "rules[{index}]: a second rule for {}",
+                        reason_name(rule.reason)
+                    )));
+                }
+                Ok(rule)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut policy = Policy {
+            version: file.version,
+            hash: String::new(),
+            hash_prefix: 0,
+            effective_date,
+            low_confidence_threshold: file.low_confidence_threshold,
+            rules,
+            jurisdictions,
+            taxonomy,
+            retention,
+            default_retention,
+            table: Box::default(),
+        };
+        let digest = Sha256::digest(text.as_bytes());
+        policy.hash = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        policy.hash_prefix = u64::from_be_bytes(
+            digest[..8]
+                .try_into()
+                .expect("a SHA-256 digest has 32 bytes"),
+        );
+        policy.table = compile(&policy.rules);
+        Ok(policy)
+    }
+
+    /// The embedded default bundle, for `registry`.
+    pub fn embedded_default(registry: &Registry) -> Result<Policy, PolicyError> {
+        Self::from_toml(DEFAULT_BUNDLE_TOML, registry)
+    }
+}
+
+/// Decides every input ahead of time.
+fn compile(rules: &[Rule]) -> Box<[Reasons]> {
+    let enabled: Vec<&Rule> = rules.iter().filter(|rule| rule.enabled).collect();
+    DecisionInput::all()
+        .map(|input| {
+            enabled
+                .iter()
+                .filter(|rule| rule.matches(&input))
+                .fold(Reasons::NONE, |reasons, rule| reasons.with(rule.reason))
+        })
+        .collect()
+}
+
+/// The bundle's name of a reason code, e.g. "ADS_OBJECTION".
+pub fn reason_name(reason: ReasonCode) -> &'static str {
+    reason.as_str_name().trim_start_matches("REASON_CODE_")
+}
+
+fn parse_rule(entry: RuleEntry) -> Result<Rule, String> {
+    let reason = ReasonCode::from_str_name(&format!("REASON_CODE_{}", entry.reason))
+        .filter(|reason| RULE_REASONS.contains(reason))
+        .ok_or_else(|| {
+            let names: Vec<_> = RULE_REASONS
+                .iter()
+                .map(|reason| reason_name(*reason))
+                .collect();
+            format!(
+                "reason {:?} is not one of {}",
+                entry.reason,
+                names.join(", ")
+            )
+        })?;
+    if entry.when.is_empty() {
+        return Err(
+            "\"when\" lists no conditions; a rule that always denies is a mistake".to_string(),
+        );
+    }
+    let conditions = entry
+        .when
+        .iter()
+        .map(|(name, values)| {
+            let dimension = Dimension::from_name(name).ok_or_else(|| {
+                let names: Vec<_> = Dimension::ALL
+                    .iter()
+                    .map(|dimension| dimension.name())
+                    .collect();
+                format!("unknown input {name:?}; inputs are {}", names.join(", "))
+            })?;
+            Ok((dimension, value_set(dimension, values)?))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Rule {
+        reason,
+        enabled: entry.enabled,
+        description: entry.description,
+        conditions,
+    })
+}
+
+/// The ordinal bit set of a condition's values: a value or an array of values, strings
+/// for enumerations and booleans for flags.
+fn value_set(dimension: Dimension, values: &toml::Value) -> Result<u32, String> {
+    let names = dimension.values();
+    let list = match values {
+        toml::Value::Array(list) => list.clone(),
+        single => vec![single.clone()],
+    };
+    if list.is_empty() {
+        return Err(format!("{} lists no values", dimension.name()));
+    }
+    let mut set = 0u32;
+    for value in &list {
+        let text = match value {
+            toml::Value::String(text) => text.clone(),
+            toml::Value::Boolean(flag) => flag.to_string(),
+            other => {
+                return Err(format!(
+                    "{}: {other} is neither a string nor a boolean",
+                    dimension.name()
+                ));
+            }
+        };
+        let ordinal = names.iter().position(|name| *name == text).ok_or_else(|| {
+            format!(
+                "{}: {text:?} is not one of {}",
+                dimension.name(),
+                names.join(", ")
+            )
+        })?;
+        set |= 1 << ordinal;
+    }
+    Ok(set)
+}
+
+fn jurisdictions(
+    groups: HashMap<String, Vec<String>>,
+) -> Result<HashMap<String, JurisdictionGroup>, PolicyError> {
+    let mut by_code = HashMap::new();
+    for (name, codes) in groups {
+        let group = JurisdictionGroup::ALL
+            .into_iter()
+            .filter(|group| !matches!(group, JurisdictionGroup::Other | JurisdictionGroup::Unknown))
+            .find(|group| group.name() == name)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "jurisdiction group {name:?} is not one of eea, uk, kr, us_ca"
+                ))
+            })?;
+        for code in codes {
+            let upper = code.to_ascii_uppercase();
+            if upper.is_empty() || !upper.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(invalid(format!(
+                    "jurisdiction code {code:?} in {name} is not an ISO 3166 code"
+                )));
+            }
+            if let Some(previous) = by_code.insert(upper, group) {
+                return Err(invalid(format!(
+                    "jurisdiction {code:?} is in both {} and {name}",
+                    previous.name()
+                )));
+            }
+        }
+    }
+    Ok(by_code)
+}

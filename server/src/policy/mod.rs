@@ -1,0 +1,126 @@
+//! The write-time privacy policy: a bundle file ([`bundle`]) compiled into a decision table
+//! over the bucketed inputs ([`inputs`]), so that deciding one (feature, target surface) is
+//! one array lookup.
+
+pub mod bundle;
+pub mod inputs;
+#[cfg(test)]
+mod reference;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use featurestore::domain::Timestamp;
+use featurestore::proto::ReasonCode;
+
+pub use bundle::{DEFAULT_BUNDLE_TOML, PolicyError, Rule};
+pub use inputs::{AgeBand, Confidence, DecisionInput, Dimension, JurisdictionGroup};
+
+use crate::registry::{Purpose, Sensitivity, SourceId};
+
+/// A set of reason codes, one bit per code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Reasons(u32);
+
+impl Reasons {
+    pub const NONE: Reasons = Reasons(0);
+
+    pub fn of(reason: ReasonCode) -> Reasons {
+        Reasons(1 << (reason as u32))
+    }
+
+    pub fn with(self, reason: ReasonCode) -> Reasons {
+        Reasons(self.0 | Self::of(reason).0)
+    }
+
+    pub fn union(self, other: Reasons) -> Reasons {
+        Reasons(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, reason: ReasonCode) -> bool {
+        self.0 & Self::of(reason).0 != 0
+    }
+
+    /// The codes in the set, in code order.
+    pub fn iter(self) -> impl Iterator<Item = ReasonCode> {
+        (0..32)
+            .filter(move |bit| self.0 & (1 << bit) != 0)
+            .filter_map(|bit| ReasonCode::try_from(bit).ok())
+    }
+}
+
+/// A loaded, validated and compiled policy bundle.
+#[derive(Debug)]
+pub struct Policy {
+    /// The bundle's own version label, e.g. "v1".
+    pub version: String,
+    /// Hex SHA-256 of the bundle file: stamped on every decision and audit record.
+    pub hash: String,
+    /// The first 8 bytes of the hash, stamped on every stored value.
+    pub hash_prefix: u64,
+    /// AI-derived signals from interactions before this time are never used.
+    pub effective_date: Timestamp,
+    /// Topic confidence under which a value is kept out of ads.
+    pub low_confidence_threshold: f32,
+    /// The rules, as written in the bundle (disabled ones included).
+    pub rules: Vec<Rule>,
+    /// Jurisdiction code ("DE", "US-CA") → group; codes not listed are "other".
+    jurisdictions: HashMap<String, JurisdictionGroup>,
+    /// Topic prefix → sensitivity class, longest prefix first.
+    taxonomy: Vec<(String, Sensitivity)>,
+    /// Retention per source and purpose (indexed by `Purpose as usize`).
+    retention: HashMap<SourceId, [Duration; 2]>,
+    /// Retention of sources the table does not list.
+    default_retention: [Duration; 2],
+    /// The compiled decisions: the reasons refusing each input, by input index.
+    table: Box<[Reasons]>,
+}
+
+impl Policy {
+    /// The reasons that refuse a value with this input; empty when it is admitted.
+    #[inline]
+    pub fn decide(&self, input: &DecisionInput) -> Reasons {
+        self.table[input.index()]
+    }
+
+    /// The group of a jurisdiction code: exact match first ("US-CA"), then the country
+    /// part ("DE" for "DE-BY"); empty is unknown; anything else unlisted is other.
+    pub fn jurisdiction_group(&self, code: &str) -> JurisdictionGroup {
+        if code.is_empty() {
+            return JurisdictionGroup::Unknown;
+        }
+        let upper = code.to_ascii_uppercase();
+        if let Some(group) = self.jurisdictions.get(&upper) {
+            return *group;
+        }
+        let country = upper.split('-').next().unwrap_or(&upper);
+        self.jurisdictions
+            .get(country)
+            .copied()
+            .unwrap_or(JurisdictionGroup::Other)
+    }
+
+    /// The sensitivity class of a taxonomy topic: the class of its longest listed prefix
+    /// (matched on whole path segments), or none.
+    pub fn topic_sensitivity(&self, topic: &str) -> Sensitivity {
+        self.taxonomy
+            .iter()
+            .find(|(prefix, _)| {
+                topic == prefix
+                    || (topic.starts_with(prefix.as_str())
+                        && topic.as_bytes().get(prefix.len()) == Some(&b'/'))
+            })
+            .map_or(Sensitivity::None, |(_, class)| *class)
+    }
+
+    /// How long after the interaction a value from `source` may be used for `purpose`.
+    pub fn retention(&self, source: SourceId, purpose: Purpose) -> Duration {
+        self.retention
+            .get(&source)
+            .unwrap_or(&self.default_retention)[purpose as usize]
+    }
+}
