@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod lifecycle;
+mod policy;
 mod read_write;
 
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};
