@@ -15,6 +15,8 @@ use crate::registry::Registry;
 use crate::storage::{Store, UserState};
 
 mod read;
+#[cfg(test)]
+mod tests;
 mod write;
 
 /// Shared state of the read and write paths.

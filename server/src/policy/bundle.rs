@@ -341,3 +341,125 @@ fn jurisdictions(
     }
     Ok(by_code)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml(text, &Registry::embedded_default())
+    }
+
+    #[test]
+    fn invalid_bundles_are_refused_naming_the_problem() {
+        let cases = [
+            (
+                "effective_date = \"2025-12-16T00:00:00Z\"",
+                "effective_date = \"yesterday\"",
+                "effective_date \"yesterday\"",
+            ),
+            (
+                "low_confidence_threshold = 0.6",
+                "low_confidence_threshold = 1.5",
+                "outside [0, 1]",
+            ),
+            (
+                "uk = [\"GB\"]",
+                "uk = [\"GB\", \"DE\"]",
+                "\"DE\" is in both",
+            ),
+            (
+                "us_ca = [\"US-CA\"]",
+                "us_ca = [\"US-CA\"]\nmars = [\"MA\"]",
+                "group \"mars\"",
+            ),
+            (
+                "ai_voice = { content",
+                "podcasts = { content = \"1d\", ads = \"1d\" }\nai_voice = { content",
+                "unknown source \"podcasts\"",
+            ),
+            (
+                "reason = \"ADS_OBJECTION\"",
+                "reason = \"BECAUSE\"",
+                "rules[6]: reason \"BECAUSE\" is not one of",
+            ),
+            (
+                "when = { purpose = \"ads\", ads_objection = true }",
+                "when = { purpose = \"ads\", objection = true }",
+                "rules[6]: unknown input \"objection\"",
+            ),
+            (
+                "when = { purpose = \"ads\", ads_objection = true }",
+                "when = { purpose = \"billboards\" }",
+                "rules[6]: purpose: \"billboards\" is not one of content, ads",
+            ),
+            (
+                "when = { purpose = \"ads\", ads_objection = true }",
+                "when = {}",
+                "rules[6]: \"when\" lists no conditions",
+            ),
+            (
+                "reason = \"ADS_OBJECTION\"",
+                "reason = \"ADS_OBJECTION\"\nunknown_key = 1",
+                "unknown field `unknown_key`",
+            ),
+            (
+                "reason = \"ADS_OBJECTION\"",
+                "reason = \"CROSS_APP_NOT_LINKED\"",
+                "rules[6]: a second rule for CROSS_APP_NOT_LINKED",
+            ),
+        ];
+        for (original, replacement, expected) in cases {
+            let text = DEFAULT_BUNDLE_TOML.replacen(original, replacement, 1);
+            assert_ne!(
+                text, DEFAULT_BUNDLE_TOML,
+                "{original:?} is in the default bundle"
+            );
+            let error = load(&text).expect_err(expected);
+            assert!(
+                error.to_string().contains(expected),
+                "expected {expected:?} in {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_bundle_is_hashed_and_looks_up_its_tables() {
+        let policy = load(DEFAULT_BUNDLE_TOML).expect("valid");
+        assert_eq!(policy.version, "v1");
+        assert_eq!(policy.hash.len(), 64);
+        assert_eq!(
+            policy
+                .hash_prefix
+                .to_be_bytes()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>(),
+            policy.hash[..16]
+        );
+        assert_eq!(policy.jurisdiction_group("de"), JurisdictionGroup::Eea);
+        assert_eq!(policy.jurisdiction_group("DE-BY"), JurisdictionGroup::Eea);
+        assert_eq!(policy.jurisdiction_group("US-CA"), JurisdictionGroup::UsCa);
+        assert_eq!(policy.jurisdiction_group("US-NY"), JurisdictionGroup::Other);
+        assert_eq!(policy.jurisdiction_group(""), JurisdictionGroup::Unknown);
+        assert_eq!(policy.topic_sensitivity("health"), Sensitivity::Health);
+        assert_eq!(
+            policy.topic_sensitivity("health/diabetes"),
+            Sensitivity::Health
+        );
+        assert_eq!(
+            policy.topic_sensitivity("healthy_recipes"),
+            Sensitivity::None,
+            "whole segments only"
+        );
+        assert_eq!(
+            policy.topic_sensitivity("work/trade_unions/strikes"),
+            Sensitivity::TradeUnionMembership
+        );
+        assert_eq!(policy.topic_sensitivity("work/careers"), Sensitivity::None);
+        // A different bundle text is a different hash.
+        let other = load(&DEFAULT_BUNDLE_TOML.replace("version = \"v1\"", "version = \"v1.1\""))
+            .expect("valid");
+        assert_ne!(other.hash, policy.hash);
+    }
+}

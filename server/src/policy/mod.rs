@@ -5,7 +5,7 @@
 pub mod bundle;
 pub mod inputs;
 #[cfg(test)]
-mod reference;
+pub(crate) mod reference;
 
 use std::collections::HashMap;
 use std::time::Duration;
