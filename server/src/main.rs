@@ -27,6 +27,9 @@ struct Args {
     /// Feature registry file (TOML); the embedded default registry when absent.
     #[arg(long, env = "FEATURESTORE_REGISTRY")]
     registry: Option<PathBuf>,
+    /// Policy bundle file (TOML); the embedded default bundle when absent.
+    #[arg(long, env = "FEATURESTORE_POLICY_BUNDLE")]
+    policy_bundle: Option<PathBuf>,
     /// Whether writes are synced to disk before they are acknowledged.
     #[arg(long, env = "FEATURESTORE_DURABILITY", value_parser = parse_durability)]
     durability: Option<Durability>,
@@ -61,6 +64,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(registry) = args.registry {
         config.registry_path = Some(registry);
+    }
+    if let Some(bundle) = args.policy_bundle {
+        config.policy_bundle_path = Some(bundle);
     }
     if let Some(durability) = args.durability {
         config.durability = durability;
