@@ -11,7 +11,7 @@ use prost::Message;
 
 use super::Core;
 use crate::error::Error;
-use crate::policy::{Confidence, DecisionInput, JurisdictionGroup, Policy, Reasons};
+use crate::policy::{Policy, Reasons, ValueFacts};
 use crate::registry::{Feature, Sensitivity, Source, Surface};
 use crate::storage::{
     Applied, ErasureState, IdempotencyRecord, RowKey, RowWrite, StorageError, StoredValue,
@@ -283,41 +283,18 @@ impl Core {
             return Err(Reasons::of(ReasonCode::SchemaViolation));
         }
 
-        let interaction_time = row.provenance.interaction_time;
-        let retention_ends =
-            interaction_time.saturating_add(policy.retention(source.id, surface.purpose));
-        let input = DecisionInput {
-            source_kind: source.kind,
-            before_effective_date: interaction_time < policy.effective_date,
+        let facts = ValueFacts {
+            source,
+            interaction_time: row.provenance.interaction_time,
             microphone_permission: row.provenance.microphone_permission_granted,
-            jurisdiction_group: state.map_or(JurisdictionGroup::Unknown, |state| {
-                policy.jurisdiction_group(&state.jurisdiction)
-            }),
-            age_band: state.map_or(featurestore::domain::AgeBand::Unknown, |state| {
-                state.age_band
-            }),
-            ads_objection: state.is_some_and(|state| state.ads_objection),
+            origin_app: &row.provenance.origin_app,
             sensitivity: sensitivity(feature, feature_write, policy),
-            purpose: surface.purpose,
-            cross_app_unlinked: row.provenance.origin_app != surface.app
-                && !state.is_some_and(|state| {
-                    state.linked_apps.contains(&row.provenance.origin_app)
-                        && state.linked_apps.contains(&surface.app)
-                }),
-            confidence: match feature_write
+            topic_confidence: feature_write
                 .topic
                 .as_ref()
-                .and_then(|topic| topic.confidence)
-            {
-                None => Confidence::NotApplicable,
-                Some(confidence) if confidence < policy.low_confidence_threshold => {
-                    Confidence::Below
-                }
-                Some(_) => Confidence::AtOrAbove,
-            },
-            retention_expired: retention_ends <= now,
+                .and_then(|topic| topic.confidence),
         };
-        let reasons = policy.decide(&input);
+        let reasons = policy.decide(&policy.input(&facts, state, surface, now));
         if !reasons.is_empty() {
             return Err(reasons);
         }
@@ -326,12 +303,17 @@ impl Core {
             .map_or(feature.ttl, |requested| requested.min(feature.ttl));
         Ok(StoredValue {
             feature: feature.id,
-            event_time: interaction_time,
+            event_time: facts.interaction_time,
             write_time: now,
-            expires_at: now.saturating_add(ttl).min(retention_ends),
+            expires_at: now
+                .saturating_add(ttl)
+                .min(policy.retention_end(&facts, surface.purpose)),
             source: source.id,
-            sensitivity: input.sensitivity,
+            sensitivity: facts.sensitivity,
             policy_version: policy.hash_prefix,
+            origin_app: row.provenance.origin_app.clone(),
+            microphone_permission: facts.microphone_permission,
+            topic_confidence: facts.topic_confidence,
             value: feature_write.value.clone(),
         })
     }

@@ -16,7 +16,19 @@ use featurestore::proto::ReasonCode;
 pub use bundle::{DEFAULT_BUNDLE_TOML, PolicyError, Rule};
 pub use inputs::{AgeBand, Confidence, DecisionInput, Dimension, JurisdictionGroup};
 
-use crate::registry::{Purpose, Sensitivity, SourceId};
+use crate::registry::{Purpose, Sensitivity, Source, SourceId, Surface};
+use crate::storage::UserState;
+
+/// What a value brings to a decision, whether it arrives in a write or is already stored.
+#[derive(Clone, Copy, Debug)]
+pub struct ValueFacts<'a> {
+    pub source: &'a Source,
+    pub interaction_time: Timestamp,
+    pub microphone_permission: bool,
+    pub origin_app: &'a str,
+    pub sensitivity: Sensitivity,
+    pub topic_confidence: Option<f32>,
+}
 
 /// A set of reason codes, one bit per code.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -85,6 +97,47 @@ impl Policy {
     #[inline]
     pub fn decide(&self, input: &DecisionInput) -> Reasons {
         self.table[input.index()]
+    }
+
+    /// Buckets everything a decision depends on. `state` is the user's state (none counts
+    /// as unknown jurisdiction and age, no objection, no linked accounts).
+    pub fn input(
+        &self,
+        facts: &ValueFacts<'_>,
+        state: Option<&UserState>,
+        surface: &Surface,
+        now: Timestamp,
+    ) -> DecisionInput {
+        let linked = |app: &str| {
+            state.is_some_and(|state| state.linked_apps.iter().any(|linked| linked == app))
+        };
+        DecisionInput {
+            source_kind: facts.source.kind,
+            before_effective_date: facts.interaction_time < self.effective_date,
+            microphone_permission: facts.microphone_permission,
+            jurisdiction_group: state.map_or(JurisdictionGroup::Unknown, |state| {
+                self.jurisdiction_group(&state.jurisdiction)
+            }),
+            age_band: state.map_or(AgeBand::Unknown, |state| state.age_band),
+            ads_objection: state.is_some_and(|state| state.ads_objection),
+            sensitivity: facts.sensitivity,
+            purpose: surface.purpose,
+            cross_app_unlinked: facts.origin_app != surface.app
+                && !(linked(facts.origin_app) && linked(&surface.app)),
+            confidence: match facts.topic_confidence {
+                None => Confidence::NotApplicable,
+                Some(confidence) if confidence < self.low_confidence_threshold => Confidence::Below,
+                Some(_) => Confidence::AtOrAbove,
+            },
+            retention_expired: self.retention_end(facts, surface.purpose) <= now,
+        }
+    }
+
+    /// When a value may no longer be used for `purpose`: interaction time + retention.
+    pub fn retention_end(&self, facts: &ValueFacts<'_>, purpose: Purpose) -> Timestamp {
+        facts
+            .interaction_time
+            .saturating_add(self.retention(facts.source.id, purpose))
     }
 
     /// The group of a jurisdiction code: exact match first ("US-CA"), then the country

@@ -5,7 +5,9 @@
 //! ```text
 //! row    := version:u8  count:u16  entry*count  crc32:u32      (crc over all before it)
 //! entry  := feature:u16  type:u8  event_time:i64  write_time:i64  expires_at:i64
-//!           source:u16  sensitivity:u8  policy_version:u64  payload
+//!           source:u16  sensitivity:u8  policy_version:u64  origin_app:(len:u8 bytes)
+//!           flags:u8 (1: microphone permission, 2: has confidence)  [confidence:f32]
+//!           payload
 //! payload:= f32 | i64 | len:u32 bytes | len:u16 f32*len | n:u16 (len:u8 topic weight:f32)*n
 //! ```
 //!
@@ -67,6 +69,14 @@ fn encode_value(value: &StoredValue, bytes: &mut Vec<u8>) {
     bytes.extend_from_slice(&value.source.0.to_le_bytes());
     bytes.push(value.sensitivity.code());
     bytes.extend_from_slice(&value.policy_version.to_le_bytes());
+    bytes.push(u8::try_from(value.origin_app.len()).expect("app names are at most 128 bytes"));
+    bytes.extend_from_slice(value.origin_app.as_bytes());
+    bytes.push(
+        u8::from(value.microphone_permission) | (u8::from(value.topic_confidence.is_some()) << 1),
+    );
+    if let Some(confidence) = value.topic_confidence {
+        bytes.extend_from_slice(&confidence.to_le_bytes());
+    }
     // Lengths below were bounded when the request was parsed; the conversions only fail
     // on a broken invariant.
     match &value.value {
@@ -138,6 +148,17 @@ fn decode_value(reader: &mut Reader<'_>) -> Result<StoredValue, CodecError> {
     let sensitivity =
         Sensitivity::from_code(reader.u8()?).ok_or(CodecError("unknown sensitivity class"))?;
     let policy_version = reader.u64()?;
+    let origin_app_len = usize::from(reader.u8()?);
+    let origin_app = reader.text(origin_app_len)?;
+    let flags = reader.u8()?;
+    if flags > 3 {
+        return Err(CodecError("unknown flags"));
+    }
+    let topic_confidence = if flags & 2 != 0 {
+        Some(reader.f32()?)
+    } else {
+        None
+    };
     let value = match type_tag {
         TYPE_FLOAT => Value::Float(reader.f32()?),
         TYPE_INT64 => Value::Int64(reader.i64()?),
@@ -173,6 +194,9 @@ fn decode_value(reader: &mut Reader<'_>) -> Result<StoredValue, CodecError> {
         source,
         sensitivity,
         policy_version,
+        origin_app,
+        microphone_permission: flags & 1 != 0,
+        topic_confidence,
         value,
     })
 }
@@ -410,7 +434,12 @@ pub(crate) mod tests {
             any::<i64>(),
             any::<u16>(),
             0u8..8,
-            any::<u64>(),
+            (
+                any::<u64>(),
+                "[a-z]{0,10}",
+                any::<bool>(),
+                proptest::option::of(0.0f32..=1.0),
+            ),
             value(),
         )
             .prop_map(
@@ -421,7 +450,7 @@ pub(crate) mod tests {
                     expires_at,
                     source,
                     sensitivity,
-                    policy_version,
+                    (policy_version, origin_app, microphone_permission, topic_confidence),
                     value,
                 )| StoredValue {
                     feature: FeatureId(feature),
@@ -431,6 +460,9 @@ pub(crate) mod tests {
                     source: SourceId(source),
                     sensitivity: Sensitivity::from_code(sensitivity).expect("0..8 are all classes"),
                     policy_version,
+                    origin_app,
+                    microphone_permission,
+                    topic_confidence,
                     value,
                 },
             )

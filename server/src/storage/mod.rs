@@ -34,8 +34,14 @@ pub struct StoredValue {
     pub expires_at: Timestamp,
     pub source: SourceId,
     pub sensitivity: Sensitivity,
-    /// Identifies the policy bundle that admitted the value (0 when none was in force).
+    /// Identifies the policy bundle that admitted the value: its hash prefix.
     pub policy_version: u64,
+    /// The app the interaction happened in.
+    pub origin_app: String,
+    /// For voice sources: whether microphone permission had been granted.
+    pub microphone_permission: bool,
+    /// For topic values: the classifier's confidence.
+    pub topic_confidence: Option<f32>,
     pub value: Value,
 }
 

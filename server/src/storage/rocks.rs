@@ -414,6 +414,9 @@ mod tests {
             source: SourceId(1),
             sensitivity: Sensitivity::None,
             policy_version: 0,
+            origin_app: "facebook".to_string(),
+            microphone_permission: false,
+            topic_confidence: None,
             value: Value::Float(number),
         }
     }
