@@ -36,6 +36,8 @@ pub enum Error {
     InvalidRequest(#[from] InvalidRequest),
     #[error("features[{index}]: unknown feature {name:?}")]
     UnknownFeature { index: usize, name: String },
+    #[error("{0}; the bundle in force is unchanged")]
+    InvalidBundle(String),
     #[error("user {user_id} has no user state")]
     NoUserState { user_id: u64 },
     #[error("rows[{row}]: refused by policy: {}", crate::policy::bundle::reason_name(*reason))]
@@ -61,7 +63,9 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidRequest(_) | Error::UnknownFeature { .. } => ErrorKind::InvalidRequest,
+            Error::InvalidRequest(_) | Error::UnknownFeature { .. } | Error::InvalidBundle(_) => {
+                ErrorKind::InvalidRequest
+            }
             Error::NoUserState { .. } => ErrorKind::NotFound,
             Error::Refused { .. } => ErrorKind::DeniedByPolicy,
             Error::IdempotencyKeyReused { .. }

@@ -13,6 +13,7 @@ pub mod storage;
 use std::sync::Arc;
 
 use anyhow::Context;
+use featurestore::proto::admin_server::AdminServer;
 use featurestore::proto::feature_store_server::FeatureStoreServer;
 use featurestore::proto::privacy_server::PrivacyServer;
 use tokio::net::TcpListener;
@@ -101,10 +102,19 @@ pub async fn run_with_clock(
     let core = Arc::new(Core::new(
         Arc::new(registry),
         Arc::new(policy),
+        config.policy_bundle_path.clone(),
         Arc::clone(&store),
         clock,
         config.idempotency_window,
     ));
+    {
+        let core = Arc::clone(&core);
+        tokio::task::spawn_blocking(move || core.start())
+            .await?
+            .context("cannot check the stored values against the policy bundle")?;
+    }
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(Arc::clone(&core), shutdown.clone()));
     let limits = &config.limits;
     let handlers = FeatureStoreService::new(
         core,
@@ -114,7 +124,10 @@ pub async fn run_with_clock(
     let service = FeatureStoreServer::new(handlers.clone())
         .max_decoding_message_size(limits.decode_message_bytes_max)
         .max_encoding_message_size(limits.encode_message_bytes_max);
-    let privacy = PrivacyServer::new(handlers)
+    let privacy = PrivacyServer::new(handlers.clone())
+        .max_decoding_message_size(limits.decode_message_bytes_max)
+        .max_encoding_message_size(limits.encode_message_bytes_max);
+    let admin = AdminServer::new(handlers)
         .max_decoding_message_size(limits.decode_message_bytes_max)
         .max_encoding_message_size(limits.encode_message_bytes_max);
 
@@ -151,6 +164,7 @@ pub async fn run_with_clock(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(privacy)
+        .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop_accepting.cancelled().await;
             tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
@@ -176,6 +190,32 @@ pub async fn run_with_clock(
         .context("cannot flush the database at shutdown")?;
     tracing::info!("stopped; database flushed");
     Ok(())
+}
+
+/// Reloads the policy bundle on every SIGHUP until shutdown.
+#[cfg(unix)]
+async fn reload_on_hangup(core: Arc<Core>, shutdown: CancellationToken) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reload the policy with the Admin service");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        let core = Arc::clone(&core);
+        match tokio::task::spawn_blocking(move || core.reload_policy()).await {
+            Ok(Ok(in_force)) => {
+                tracing::info!(hash = %in_force.policy.hash, "SIGHUP: policy bundle in force")
+            }
+            Ok(Err(error)) => tracing::error!(%error, "SIGHUP: policy bundle refused"),
+            Err(error) => tracing::error!(%error, "SIGHUP: reload task failed"),
+        }
+    }
 }
 
 /// tonic refuses a request over `decode_message_bytes_max` with OUT_OF_RANGE before any

@@ -454,6 +454,14 @@ impl Registry {
             .map(|&index| &self.features[index])
     }
 
+    pub fn surface_by_id(&self, id: SurfaceId) -> Option<&Surface> {
+        self.surfaces.iter().find(|surface| surface.id == id)
+    }
+
+    pub fn source_by_id(&self, id: SourceId) -> Option<&Source> {
+        self.sources.iter().find(|source| source.id == id)
+    }
+
     pub fn feature_by_id(&self, id: FeatureId) -> Option<&Feature> {
         self.features_by_id
             .get(&id)

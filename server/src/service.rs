@@ -7,7 +7,9 @@ use std::collections::HashMap;
 
 use featurestore::RequestLimits;
 use featurestore::domain::UserStateUpdate;
-use featurestore::proto::{self, feature_store_server::FeatureStore, privacy_server::Privacy};
+use featurestore::proto::{
+    self, admin_server::Admin, feature_store_server::FeatureStore, privacy_server::Privacy,
+};
 use prost::Message;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -158,7 +160,43 @@ impl Privacy for FeatureStoreService {
     }
 }
 
+#[tonic::async_trait]
+impl Admin for FeatureStoreService {
+    async fn reload_policy(
+        &self,
+        _request: Request<proto::ReloadPolicyRequest>,
+    ) -> Result<Response<proto::PolicyStatus>, Status> {
+        let core = Arc::clone(&self.core);
+        tokio::task::spawn_blocking(move || core.reload_policy())
+            .await
+            .map_err(|error| status(Error::Task(error.to_string())))?
+            .map_err(status)?;
+        Ok(Response::new(self.policy_status()))
+    }
+
+    async fn get_policy_status(
+        &self,
+        _request: Request<proto::GetPolicyStatusRequest>,
+    ) -> Result<Response<proto::PolicyStatus>, Status> {
+        Ok(Response::new(self.policy_status()))
+    }
+}
+
 impl FeatureStoreService {
+    fn policy_status(&self) -> proto::PolicyStatus {
+        let in_force = self.core.policy_in_force();
+        let purge = self.core.purge_status();
+        proto::PolicyStatus {
+            version: in_force.policy.version.clone(),
+            hash: in_force.policy.hash.clone(),
+            loaded_at_unix_micros: in_force.loaded_at.unix_micros(),
+            purge_running: purge.running,
+            purge_users_done: purge.users_done,
+            purge_values_removed: purge.values_removed,
+            purge_finished_at_unix_micros: purge.finished_at.map_or(0, |time| time.unix_micros()),
+        }
+    }
+
     fn user_state_to_proto(&self, state: UserState) -> proto::UserState {
         let group = self.core.policy().jurisdiction_group(&state.jurisdiction);
         proto::UserState {

@@ -225,7 +225,7 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             &path,
-            ["features", "idempotency", "user_state"],
+            ["features", "idempotency", "user_state", "meta"],
         )
         .expect("open the server's database");
         let features = db.cf_handle("features").expect("features column family");

@@ -4,10 +4,10 @@
 use featurestore::domain::{ReadRequest, Timestamp, Value, ValueType};
 use featurestore::proto;
 
-use super::Core;
+use super::{Core, PolicyInForce};
 use crate::error::Error;
 use crate::registry::{Feature, Surface};
-use crate::storage::{RowKey, RowRead, StoredRow};
+use crate::storage::{RowKey, RowRead, StoredRow, StoredValue};
 
 /// One response column: a feature and where its values sit in each row.
 struct Column<'a> {
@@ -28,6 +28,11 @@ impl Core {
     /// Answers a batched read: one row per key, in request order.
     pub fn read(&self, request: &ReadRequest) -> Result<proto::GetFeaturesResponse, Error> {
         let now = self.clock.now();
+        let in_force = self.policy_in_force();
+        let guard = ReadGuard {
+            core: self,
+            in_force: &in_force,
+        };
         let surfaces: Vec<Option<&Surface>> = request
             .keys
             .iter()
@@ -60,8 +65,8 @@ impl Core {
                 };
                 let read = reads.next().expect("one read per key with a known surface");
                 match read {
-                    RowRead::Found(stored) => fill_row(&mut row, &columns, surface, Some(&stored), now),
-                    RowRead::Missing => fill_row(&mut row, &columns, surface, None, now),
+                    RowRead::Found(stored) => fill_row(&mut row, &columns, surface, Some(&stored), now, &guard),
+                    RowRead::Missing => fill_row(&mut row, &columns, surface, None, now, &guard),
                     RowRead::Corrupt(problem) => {
                         tracing::warn!(user_id = key.user_id, surface = %surface.name, %problem, "stored row does not decode");
                         row.status = proto::RowStatus::DataLoss as i32;
@@ -171,12 +176,36 @@ fn empty_row(columns: usize, shape: RowShape, include_event_times: bool) -> prot
     }
 }
 
+/// Defense in depth: the write path is where the policy is enforced, but a value is served
+/// only if it was admitted under a bundle whose values are served as they are, and if the
+/// bundle in force does not refuse its labels on the reading surface outright.
+struct ReadGuard<'a> {
+    core: &'a Core,
+    in_force: &'a PolicyInForce,
+}
+
+impl ReadGuard<'_> {
+    fn allows(&self, value: &StoredValue, surface: &Surface) -> bool {
+        let Some(source) = self.core.registry.source_by_id(value.source) else {
+            return false;
+        };
+        self.in_force
+            .served_versions
+            .contains(&value.policy_version)
+            && self
+                .in_force
+                .policy
+                .labels_allowed(source.kind, value.sensitivity, surface.purpose)
+    }
+}
+
 fn fill_row(
     row: &mut proto::FeatureRow,
     columns: &[Column<'_>],
     surface: &Surface,
     stored: Option<&StoredRow>,
     now: Timestamp,
+    guard: &ReadGuard<'_>,
 ) {
     for (index, column) in columns.iter().enumerate() {
         let feature = column.feature;
@@ -188,6 +217,9 @@ fn fill_row(
                 .and_then(|row| row.value(feature.id))
                 .filter(|value| feature.accepts(&value.value));
             match stored {
+                Some(value) if value.expires_at > now && !guard.allows(value, surface) => {
+                    proto::ValueStatus::WithheldByPolicy
+                }
                 Some(value) if value.expires_at > now => {
                     put_value(row, column, &value.value);
                     if let Some(event_time) = row.event_times_unix_micros.get_mut(index) {

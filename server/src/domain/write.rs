@@ -4,6 +4,7 @@
 //! feature. `explain` runs the same decisions without storing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use featurestore::domain::{FeatureWrite, Timestamp, Value, WriteRequest, WriteRow};
 use featurestore::proto::{self, ReasonCode};
@@ -84,6 +85,7 @@ impl Core {
             );
             return match applied {
                 Ok(Applied::Fresh { .. }) => {
+                    self.revalidate_if_policy_changed(&policy, &plan.fence)?;
                     Ok(fresh.expect("the store builds the answer of every fresh write"))
                 }
                 Ok(Applied::Replayed {
@@ -117,6 +119,28 @@ impl Core {
                 Err(error) => Err(error.into()),
             };
         }
+    }
+
+    /// A bundle reload during the write may have started a purge that already passed these
+    /// users; re-validate them under the bundle now in force so nothing stays stamped with
+    /// the old one.
+    fn revalidate_if_policy_changed(
+        &self,
+        decided_with: &Arc<Policy>,
+        fence: &[(u64, u64)],
+    ) -> Result<(), Error> {
+        let policy = self.policy();
+        if Arc::ptr_eq(decided_with, &policy) {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        for (user_id, _) in fence {
+            self.store
+                .revalidate_user(*user_id, &mut |state, key, row| {
+                    self.revalidate(&policy, state, key, row, now)
+                })?;
+        }
+        Ok(())
     }
 
     /// Decides a write exactly as [`Core::write`] would, without storing anything.

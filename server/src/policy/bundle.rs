@@ -198,6 +198,7 @@ impl Policy {
             retention,
             default_retention,
             table: Box::default(),
+            forbidden_labels: [[[true; 2]; 8]; 3],
         };
         let digest = Sha256::digest(text.as_bytes());
         policy.hash = digest.iter().map(|byte| format!("{byte:02x}")).collect();
@@ -207,6 +208,12 @@ impl Policy {
                 .expect("a SHA-256 digest has 32 bytes"),
         );
         policy.table = compile(&policy.rules);
+        for input in DecisionInput::all() {
+            if policy.decide(&input).is_empty() {
+                policy.forbidden_labels[input.source_kind as usize]
+                    [usize::from(input.sensitivity.code())][input.purpose as usize] = false;
+            }
+        }
         Ok(policy)
     }
 

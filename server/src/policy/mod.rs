@@ -16,7 +16,7 @@ use featurestore::proto::ReasonCode;
 pub use bundle::{DEFAULT_BUNDLE_TOML, PolicyError, Rule};
 pub use inputs::{AgeBand, Confidence, DecisionInput, Dimension, JurisdictionGroup};
 
-use crate::registry::{Purpose, Sensitivity, Source, SourceId, Surface};
+use crate::registry::{Purpose, Sensitivity, Source, SourceId, SourceKind, Surface};
 use crate::storage::UserState;
 
 /// What a value brings to a decision, whether it arrives in a write or is already stored.
@@ -90,6 +90,9 @@ pub struct Policy {
     default_retention: [Duration; 2],
     /// The compiled decisions: the reasons refusing each input, by input index.
     table: Box<[Reasons]>,
+    /// Per (source kind, sensitivity, purpose): whether no input with these labels is
+    /// allowed, so that the read path can refuse such a value from its labels alone.
+    forbidden_labels: [[[bool; 2]; 8]; 3],
 }
 
 impl Policy {
@@ -138,6 +141,37 @@ impl Policy {
         facts
             .interaction_time
             .saturating_add(self.retention(facts.source.id, purpose))
+    }
+
+    /// Whether a stored value with these labels may be served on a surface for `purpose`:
+    /// false when the bundle refuses every value with these labels there, whoever the user.
+    #[inline]
+    pub fn labels_allowed(
+        &self,
+        source_kind: SourceKind,
+        sensitivity: Sensitivity,
+        purpose: Purpose,
+    ) -> bool {
+        !self.forbidden_labels[source_kind as usize][usize::from(sensitivity.code())]
+            [purpose as usize]
+    }
+
+    /// Whether this bundle may refuse a value that `old` admitted: a decision that `old`
+    /// allowed and this one denies, or any change to how inputs are bucketed (dates,
+    /// threshold, jurisdiction groups, taxonomy, retention).
+    pub fn tightens(&self, old: &Policy) -> bool {
+        let bucketing_changed = self.effective_date != old.effective_date
+            || self.low_confidence_threshold != old.low_confidence_threshold
+            || self.jurisdictions != old.jurisdictions
+            || self.taxonomy != old.taxonomy
+            || self.retention != old.retention
+            || self.default_retention != old.default_retention;
+        bucketing_changed
+            || self
+                .table
+                .iter()
+                .zip(old.table.iter())
+                .any(|(new, old)| old.is_empty() && !new.is_empty())
     }
 
     /// The group of a jurisdiction code: exact match first ("US-CA"), then the country

@@ -144,6 +144,10 @@ pub enum StorageError {
     },
 }
 
+/// Decides again which values of a stored row may stay, given the user's state: returns
+/// the row to keep (values removed or re-stamped), or the row unchanged.
+pub type Revalidate<'a> = &'a mut dyn FnMut(Option<&UserState>, RowKey, StoredRow) -> StoredRow;
+
 /// Builds the answer to store with a write, from the outcome of each value of each row.
 pub type AnswerBuilder<'a> = &'a mut dyn FnMut(&[Vec<ValueOutcome>]) -> Vec<u8>;
 
@@ -174,12 +178,33 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Creates or replaces a user's state, increasing its generation by one, serialized
     /// with writes for the same user. Refuses with [`StorageError::GenerationChanged`] when
-    /// `update.expected_generation` is set and differs. The erasure state is kept.
+    /// `update.expected_generation` is set and differs. The erasure state is kept. Every row
+    /// of the user is passed through `revalidate` with the new state, and the state and the
+    /// rows it changed are written in one batch.
     fn set_user_state(
         &self,
         update: &UserStateUpdate,
         now: Timestamp,
+        revalidate: Revalidate<'_>,
     ) -> Result<UserState, StorageError>;
+
+    /// Passes every row of `user_id` through `revalidate` with the user's current state,
+    /// serialized with writes for the user, and writes the changes in one batch. Returns
+    /// how many values were removed.
+    fn revalidate_user(
+        &self,
+        user_id: u64,
+        revalidate: Revalidate<'_>,
+    ) -> Result<usize, StorageError>;
+
+    /// Up to `limit` distinct users that have rows, from `from_user` on, in order.
+    fn users_with_rows(&self, from_user: u64, limit: usize) -> Result<Vec<u64>, StorageError>;
+
+    /// A small value the server keeps about itself (e.g. the policy version the stored
+    /// values were last validated under).
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+
+    fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError>;
 
     /// Makes everything written so far durable in the engine's files.
     fn flush(&self) -> Result<(), StorageError>;

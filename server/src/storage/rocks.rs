@@ -2,7 +2,8 @@
 //!
 //! Column families: `features` holds one row per (user, surface) under a user-first key;
 //! `idempotency` holds the answer of every recent write under its idempotency key;
-//! `user_state` holds each user's state under the big-endian user id.
+//! `user_state` holds each user's state under the big-endian user id; `meta` holds a few
+//! values the server keeps about itself.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,9 +20,9 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::codec::{
     self, decode_row, decode_user_state, encode_row, encode_user_state, merge_value,
 };
-use super::keys::encode_row_key;
+use super::keys::{decode_row_key, encode_row_key, user_range};
 use super::{
-    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, RowKey, RowRead, RowWrite,
+    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowKey, RowRead, RowWrite,
     StorageError, Store, StoredRow, UserState,
 };
 use crate::clock::Clock;
@@ -31,6 +32,7 @@ use featurestore::domain::UserStateUpdate;
 const FEATURES_CF: &str = "features";
 const IDEMPOTENCY_CF: &str = "idempotency";
 const USER_STATE_CF: &str = "user_state";
+const META_CF: &str = "meta";
 /// Lock stripes serializing read-modify-write of a user's rows and state, and of
 /// idempotency keys.
 const WRITE_LOCK_STRIPES: usize = 1024;
@@ -131,6 +133,7 @@ impl RocksStore {
                 ColumnFamilyDescriptor::new(FEATURES_CF, features),
                 ColumnFamilyDescriptor::new(IDEMPOTENCY_CF, idempotency),
                 ColumnFamilyDescriptor::new(USER_STATE_CF, user_state),
+                ColumnFamilyDescriptor::new(META_CF, Options::default()),
             ],
         )
         .map_err(engine)?;
@@ -187,6 +190,55 @@ impl RocksStore {
             fingerprint,
             bytes[IDEMPOTENCY_HEADER_LEN..].to_vec(),
         )))
+    }
+}
+
+impl RocksStore {
+    /// Adds to `batch` the changes `revalidate` makes to the rows of `user_id`; the caller
+    /// holds the user's stripe. Returns how many values were removed.
+    fn revalidate_rows(
+        &self,
+        user_id: u64,
+        state: Option<&UserState>,
+        revalidate: Revalidate<'_>,
+        batch: &mut WriteBatch,
+    ) -> Result<usize, StorageError> {
+        let (start, end) = user_range(user_id);
+        let features = self.cf(FEATURES_CF);
+        let mut iterator = self.db.raw_iterator_cf(features);
+        iterator.seek(&start);
+        let mut removed = 0;
+        while iterator.valid() {
+            let (Some(key), Some(bytes)) = (iterator.key(), iterator.value()) else {
+                break;
+            };
+            if key >= end.as_slice() {
+                break;
+            }
+            let Some(row_key) = decode_row_key(key) else {
+                return Err(StorageError::Corrupt(format!(
+                    "key {key:?} of user {user_id} is not a row key"
+                )));
+            };
+            let row = decode_row(bytes).map_err(|error| {
+                StorageError::Corrupt(format!(
+                    "row of user {user_id} surface {}: {error}",
+                    row_key.surface.0
+                ))
+            })?;
+            let kept = revalidate(state, row_key, row.clone());
+            if kept != row {
+                removed += row.values.len().saturating_sub(kept.values.len());
+                if kept.values.is_empty() {
+                    batch.delete_cf(features, key);
+                } else {
+                    batch.put_cf(features, key, encode_row(&kept));
+                }
+            }
+            iterator.next();
+        }
+        iterator.status().map_err(engine)?;
+        Ok(removed)
     }
 }
 
@@ -332,6 +384,7 @@ impl Store for RocksStore {
         &self,
         update: &UserStateUpdate,
         now: Timestamp,
+        revalidate: Revalidate<'_>,
     ) -> Result<UserState, StorageError> {
         let key = update.user_id.to_be_bytes();
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
@@ -359,15 +412,63 @@ impl Store for RocksStore {
             generation: current_generation + 1,
             updated_at: now,
         };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
+        self.revalidate_rows(update.user_id, Some(&state), revalidate, &mut batch)?;
         self.db
-            .put_cf_opt(
-                self.cf(USER_STATE_CF),
-                key,
-                encode_user_state(&state),
-                &self.write_options,
-            )
+            .write_opt(batch, &self.write_options)
             .map_err(engine)?;
         Ok(state)
+    }
+
+    fn revalidate_user(
+        &self,
+        user_id: u64,
+        revalidate: Revalidate<'_>,
+    ) -> Result<usize, StorageError> {
+        let key = user_id.to_be_bytes();
+        let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
+        let state = self.read_user_states(&[user_id])?.pop().flatten();
+        let mut batch = WriteBatch::default();
+        let removed = self.revalidate_rows(user_id, state.as_ref(), revalidate, &mut batch)?;
+        if !batch.is_empty() {
+            self.db
+                .write_opt(batch, &self.write_options)
+                .map_err(engine)?;
+        }
+        Ok(removed)
+    }
+
+    fn users_with_rows(&self, from_user: u64, limit: usize) -> Result<Vec<u64>, StorageError> {
+        let mut users = Vec::new();
+        let mut iterator = self.db.raw_iterator_cf(self.cf(FEATURES_CF));
+        iterator.seek(user_range(from_user).0);
+        while users.len() < limit && iterator.valid() {
+            let Some(key) = iterator.key().and_then(decode_row_key) else {
+                return Err(StorageError::Corrupt(
+                    "a key of the features column family is not a row key".to_string(),
+                ));
+            };
+            users.push(key.user_id);
+            match key.user_id.checked_add(1) {
+                Some(next) => iterator.seek(user_range(next).0),
+                None => break,
+            }
+        }
+        iterator.status().map_err(engine)?;
+        Ok(users)
+    }
+
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.db
+            .get_cf(self.cf(META_CF), key.as_bytes())
+            .map_err(engine)
+    }
+
+    fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.db
+            .put_cf_opt(self.cf(META_CF), key.as_bytes(), value, &self.write_options)
+            .map_err(engine)
     }
 
     fn flush(&self) -> Result<(), StorageError> {
@@ -378,6 +479,7 @@ impl Store for RocksStore {
                     self.cf(FEATURES_CF),
                     self.cf(IDEMPOTENCY_CF),
                     self.cf(USER_STATE_CF),
+                    self.cf(META_CF),
                 ],
                 &rocksdb::FlushOptions::default(),
             )
