@@ -71,6 +71,10 @@ enum Command {
     },
     /// Show a user's state (privacy role).
     GetUser { user_id: u64 },
+    /// Show the policy bundle in force and the progress of the latest purge (admin role).
+    Policy,
+    /// Load the server's policy bundle file again (admin role); the same as SIGHUP.
+    ReloadPolicy,
     /// Read features for (user, surface) keys.
     Read {
         /// Surface of every --user.
@@ -244,6 +248,14 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 .map_err(call)?;
             print_user_state(out, &state)?;
         }
+        Command::Policy => {
+            let status = client.policy_status().await.map_err(call)?;
+            print_policy_status(out, &status)?;
+        }
+        Command::ReloadPolicy => {
+            let status = client.reload_policy().await.map_err(call)?;
+            print_policy_status(out, &status)?;
+        }
         Command::GetUser { user_id } => {
             let state = client.get_user_state(user_id).await.map_err(call)?;
             print_user_state(out, &state)?;
@@ -306,6 +318,37 @@ fn read_input(file: Option<&str>) -> anyhow::Result<String> {
         }
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}")),
     }
+}
+
+fn print_policy_status(out: &mut dyn Write, status: &proto::PolicyStatus) -> std::io::Result<()> {
+    let purge = if status.purge_running {
+        "running".to_string()
+    } else if status.purge_finished_at_unix_micros > 0 {
+        format!(
+            "finished {}",
+            format_time(status.purge_finished_at_unix_micros)
+        )
+    } else {
+        "none".to_string()
+    };
+    let rows = vec![
+        vec!["version".to_string(), status.version.clone()],
+        vec!["hash".to_string(), status.hash.clone()],
+        vec![
+            "loaded_at".to_string(),
+            format_time(status.loaded_at_unix_micros),
+        ],
+        vec!["purge".to_string(), purge],
+        vec![
+            "purge_users_done".to_string(),
+            status.purge_users_done.to_string(),
+        ],
+        vec![
+            "purge_values_removed".to_string(),
+            status.purge_values_removed.to_string(),
+        ],
+    ];
+    print_table(out, &["field", "value"], &rows)
 }
 
 fn print_user_state(out: &mut dyn Write, state: &proto::UserState) -> std::io::Result<()> {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use featurestore::domain::{ReadRequest, UserStateUpdate, WriteRequest};
 use featurestore::proto;
+use featurestore::proto::admin_client::AdminClient;
 use featurestore::proto::feature_store_client::FeatureStoreClient;
 use featurestore::proto::privacy_client::PrivacyClient;
 use tonic::transport::{Channel, Endpoint};
@@ -101,6 +102,8 @@ pub struct Client {
     stub: FeatureStoreClient<Channel>,
     /// The privacy service's stub over the same channel.
     privacy: PrivacyClient<Channel>,
+    /// The admin service's stub over the same channel.
+    admin: AdminClient<Channel>,
     options: ClientOptions,
 }
 
@@ -119,12 +122,16 @@ impl Client {
         let stub = FeatureStoreClient::new(channel.clone())
             .max_decoding_message_size(options.decode_message_bytes_max)
             .max_encoding_message_size(options.encode_message_bytes_max);
-        let privacy = PrivacyClient::new(channel)
+        let privacy = PrivacyClient::new(channel.clone())
+            .max_decoding_message_size(options.decode_message_bytes_max)
+            .max_encoding_message_size(options.encode_message_bytes_max);
+        let admin = AdminClient::new(channel)
             .max_decoding_message_size(options.decode_message_bytes_max)
             .max_encoding_message_size(options.encode_message_bytes_max);
         Ok(Client {
             stub,
             privacy,
+            admin,
             options,
         })
     }
@@ -213,6 +220,26 @@ impl Client {
         self.call(proto::GetUserStateRequest { user_id }, move |_, request| {
             let mut privacy = privacy.clone();
             async move { privacy.get_user_state(request).await }
+        })
+        .await
+    }
+
+    /// Loads the server's policy bundle again (admin role).
+    pub async fn reload_policy(&self) -> Result<proto::PolicyStatus, ClientError> {
+        let admin = self.admin.clone();
+        self.call(proto::ReloadPolicyRequest {}, move |_, request| {
+            let mut admin = admin.clone();
+            async move { admin.reload_policy(request).await }
+        })
+        .await
+    }
+
+    /// The bundle in force and the progress of the latest purge (admin role).
+    pub async fn policy_status(&self) -> Result<proto::PolicyStatus, ClientError> {
+        let admin = self.admin.clone();
+        self.call(proto::GetPolicyStatusRequest {}, move |_, request| {
+            let mut admin = admin.clone();
+            async move { admin.get_policy_status(request).await }
         })
         .await
     }

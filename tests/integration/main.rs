@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod lifecycle;
 mod policy;
+mod policy_changes;
 mod read_write;
 
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};
