@@ -75,6 +75,15 @@ enum Command {
     Policy,
     /// Load the server's policy bundle file again (admin role); the same as SIGHUP.
     ReloadPolicy,
+    /// Show a user's audit trail (privacy role).
+    Audit {
+        user_id: u64,
+        /// Most records to show.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Check the audit log's hash chain (admin role); exits with 4 when it is broken.
+    VerifyAudit,
     /// Read features for (user, surface) keys.
     Read {
         /// Surface of every --user.
@@ -124,6 +133,8 @@ pub const EXIT_SUCCESS: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit status of `write` when any value was refused on some surface.
 pub const EXIT_REFUSED: u8 = 3;
+/// Exit status of `verify-audit` when the audit log's chain is broken.
+pub const EXIT_AUDIT_BROKEN: u8 = 4;
 
 /// Runs one CLI command, printing its answer to `out`; returns the exit status.
 pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
@@ -247,6 +258,65 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 .await
                 .map_err(call)?;
             print_user_state(out, &state)?;
+        }
+        Command::Audit { user_id, limit } => {
+            let trail = client.audit_trail(user_id, limit).await.map_err(call)?;
+            writeln!(
+                out,
+                "user {user_id} is {} in the audit log",
+                trail.user_pseudonym
+            )?;
+            let rows = trail
+                .records
+                .iter()
+                .map(|record| {
+                    let reasons = record
+                        .reasons
+                        .iter()
+                        .map(|&reason| {
+                            proto::ReasonCode::try_from(reason).map_or("?", |reason| {
+                                reason.as_str_name().trim_start_matches("REASON_CODE_")
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    vec![
+                        record.sequence.to_string(),
+                        format_time(record.time_unix_micros),
+                        record.action.clone(),
+                        record.caller.clone(),
+                        record.subject.clone(),
+                        record.surfaces.join(","),
+                        reasons,
+                    ]
+                })
+                .collect::<Vec<_>>();
+            print_table(
+                out,
+                &[
+                    "sequence", "time", "action", "caller", "subject", "surfaces", "reasons",
+                ],
+                &rows,
+            )?;
+        }
+        Command::VerifyAudit => {
+            let verification = client.verify_audit_log().await.map_err(call)?;
+            if verification.intact {
+                writeln!(
+                    out,
+                    "audit log intact: {} records checked",
+                    verification.records_checked
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "audit log BROKEN at record {}: {} ({} records before it check out)",
+                    verification.first_broken_sequence,
+                    verification.problem,
+                    verification.records_checked
+                )?;
+                return Ok(EXIT_AUDIT_BROKEN);
+            }
         }
         Command::Policy => {
             let status = client.policy_status().await.map_err(call)?;

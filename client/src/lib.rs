@@ -234,6 +234,33 @@ impl Client {
         .await
     }
 
+    /// A user's audit trail, oldest first (privacy role).
+    pub async fn audit_trail(
+        &self,
+        user_id: u64,
+        limit: u32,
+    ) -> Result<proto::AuditTrail, ClientError> {
+        let privacy = self.privacy.clone();
+        self.call(
+            proto::GetAuditTrailRequest { user_id, limit },
+            move |_, request| {
+                let mut privacy = privacy.clone();
+                async move { privacy.get_audit_trail(request).await }
+            },
+        )
+        .await
+    }
+
+    /// Checks the audit log's hash chain (admin role).
+    pub async fn verify_audit_log(&self) -> Result<proto::AuditLogVerification, ClientError> {
+        let admin = self.admin.clone();
+        self.call(proto::VerifyAuditLogRequest {}, move |_, request| {
+            let mut admin = admin.clone();
+            async move { admin.verify_audit_log(request).await }
+        })
+        .await
+    }
+
     /// The bundle in force and the progress of the latest purge (admin role).
     pub async fn policy_status(&self) -> Result<proto::PolicyStatus, ClientError> {
         let admin = self.admin.clone();

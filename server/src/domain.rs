@@ -10,6 +10,7 @@ use std::time::Duration;
 use featurestore::domain::{Timestamp, UserStateUpdate};
 use parking_lot::{Mutex, RwLock};
 
+use crate::audit::{AuditAction, AuditEntry, Pseudonymizer};
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::policy::{Policy, ValueFacts};
@@ -23,6 +24,8 @@ mod write;
 
 /// Meta key holding the hash of the bundle every stored value was last validated under.
 const VALIDATED_POLICY_KEY: &str = "validated_policy_hash";
+/// Meta key holding the secret key of user pseudonyms in the audit log.
+const PSEUDONYM_KEY: &str = "audit_pseudonym_key";
 /// Users re-validated per storage scan of a purge.
 const PURGE_USERS_PER_SCAN: usize = 1000;
 
@@ -66,6 +69,8 @@ pub struct Core {
     pub clock: Arc<dyn Clock>,
     /// How long an idempotency key's answer is replayed.
     pub idempotency_window: Duration,
+    /// Turns user ids into the pseudonyms the audit log records.
+    pub pseudonymizer: Pseudonymizer,
 }
 
 impl Core {
@@ -76,13 +81,14 @@ impl Core {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         idempotency_window: Duration,
-    ) -> Core {
+    ) -> Result<Core, Error> {
         let in_force = PolicyInForce {
             served_versions: vec![policy.hash_prefix],
             policy,
             loaded_at: clock.now(),
         };
-        Core {
+        let pseudonymizer = Pseudonymizer::new(pseudonym_key(store.as_ref())?);
+        Ok(Core {
             registry,
             policy: RwLock::new(in_force),
             policy_path,
@@ -90,7 +96,44 @@ impl Core {
             store,
             clock,
             idempotency_window,
+            pseudonymizer,
+        })
+    }
+
+    /// An audit entry stamped with the current time and bundle.
+    pub fn audit_entry(
+        &self,
+        action: AuditAction,
+        caller: &str,
+        user_id: Option<u64>,
+    ) -> AuditEntry {
+        AuditEntry {
+            time: self.clock.now(),
+            action,
+            caller: caller.to_string(),
+            bundle_hash: self.policy().hash.clone(),
+            user: user_id.map(|user_id| self.pseudonymizer.pseudonym(user_id)),
+            surfaces: String::new(),
+            subject: String::new(),
+            reasons: 0,
         }
+    }
+
+    /// Re-validates one user's rows under the bundle in force, auditing what goes.
+    fn revalidate_user(&self, user_id: u64, policy: &Policy, caller: &str) -> Result<usize, Error> {
+        let now = self.clock.now();
+        let removed = self
+            .store
+            .revalidate_user(user_id, &mut |state, key, row| {
+                self.revalidate(policy, state, key, row, now)
+            })?;
+        if removed > 0 {
+            let mut entry = self.audit_entry(AuditAction::ValuesPurged, caller, Some(user_id));
+            entry.bundle_hash.clone_from(&policy.hash);
+            entry.subject = format!("{removed} values");
+            self.store.append_audit(&[entry])?;
+        }
+        Ok(removed)
     }
 
     /// Checks that every stored value was validated under the bundle in force; when not
@@ -161,6 +204,9 @@ impl Core {
                 loaded_at: self.clock.now(),
             };
         }
+        let mut entry = self.audit_entry(AuditAction::PolicyLoaded, "admin", None);
+        entry.subject.clone_from(&new.version);
+        self.store.append_audit(&[entry])?;
         Arc::clone(self).spawn_purge();
         Ok(self.policy_in_force())
     }
@@ -274,11 +320,15 @@ impl Core {
     pub fn set_user_state(&self, update: &UserStateUpdate) -> Result<UserState, Error> {
         let policy = self.policy();
         let now = self.clock.now();
-        Ok(self
-            .store
-            .set_user_state(update, now, &mut |state, key, row| {
-                self.revalidate(&policy, state, key, row, now)
-            })?)
+        let mut entry =
+            self.audit_entry(AuditAction::UserStateSet, "privacy", Some(update.user_id));
+        entry.bundle_hash.clone_from(&policy.hash);
+        Ok(self.store.set_user_state(
+            update,
+            now,
+            &mut |state, key, row| self.revalidate(&policy, state, key, row, now),
+            &entry,
+        )?)
     }
 
     /// A user's state.
@@ -289,4 +339,24 @@ impl Core {
             .flatten()
             .ok_or(Error::NoUserState { user_id })
     }
+}
+
+/// The secret key of audit pseudonyms: kept in the store, made at the first start from the
+/// operating system's random source.
+fn pseudonym_key(store: &dyn Store) -> Result<[u8; 32], Error> {
+    if let Some(key) = store.read_meta(PSEUDONYM_KEY)? {
+        return key.try_into().map_err(|_| {
+            Error::Storage(crate::storage::StorageError::Corrupt(
+                "the pseudonym key is not 32 bytes".to_string(),
+            ))
+        });
+    }
+    let mut key = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(Error::Random)?,
+        &mut key,
+    )
+    .map_err(Error::Random)?;
+    store.write_meta(PSEUDONYM_KEY, &key)?;
+    Ok(key)
 }

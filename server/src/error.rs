@@ -58,6 +58,8 @@ pub enum Error {
     CorruptReplay(String),
     #[error("request task failed: {0}")]
     Task(String),
+    #[error("cannot read the system's random source: {0}")]
+    Random(std::io::Error),
 }
 
 impl Error {
@@ -76,7 +78,7 @@ impl Error {
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {
                 ErrorKind::DataLoss
             }
-            Error::Task(_) => ErrorKind::Internal,
+            Error::Task(_) | Error::Random(_) => ErrorKind::Internal,
         }
     }
 }

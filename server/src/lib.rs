@@ -1,6 +1,7 @@
 //! The feature store server: configuration, the registry, the storage engine, the domain
 //! core and the gRPC service, assembled by [`run`].
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod domain;
@@ -99,20 +100,25 @@ pub async fn run_with_clock(
         .await??
     };
     let store: Arc<dyn Store> = Arc::new(store);
-    let core = Arc::new(Core::new(
-        Arc::new(registry),
-        Arc::new(policy),
-        config.policy_bundle_path.clone(),
-        Arc::clone(&store),
-        clock,
-        config.idempotency_window,
-    ));
-    {
-        let core = Arc::clone(&core);
-        tokio::task::spawn_blocking(move || core.start())
-            .await?
-            .context("cannot check the stored values against the policy bundle")?;
-    }
+    let core = {
+        let store = Arc::clone(&store);
+        let policy_path = config.policy_bundle_path.clone();
+        let idempotency_window = config.idempotency_window;
+        tokio::task::spawn_blocking(move || {
+            let core = Arc::new(Core::new(
+                Arc::new(registry),
+                Arc::new(policy),
+                policy_path,
+                store,
+                clock,
+                idempotency_window,
+            )?);
+            core.start()?;
+            Ok::<_, error::Error>(core)
+        })
+        .await?
+        .context("cannot start the feature store's core")?
+    };
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(Arc::clone(&core), shutdown.clone()));
     let limits = &config.limits;

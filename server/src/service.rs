@@ -15,8 +15,10 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::audit::AuditRecord;
 use crate::domain::Core;
 use crate::error::{Error, ErrorKind};
+use crate::policy::Reasons;
 use crate::policy::bundle::reason_name;
 use crate::storage::{ErasureState, UserState};
 
@@ -147,6 +149,27 @@ impl Privacy for FeatureStoreService {
         Ok(Response::new(self.user_state_to_proto(state)))
     }
 
+    async fn get_audit_trail(
+        &self,
+        request: Request<proto::GetAuditTrailRequest>,
+    ) -> Result<Response<proto::AuditTrail>, Status> {
+        const DEFAULT_LIMIT: usize = 1000;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => DEFAULT_LIMIT,
+            limit => limit as usize,
+        };
+        let pseudonym = self.core.pseudonymizer.pseudonym(request.user_id);
+        let records = self
+            .run_blocking(move |core| Ok(core.store.audit_trail(&pseudonym, limit)?))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::AuditTrail {
+            user_pseudonym: hex(&pseudonym),
+            records: records.into_iter().map(audit_record_to_proto).collect(),
+        }))
+    }
+
     async fn get_user_state(
         &self,
         request: Request<proto::GetUserStateRequest>,
@@ -160,8 +183,56 @@ impl Privacy for FeatureStoreService {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn audit_record_to_proto(record: AuditRecord) -> proto::AuditRecord {
+    let entry = record.entry;
+    proto::AuditRecord {
+        sequence: record.sequence,
+        time_unix_micros: entry.time.unix_micros(),
+        action: entry.action.name().to_string(),
+        caller: entry.caller,
+        policy_bundle_hash: entry.bundle_hash,
+        user_pseudonym: entry
+            .user
+            .as_ref()
+            .map_or_else(String::new, |user| hex(user)),
+        surfaces: entry
+            .surfaces
+            .split(',')
+            .filter(|surface| !surface.is_empty())
+            .map(str::to_string)
+            .collect(),
+        subject: entry.subject,
+        reasons: Reasons::from_bits(entry.reasons)
+            .iter()
+            .map(|reason| reason as i32)
+            .collect(),
+        hash: hex(&record.hash),
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for FeatureStoreService {
+    async fn verify_audit_log(
+        &self,
+        _request: Request<proto::VerifyAuditLogRequest>,
+    ) -> Result<Response<proto::AuditLogVerification>, Status> {
+        let report = self
+            .run_blocking(|core| Ok(core.store.verify_audit()?))
+            .await
+            .map_err(status)?;
+        let (first_broken_sequence, problem) = report.first_broken.clone().unwrap_or_default();
+        Ok(Response::new(proto::AuditLogVerification {
+            records_checked: report.records_checked,
+            intact: report.first_broken.is_none(),
+            first_broken_sequence,
+            problem,
+        }))
+    }
+
     async fn reload_policy(
         &self,
         _request: Request<proto::ReloadPolicyRequest>,

@@ -225,7 +225,14 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             &path,
-            ["features", "idempotency", "user_state", "meta"],
+            [
+                "features",
+                "idempotency",
+                "user_state",
+                "meta",
+                "audit",
+                "audit_by_user",
+            ],
         )
         .expect("open the server's database");
         let features = db.cf_handle("features").expect("features column family");

@@ -1,6 +1,7 @@
 //! End-to-end tests: every test starts the real server on a loopback port and talks to it
 //! through the real client.
 
+mod audit;
 mod bad_input;
 mod cli;
 mod lifecycle;

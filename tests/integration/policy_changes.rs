@@ -265,7 +265,14 @@ async fn reads_withhold_values_the_policy_forbids_however_they_got_in() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             directory.path().join("db"),
-            ["features", "idempotency", "user_state", "meta"],
+            [
+                "features",
+                "idempotency",
+                "user_state",
+                "meta",
+                "audit",
+                "audit_by_user",
+            ],
         )
         .expect("open the server's database");
         let features = db.cf_handle("features").expect("features column family");

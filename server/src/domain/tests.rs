@@ -165,7 +165,7 @@ proptest! {
             .expect("open store");
         let registry = Arc::new(Registry::embedded_default());
         let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
-        let core = Core::new(registry, policy, None, Arc::new(store), clock, Duration::from_secs(60));
+        let core = Core::new(registry, policy, None, Arc::new(store), clock, Duration::from_secs(60)).expect("core");
 
         for (index, case) in cases.iter().enumerate() {
             let user_id = index as u64 + 1;

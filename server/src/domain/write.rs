@@ -11,6 +11,7 @@ use featurestore::proto::{self, ReasonCode};
 use prost::Message;
 
 use super::Core;
+use crate::audit::{AuditAction, AuditEntry};
 use crate::error::Error;
 use crate::policy::{Policy, Reasons, ValueFacts};
 use crate::registry::{Feature, Sensitivity, Source, Surface};
@@ -76,6 +77,7 @@ impl Core {
                 replay_since,
                 &plan.fence,
                 &plan.writes,
+                &self.audit_entries(request, &plan, &policy),
                 &mut |outcomes| {
                     let response = answer(request, &plan, Some(outcomes), &policy);
                     let encoded = response.encode_to_vec();
@@ -133,14 +135,56 @@ impl Core {
         if Arc::ptr_eq(decided_with, &policy) {
             return Ok(());
         }
-        let now = self.clock.now();
         for (user_id, _) in fence {
-            self.store
-                .revalidate_user(*user_id, &mut |state, key, row| {
-                    self.revalidate(&policy, state, key, row, now)
-                })?;
+            self.revalidate_user(*user_id, &policy, "policy-purge")?;
         }
         Ok(())
+    }
+
+    /// The audit entries of a write: one for the call, one per feature refused on some or
+    /// all of its target surfaces. Never a value.
+    fn audit_entries(
+        &self,
+        request: &WriteRequest,
+        plan: &Plan,
+        policy: &Policy,
+    ) -> Vec<AuditEntry> {
+        let caller = request
+            .rows
+            .first()
+            .map_or("", |row| row.provenance.producer_id.as_str());
+        let mut call = self.audit_entry(AuditAction::Write, caller, None);
+        call.bundle_hash.clone_from(&policy.hash);
+        call.subject = format!("{} rows", request.rows.len());
+        let mut entries = vec![call];
+        for (row, row_decisions) in request.rows.iter().zip(&plan.decisions) {
+            for (feature, decisions) in row.features.iter().zip(row_decisions) {
+                let mut refused_surfaces = Vec::new();
+                let mut reasons = Reasons::NONE;
+                for (surface, decision) in row.target_surfaces.iter().zip(decisions) {
+                    if let Decision::Refused(refusal) = decision {
+                        refused_surfaces.push(surface.as_str());
+                        reasons = reasons.union(*refusal);
+                    }
+                }
+                if refused_surfaces.is_empty() {
+                    continue;
+                }
+                let action = if refused_surfaces.len() == decisions.len() {
+                    AuditAction::FeatureDenied
+                } else {
+                    AuditAction::FeatureTransformed
+                };
+                let mut entry =
+                    self.audit_entry(action, &row.provenance.producer_id, Some(row.user_id));
+                entry.bundle_hash.clone_from(&policy.hash);
+                entry.surfaces = refused_surfaces.join(",");
+                entry.subject.clone_from(&feature.name);
+                entry.reasons = reasons.bits();
+                entries.push(entry);
+            }
+        }
+        entries
     }
 
     /// Decides a write exactly as [`Core::write`] would, without storing anything.

@@ -49,6 +49,15 @@ impl Reasons {
         Reasons(self.0 | other.0)
     }
 
+    /// The set as bits, one per code (as the audit log stores it).
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u32) -> Reasons {
+        Reasons(bits)
+    }
+
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }

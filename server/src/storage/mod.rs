@@ -13,6 +13,7 @@ use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
 
 pub use rocks::RocksStore;
 
+use crate::audit::{AuditEntry, AuditRecord, ChainReport, Pseudonym};
 use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
 
 /// The unit of storage: everything stored for one user on one surface.
@@ -164,12 +165,15 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// now has another state generation, nothing is written and
     /// [`StorageError::GenerationChanged`] is returned, so that no write decided on an
     /// outdated user state is ever applied.
+    /// The `audit` entries are appended to the audit log in the same atomic write: a write
+    /// that cannot be audited is not applied.
     fn apply_write(
         &self,
         idempotency: &IdempotencyRecord,
         replay_since: Timestamp,
         fence: &[(u64, u64)],
         rows: &[RowWrite],
+        audit: &[AuditEntry],
         answer: AnswerBuilder<'_>,
     ) -> Result<Applied, StorageError>;
 
@@ -186,7 +190,18 @@ pub trait Store: Send + Sync + Debug + 'static {
         update: &UserStateUpdate,
         now: Timestamp,
         revalidate: Revalidate<'_>,
+        audit: &AuditEntry,
     ) -> Result<UserState, StorageError>;
+
+    /// Appends entries to the audit log, numbered and hash-chained after the last record.
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError>;
+
+    /// The audit records of one user, oldest first, at most `limit`.
+    fn audit_trail(&self, user: &Pseudonym, limit: usize)
+    -> Result<Vec<AuditRecord>, StorageError>;
+
+    /// Checks the whole audit chain.
+    fn verify_audit(&self) -> Result<ChainReport, StorageError>;
 
     /// Passes every row of `user_id` through `revalidate` with the user's current state,
     /// serialized with writes for the user, and writes the changes in one batch. Returns

@@ -3,7 +3,8 @@
 //! Column families: `features` holds one row per (user, surface) under a user-first key;
 //! `idempotency` holds the answer of every recent write under its idempotency key;
 //! `user_state` holds each user's state under the big-endian user id; `meta` holds a few
-//! values the server keeps about itself.
+//! values the server keeps about itself; `audit` holds the hash-chained audit records under
+//! their big-endian sequence number, and `audit_by_user` indexes them by user pseudonym.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +17,11 @@ use rocksdb::{
     DataBlockIndexType, Options, WriteBatch, WriteOptions, compaction_filter::Decision,
 };
 use xxhash_rust::xxh3::xxh3_64;
+
+use crate::audit::{
+    AuditEntry, AuditRecord, ChainReport, HASH_LEN, PSEUDONYM_LEN, Pseudonym, chain, decode_record,
+    encode_record, verify_chain,
+};
 
 use super::codec::{
     self, decode_row, decode_user_state, encode_row, encode_user_state, merge_value,
@@ -33,6 +39,8 @@ const FEATURES_CF: &str = "features";
 const IDEMPOTENCY_CF: &str = "idempotency";
 const USER_STATE_CF: &str = "user_state";
 const META_CF: &str = "meta";
+const AUDIT_CF: &str = "audit";
+const AUDIT_BY_USER_CF: &str = "audit_by_user";
 /// Lock stripes serializing read-modify-write of a user's rows and state, and of
 /// idempotency keys.
 const WRITE_LOCK_STRIPES: usize = 1024;
@@ -46,6 +54,9 @@ pub struct RocksStore {
     db: DB,
     /// Options of every write: the WAL is always on; `sync` follows the durability mode.
     write_options: WriteOptions,
+    /// The next audit sequence number and the hash of the last record. Appends hold it
+    /// until their batch is written, so the chain is written in order.
+    audit_tail: Mutex<(u64, [u8; HASH_LEN])>,
     /// Writes that touch the same user or idempotency key take the same stripe, so a
     /// read-modify-write never interleaves with another, and a user-state change never
     /// interleaves with a write for that user.
@@ -134,15 +145,32 @@ impl RocksStore {
                 ColumnFamilyDescriptor::new(IDEMPOTENCY_CF, idempotency),
                 ColumnFamilyDescriptor::new(USER_STATE_CF, user_state),
                 ColumnFamilyDescriptor::new(META_CF, Options::default()),
+                ColumnFamilyDescriptor::new(AUDIT_CF, Options::default()),
+                ColumnFamilyDescriptor::new(AUDIT_BY_USER_CF, Options::default()),
             ],
         )
         .map_err(engine)?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(durability == Durability::Sync);
         write_options.disable_wal(false);
+        let audit_tail = {
+            let mut iterator = db.raw_iterator_cf(db.cf_handle(AUDIT_CF).expect("created above"));
+            iterator.seek_to_last();
+            let tail = match iterator.value() {
+                Some(bytes) => {
+                    let record = decode_record(bytes)
+                        .map_err(|error| StorageError::Corrupt(error.to_string()))?;
+                    (record.sequence + 1, record.hash)
+                }
+                None => (0, [0; HASH_LEN]),
+            };
+            iterator.status().map_err(engine)?;
+            tail
+        };
         Ok(RocksStore {
             db,
             write_options,
+            audit_tail: Mutex::new(audit_tail),
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -194,6 +222,40 @@ impl RocksStore {
 }
 
 impl RocksStore {
+    /// Writes `batch` together with `entries` appended to the audit log, in order.
+    fn write_with_audit(
+        &self,
+        mut batch: WriteBatch,
+        entries: &[AuditEntry],
+    ) -> Result<(), StorageError> {
+        let mut tail = self.audit_tail.lock();
+        let (mut sequence, mut previous) = *tail;
+        for entry in entries {
+            let record = chain(sequence, entry.clone(), previous);
+            batch.put_cf(
+                self.cf(AUDIT_CF),
+                sequence.to_be_bytes(),
+                encode_record(&record),
+            );
+            if let Some(user) = &entry.user {
+                let mut index_key = [0u8; PSEUDONYM_LEN + 8];
+                index_key[..PSEUDONYM_LEN].copy_from_slice(user);
+                index_key[PSEUDONYM_LEN..].copy_from_slice(&sequence.to_be_bytes());
+                batch.put_cf(self.cf(AUDIT_BY_USER_CF), index_key, []);
+            }
+            previous = record.hash;
+            sequence += 1;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(engine)?;
+        *tail = (sequence, previous);
+        Ok(())
+    }
+
     /// Adds to `batch` the changes `revalidate` makes to the rows of `user_id`; the caller
     /// holds the user's stripe. Returns how many values were removed.
     fn revalidate_rows(
@@ -286,6 +348,7 @@ impl Store for RocksStore {
         replay_since: Timestamp,
         fence: &[(u64, u64)],
         rows: &[RowWrite],
+        audit: &[AuditEntry],
         answer: AnswerBuilder<'_>,
     ) -> Result<Applied, StorageError> {
         let users: Vec<[u8; 8]> = rows
@@ -357,9 +420,7 @@ impl Store for RocksStore {
         record.extend_from_slice(&idempotency.fingerprint.to_le_bytes());
         record.extend_from_slice(&answer);
         batch.put_cf(self.cf(IDEMPOTENCY_CF), idempotency.key.as_bytes(), record);
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(engine)?;
+        self.write_with_audit(batch, audit)?;
         Ok(Applied::Fresh { answer })
     }
 
@@ -385,6 +446,7 @@ impl Store for RocksStore {
         update: &UserStateUpdate,
         now: Timestamp,
         revalidate: Revalidate<'_>,
+        audit: &AuditEntry,
     ) -> Result<UserState, StorageError> {
         let key = update.user_id.to_be_bytes();
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
@@ -415,10 +477,67 @@ impl Store for RocksStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
         self.revalidate_rows(update.user_id, Some(&state), revalidate, &mut batch)?;
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(engine)?;
+        self.write_with_audit(batch, std::slice::from_ref(audit))?;
         Ok(state)
+    }
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        self.write_with_audit(WriteBatch::default(), entries)
+    }
+
+    fn audit_trail(
+        &self,
+        user: &Pseudonym,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError> {
+        let mut sequences = Vec::new();
+        let mut iterator = self.db.raw_iterator_cf(self.cf(AUDIT_BY_USER_CF));
+        iterator.seek(user);
+        while sequences.len() < limit && iterator.valid() {
+            let Some(key) = iterator.key() else { break };
+            if !key.starts_with(user) {
+                break;
+            }
+            let sequence = key[PSEUDONYM_LEN..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    StorageError::Corrupt("an audit index key has no sequence number".to_string())
+                })?;
+            sequences.push(sequence.to_be_bytes());
+            iterator.next();
+        }
+        iterator.status().map_err(engine)?;
+        self.db
+            .batched_multi_get_cf(self.cf(AUDIT_CF), sequences.iter(), true)
+            .into_iter()
+            .map(|result| {
+                let bytes = result.map_err(engine)?.ok_or_else(|| {
+                    StorageError::Corrupt("an indexed audit record is missing".to_string())
+                })?;
+                decode_record(&bytes).map_err(|error| StorageError::Corrupt(error.to_string()))
+            })
+            .collect()
+    }
+
+    fn verify_audit(&self) -> Result<ChainReport, StorageError> {
+        let mut iterator = self.db.raw_iterator_cf(self.cf(AUDIT_CF));
+        iterator.seek_to_first();
+        let mut records = Vec::new();
+        while iterator.valid() {
+            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
+                break;
+            };
+            let sequence = key.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+            records.push((sequence, value.to_vec()));
+            iterator.next();
+        }
+        iterator.status().map_err(engine)?;
+        Ok(verify_chain(
+            records
+                .iter()
+                .map(|(sequence, bytes)| (*sequence, bytes.as_slice())),
+        ))
     }
 
     fn revalidate_user(
@@ -480,6 +599,8 @@ impl Store for RocksStore {
                     self.cf(IDEMPOTENCY_CF),
                     self.cf(USER_STATE_CF),
                     self.cf(META_CF),
+                    self.cf(AUDIT_CF),
+                    self.cf(AUDIT_BY_USER_CF),
                 ],
                 &rocksdb::FlushOptions::default(),
             )
@@ -605,6 +726,7 @@ mod tests {
                 Timestamp::from_unix_micros(0),
                 &[],
                 &rows,
+                &[],
                 &mut |outcomes| {
                     assert_eq!(outcomes, [vec![ValueOutcome::Stored]]);
                     b"answer".to_vec()
