@@ -132,7 +132,10 @@ fn main() {
         })
         .expect("user state");
     let source = registry.source("ai_chat").expect("registered");
-    let surfaces: Vec<_> = SURFACES.iter().map(|name| registry.surface(name).expect("registered")).collect();
+    let surfaces: Vec<_> = SURFACES
+        .iter()
+        .map(|name| registry.surface(name).expect("registered"))
+        .collect();
     let facts = ValueFacts {
         source,
         interaction_time: Timestamp::from_unix_micros(NOW - 60_000_000),
@@ -145,7 +148,12 @@ fn main() {
     let bucketed_ns = median_ns(31, FEATURES * SURFACES.len() * 100, || {
         for _ in 0..FEATURES * 100 {
             for surface in &surfaces {
-                black_box(policy.decide(&policy.input(black_box(&facts), Some(&user), surface, now)));
+                black_box(policy.decide(&policy.input(
+                    black_box(&facts),
+                    Some(&user),
+                    surface,
+                    now,
+                )));
             }
         }
     });
@@ -164,8 +172,13 @@ fn main() {
 
     println!("| measure | median | note |");
     println!("| --- | ---: | --- |");
-    println!("| one decision (table lookup) | {decision_ns:.1} ns | over {} inputs spread across the table |", inputs.len());
-    println!("| one decision with bucketing | {bucketed_ns:.1} ns | jurisdiction group, linked apps, retention, confidence |");
+    println!(
+        "| one decision (table lookup) | {decision_ns:.1} ns | over {} inputs spread across the table |",
+        inputs.len()
+    );
+    println!(
+        "| one decision with bucketing | {bucketed_ns:.1} ns | jurisdiction group, linked apps, retention, confidence |"
+    );
     println!(
         "| policy step of a 100 × 3 write | {:.1} µs | 300 bucketed decisions |",
         policy_step_ns / 1000.0

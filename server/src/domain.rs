@@ -289,9 +289,14 @@ impl Core {
             return StoredRow::default();
         };
         row.values.retain_mut(|value| {
-            let Some(source) = self.registry.source_by_id(value.source) else {
+            let (Some(source), Some(feature)) = (
+                self.registry.source_by_id(value.source),
+                self.registry.feature_by_id(value.feature),
+            ) else {
                 return false;
             };
+            let topic = (!value.topic_id.is_empty()).then_some(value.topic_id.as_str());
+            value.sensitivity = policy.value_sensitivity(feature.sensitivity, topic, &value.value);
             let facts = ValueFacts {
                 source,
                 interaction_time: value.event_time,

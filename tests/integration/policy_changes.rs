@@ -128,8 +128,13 @@ async fn a_state_change_purges_what_it_now_forbids() {
 }
 
 fn tightened_bundle() -> String {
-    // The US joins the excluded regions.
-    let bundle = DEFAULT_BUNDLE_TOML.replace("uk = [\"GB\"]", "uk = [\"GB\", \"US\"]");
+    // The US joins the excluded regions, and cycling becomes a health topic.
+    let bundle = DEFAULT_BUNDLE_TOML
+        .replace("uk = [\"GB\"]", "uk = [\"GB\", \"US\"]")
+        .replace(
+            "\"health\" = \"health\"",
+            "\"health\" = \"health\"\n\"cycling\" = \"health\"",
+        );
     assert_ne!(bundle, DEFAULT_BUNDLE_TOML);
     bundle
 }
@@ -169,6 +174,25 @@ async fn reloading_a_tighter_bundle_purges_what_it_forbids() {
         .expect("state");
     store_everywhere(&server, 1).await;
     store_everywhere(&server, 2).await;
+    let mut cycling = row(
+        2,
+        &ALL_SURFACES,
+        at(-60),
+        vec![("interest_cooking", Value::Float(0.6))],
+    );
+    cycling.features[0].topic = Some(featurestore::domain::Topic {
+        id: "cycling/commute".to_string(),
+        confidence: Some(0.9),
+    });
+    let response = server
+        .client
+        .write_features(write("cycling", vec![cycling]))
+        .await
+        .expect("write");
+    assert!(
+        response.rows[0].verdicts[0].reasons.is_empty(),
+        "{response:?}"
+    );
     let before = server.client.policy_status().await.expect("status");
 
     // An invalid bundle is refused, naming the problem, and the old one stays in force.
@@ -204,7 +228,10 @@ async fn reloading_a_tighter_bundle_purges_what_it_forbids() {
     let finished = wait_for_purge(&server).await;
     assert!(finished.purge_finished_at_unix_micros > 0);
     assert_eq!(finished.purge_users_done, 2);
-    assert_eq!(finished.purge_values_removed, 4, "user 1's four values");
+    assert_eq!(
+        finished.purge_values_removed, 8,
+        "user 1's four values, user 2's four cycling values"
+    );
     assert_eq!(
         statuses(&server, 1).await,
         [GONE; 4],
@@ -215,6 +242,19 @@ async fn reloading_a_tighter_bundle_purges_what_it_forbids() {
         [PRESENT; 4],
         "a Brazilian user's stay, re-stamped"
     );
+    let keys: Vec<(u64, &str)> = ALL_SURFACES.iter().map(|surface| (2, *surface)).collect();
+    let response = server
+        .client
+        .get_features(read(&keys, &["interest_cooking"]))
+        .await
+        .expect("read");
+    for index in 0..keys.len() {
+        assert_eq!(
+            status(&response, index, "interest_cooking"),
+            GONE,
+            "a topic re-classified as health is purged"
+        );
+    }
 
     // Writes now follow the new bundle.
     let response = server
@@ -285,6 +325,7 @@ async fn reads_withhold_values_the_policy_forbids_however_they_got_in() {
             sensitivity,
             policy_version,
             origin_app: "facebook".to_string(),
+            topic_id: String::new(),
             microphone_permission: false,
             topic_confidence: None,
             value: Value::Float(0.9),

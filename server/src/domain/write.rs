@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use featurestore::domain::{FeatureWrite, Timestamp, Value, WriteRequest, WriteRow};
+use featurestore::domain::{FeatureWrite, Timestamp, WriteRequest, WriteRow};
 use featurestore::proto::{self, ReasonCode};
 use prost::Message;
 
@@ -14,7 +14,7 @@ use super::Core;
 use crate::audit::{AuditAction, AuditEntry};
 use crate::error::Error;
 use crate::policy::{Policy, Reasons, ValueFacts};
-use crate::registry::{Feature, Sensitivity, Source, Surface};
+use crate::registry::{Source, Surface};
 use crate::storage::{
     Applied, ErasureState, IdempotencyRecord, RowKey, RowWrite, StorageError, StoredValue,
     UserState, ValueOutcome,
@@ -356,7 +356,11 @@ impl Core {
             interaction_time: row.provenance.interaction_time,
             microphone_permission: row.provenance.microphone_permission_granted,
             origin_app: &row.provenance.origin_app,
-            sensitivity: sensitivity(feature, feature_write, policy),
+            sensitivity: policy.value_sensitivity(
+                feature.sensitivity,
+                feature_write.topic.as_ref().map(|topic| topic.id.as_str()),
+                &feature_write.value,
+            ),
             topic_confidence: feature_write
                 .topic
                 .as_ref()
@@ -380,37 +384,14 @@ impl Core {
             sensitivity: facts.sensitivity,
             policy_version: policy.hash_prefix,
             origin_app: row.provenance.origin_app.clone(),
+            topic_id: feature_write
+                .topic
+                .as_ref()
+                .map_or_else(String::new, |topic| topic.id.clone()),
             microphone_permission: facts.microphone_permission,
             topic_confidence: facts.topic_confidence,
             value: feature_write.value.clone(),
         })
-    }
-}
-
-/// A value's sensitivity class: the feature's registered class, else the taxonomy's class
-/// of the value's topic, else of the first sensitive topic of a sparse value.
-fn sensitivity(feature: &Feature, feature_write: &FeatureWrite, policy: &Policy) -> Sensitivity {
-    if feature.sensitivity != Sensitivity::None {
-        return feature.sensitivity;
-    }
-    let topic = feature_write
-        .topic
-        .as_ref()
-        .map_or(Sensitivity::None, |topic| {
-            policy.topic_sensitivity(&topic.id)
-        });
-    if topic != Sensitivity::None {
-        return topic;
-    }
-    match &feature_write.value {
-        Value::Sparse(entries) => entries
-            .iter()
-            .map(|(topic, _)| policy.topic_sensitivity(topic))
-            .find(|class| *class != Sensitivity::None)
-            .unwrap_or(Sensitivity::None),
-        Value::Float(_) | Value::Int64(_) | Value::String(_) | Value::FloatVector(_) => {
-            Sensitivity::None
-        }
     }
 }
 

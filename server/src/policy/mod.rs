@@ -10,7 +10,7 @@ pub(crate) mod reference;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use featurestore::domain::Timestamp;
+use featurestore::domain::{Timestamp, Value};
 use featurestore::proto::ReasonCode;
 
 pub use bundle::{DEFAULT_BUNDLE_TOML, PolicyError, Rule};
@@ -198,6 +198,33 @@ impl Policy {
             .get(country)
             .copied()
             .unwrap_or(JurisdictionGroup::Other)
+    }
+
+    /// A value's sensitivity class: the feature's registered class, else the taxonomy's
+    /// class of the value's topic, else that of the first sensitive topic of a sparse value.
+    pub fn value_sensitivity(
+        &self,
+        registered: Sensitivity,
+        topic: Option<&str>,
+        value: &Value,
+    ) -> Sensitivity {
+        if registered != Sensitivity::None {
+            return registered;
+        }
+        let topic = topic.map_or(Sensitivity::None, |topic| self.topic_sensitivity(topic));
+        if topic != Sensitivity::None {
+            return topic;
+        }
+        match value {
+            Value::Sparse(entries) => entries
+                .iter()
+                .map(|(topic, _)| self.topic_sensitivity(topic))
+                .find(|class| *class != Sensitivity::None)
+                .unwrap_or(Sensitivity::None),
+            Value::Float(_) | Value::Int64(_) | Value::String(_) | Value::FloatVector(_) => {
+                Sensitivity::None
+            }
+        }
     }
 
     /// The sensitivity class of a taxonomy topic: the class of its longest listed prefix

@@ -6,6 +6,7 @@
 //! row    := version:u8  count:u16  entry*count  crc32:u32      (crc over all before it)
 //! entry  := feature:u16  type:u8  event_time:i64  write_time:i64  expires_at:i64
 //!           source:u16  sensitivity:u8  policy_version:u64  origin_app:(len:u8 bytes)
+//!           topic_id:(len:u8 bytes)
 //!           flags:u8 (1: microphone permission, 2: has confidence)  [confidence:f32]
 //!           payload
 //! payload:= f32 | i64 | len:u32 bytes | len:u16 f32*len | n:u16 (len:u8 topic weight:f32)*n
@@ -71,6 +72,8 @@ fn encode_value(value: &StoredValue, bytes: &mut Vec<u8>) {
     bytes.extend_from_slice(&value.policy_version.to_le_bytes());
     bytes.push(u8::try_from(value.origin_app.len()).expect("app names are at most 128 bytes"));
     bytes.extend_from_slice(value.origin_app.as_bytes());
+    bytes.push(u8::try_from(value.topic_id.len()).expect("topics are at most 128 bytes"));
+    bytes.extend_from_slice(value.topic_id.as_bytes());
     bytes.push(
         u8::from(value.microphone_permission) | (u8::from(value.topic_confidence.is_some()) << 1),
     );
@@ -150,6 +153,8 @@ fn decode_value(reader: &mut Reader<'_>) -> Result<StoredValue, CodecError> {
     let policy_version = reader.u64()?;
     let origin_app_len = usize::from(reader.u8()?);
     let origin_app = reader.text(origin_app_len)?;
+    let topic_id_len = usize::from(reader.u8()?);
+    let topic_id = reader.text(topic_id_len)?;
     let flags = reader.u8()?;
     if flags > 3 {
         return Err(CodecError("unknown flags"));
@@ -195,6 +200,7 @@ fn decode_value(reader: &mut Reader<'_>) -> Result<StoredValue, CodecError> {
         sensitivity,
         policy_version,
         origin_app,
+        topic_id,
         microphone_permission: flags & 1 != 0,
         topic_confidence,
         value,
@@ -437,6 +443,7 @@ pub(crate) mod tests {
             (
                 any::<u64>(),
                 "[a-z]{0,10}",
+                "[a-z/]{0,12}",
                 any::<bool>(),
                 proptest::option::of(0.0f32..=1.0),
             ),
@@ -450,7 +457,7 @@ pub(crate) mod tests {
                     expires_at,
                     source,
                     sensitivity,
-                    (policy_version, origin_app, microphone_permission, topic_confidence),
+                    (policy_version, origin_app, topic_id, microphone_permission, topic_confidence),
                     value,
                 )| StoredValue {
                     feature: FeatureId(feature),
@@ -461,6 +468,7 @@ pub(crate) mod tests {
                     sensitivity: Sensitivity::from_code(sensitivity).expect("0..8 are all classes"),
                     policy_version,
                     origin_app,
+                    topic_id,
                     microphone_permission,
                     topic_confidence,
                     value,

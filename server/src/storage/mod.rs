@@ -39,6 +39,9 @@ pub struct StoredValue {
     pub policy_version: u64,
     /// The app the interaction happened in.
     pub origin_app: String,
+    /// For topic values: the taxonomy topic (empty when none), kept so that a new
+    /// taxonomy can re-classify the value.
+    pub topic_id: String,
     /// For voice sources: whether microphone permission had been granted.
     pub microphone_permission: bool,
     /// For topic values: the classifier's confidence.

@@ -638,6 +638,7 @@ mod tests {
             sensitivity: Sensitivity::None,
             policy_version: 0,
             origin_app: "facebook".to_string(),
+            topic_id: String::new(),
             microphone_permission: false,
             topic_confidence: None,
             value: Value::Float(number),
