@@ -200,3 +200,13 @@ pub fn read(keys: &[(u64, &str)], features: &[&str]) -> ReadRequest {
 pub fn at(seconds: i64) -> Timestamp {
     Timestamp::from_unix_micros(START_TIME.unix_micros() + seconds * 1_000_000)
 }
+
+/// Opens a stopped server's RocksDB directly, to change it behind the server's back.
+pub fn open_database_directly(data_dir: &TempDir) -> rocksdb::DB {
+    rocksdb::DB::open_cf(
+        &rocksdb::Options::default(),
+        data_dir.path().join("db"),
+        featurestore_server::storage::COLUMN_FAMILIES,
+    )
+    .expect("open the server's database")
+}

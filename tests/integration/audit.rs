@@ -89,19 +89,7 @@ async fn tampering_with_a_record_is_detected() {
 
     // Change who a record says was refused what, behind the server's back.
     {
-        let db = rocksdb::DB::open_cf(
-            &rocksdb::Options::default(),
-            directory.path().join("db"),
-            [
-                "features",
-                "idempotency",
-                "user_state",
-                "meta",
-                "audit",
-                "audit_by_user",
-            ],
-        )
-        .expect("open the server's database");
+        let db = featurestore_tests::open_database_directly(&directory);
         let audit = db.cf_handle("audit").expect("audit column family");
         let key = 3u64.to_be_bytes();
         let record = db

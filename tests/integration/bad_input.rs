@@ -221,20 +221,7 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
 
     // Damage user 1's row behind the server's back.
     {
-        let path = data_dir.path().join("db");
-        let db = rocksdb::DB::open_cf(
-            &rocksdb::Options::default(),
-            &path,
-            [
-                "features",
-                "idempotency",
-                "user_state",
-                "meta",
-                "audit",
-                "audit_by_user",
-            ],
-        )
-        .expect("open the server's database");
+        let db = featurestore_tests::open_database_directly(&data_dir);
         let features = db.cf_handle("features").expect("features column family");
         let key = encode_row_key(RowKey {
             user_id: 1,

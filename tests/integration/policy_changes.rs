@@ -302,19 +302,7 @@ async fn reads_withhold_values_the_policy_forbids_however_they_got_in() {
     // surface stamped with the current bundle, and a value stamped by a bundle that was
     // never in force.
     {
-        let db = rocksdb::DB::open_cf(
-            &rocksdb::Options::default(),
-            directory.path().join("db"),
-            [
-                "features",
-                "idempotency",
-                "user_state",
-                "meta",
-                "audit",
-                "audit_by_user",
-            ],
-        )
-        .expect("open the server's database");
+        let db = featurestore_tests::open_database_directly(&directory);
         let features = db.cf_handle("features").expect("features column family");
         let value = |feature: u16, sensitivity, policy_version| StoredValue {
             feature: FeatureId(feature),

@@ -111,14 +111,20 @@ fn encode_value(value: &StoredValue, bytes: &mut Vec<u8>) {
     }
 }
 
-/// Decodes a row, checking its checksum, lengths and order.
-pub fn decode_row(bytes: &[u8]) -> Result<StoredRow, CodecError> {
+/// The bytes before the trailing CRC32, if it matches them.
+fn checked_body(bytes: &[u8]) -> Result<&[u8], CodecError> {
     let (body, checksum) = bytes
         .split_last_chunk::<4>()
         .ok_or(CodecError("shorter than a checksum"))?;
     if crc32fast::hash(body) != u32::from_le_bytes(*checksum) {
         return Err(CodecError("checksum mismatch"));
     }
+    Ok(body)
+}
+
+/// Decodes a row, checking its checksum, lengths and order.
+pub fn decode_row(bytes: &[u8]) -> Result<StoredRow, CodecError> {
+    let body = checked_body(bytes)?;
     let mut reader = Reader { bytes: body };
     if reader.u8()? != FORMAT_VERSION {
         return Err(CodecError("unknown format version"));
@@ -359,12 +365,7 @@ pub fn encode_user_state(state: &UserState) -> Vec<u8> {
 
 /// Decodes a user state stored under `user_id`.
 pub fn decode_user_state(user_id: u64, bytes: &[u8]) -> Result<UserState, CodecError> {
-    let (body, checksum) = bytes
-        .split_last_chunk::<4>()
-        .ok_or(CodecError("shorter than a checksum"))?;
-    if crc32fast::hash(body) != u32::from_le_bytes(*checksum) {
-        return Err(CodecError("checksum mismatch"));
-    }
+    let body = checked_body(bytes)?;
     let mut reader = Reader { bytes: body };
     if reader.u8()? != USER_STATE_VERSION {
         return Err(CodecError("unknown user state version"));

@@ -11,7 +11,7 @@ use std::fmt::Debug;
 
 use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
 
-pub use rocks::RocksStore;
+pub use rocks::{COLUMN_FAMILIES, RocksStore};
 
 use crate::audit::{AuditEntry, AuditRecord, ChainReport, Pseudonym};
 use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};

@@ -41,6 +41,15 @@ const USER_STATE_CF: &str = "user_state";
 const META_CF: &str = "meta";
 const AUDIT_CF: &str = "audit";
 const AUDIT_BY_USER_CF: &str = "audit_by_user";
+/// Every column family of the database, for tools that open it directly.
+pub const COLUMN_FAMILIES: [&str; 6] = [
+    FEATURES_CF,
+    IDEMPOTENCY_CF,
+    USER_STATE_CF,
+    META_CF,
+    AUDIT_CF,
+    AUDIT_BY_USER_CF,
+];
 /// Lock stripes serializing read-modify-write of a user's rows and state, and of
 /// idempotency keys.
 const WRITE_LOCK_STRIPES: usize = 1024;
