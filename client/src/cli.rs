@@ -84,6 +84,8 @@ enum Command {
     },
     /// Check the audit log's hash chain (admin role); exits with 4 when it is broken.
     VerifyAudit,
+    /// Remove expired values from the data files now (admin role).
+    Sweep,
     /// Read features for (user, surface) keys.
     Read {
         /// Surface of every --user.
@@ -297,6 +299,14 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                     "sequence", "time", "action", "caller", "subject", "surfaces", "reasons",
                 ],
                 &rows,
+            )?;
+        }
+        Command::Sweep => {
+            let report = client.sweep_expired().await.map_err(call)?;
+            writeln!(
+                out,
+                "swept {} users, removed {} values",
+                report.users_swept, report.values_removed
             )?;
         }
         Command::VerifyAudit => {

@@ -251,6 +251,16 @@ impl Client {
         .await
     }
 
+    /// Runs the retention sweep now (admin role).
+    pub async fn sweep_expired(&self) -> Result<proto::SweepReport, ClientError> {
+        let admin = self.admin.clone();
+        self.call(proto::SweepExpiredRequest {}, move |_, request| {
+            let mut admin = admin.clone();
+            async move { admin.sweep_expired(request).await }
+        })
+        .await
+    }
+
     /// Checks the audit log's hash chain (admin role).
     pub async fn verify_audit_log(&self) -> Result<proto::AuditLogVerification, ClientError> {
         let admin = self.admin.clone();

@@ -22,6 +22,9 @@ pub struct Config {
     pub policy_bundle_path: Option<PathBuf>,
     /// Whether each write is synced to disk before it is acknowledged.
     pub durability: Durability,
+    /// How often the retention sweep removes expired values from disk; zero disables it.
+    #[serde(with = "humantime_serde")]
+    pub retention_sweep_interval: Duration,
     /// How long a write's idempotency key is remembered.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
@@ -37,6 +40,7 @@ impl Default for Config {
             registry_path: None,
             policy_bundle_path: None,
             durability: Durability::Sync,
+            retention_sweep_interval: Duration::from_secs(60 * 60),
             idempotency_window: Duration::from_secs(24 * 60 * 60),
             limits: Limits::default(),
             storage: StorageConfig::default(),

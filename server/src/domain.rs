@@ -274,6 +274,31 @@ impl Core {
         Ok(())
     }
 
+    /// The retention sweep: re-validates every user's rows (dropping expired values, and
+    /// whatever the policy now forbids), then compacts the features so that the dropped
+    /// bytes leave the files. Returns (users swept, values removed).
+    pub fn sweep(&self) -> Result<(u64, u64), Error> {
+        let policy = self.policy();
+        let (mut users_swept, mut removed) = (0u64, 0u64);
+        let mut from_user = 0;
+        loop {
+            let users = self
+                .store
+                .users_with_rows(from_user, PURGE_USERS_PER_SCAN)?;
+            for &user_id in &users {
+                removed += self.revalidate_user(user_id, &policy, "retention-sweep")? as u64;
+                users_swept += 1;
+            }
+            match users.last().and_then(|last| last.checked_add(1)) {
+                Some(next) if users.len() == PURGE_USERS_PER_SCAN => from_user = next,
+                _ => break,
+            }
+        }
+        self.store.compact_features()?;
+        tracing::info!(users = users_swept, removed, "retention sweep finished");
+        Ok((users_swept, removed))
+    }
+
     /// Decides again which values of a stored row may stay under `policy` and the user's
     /// `state`: allowed values stay, re-stamped with the bundle and with their expiry
     /// clamped by its retention; refused and expired values go.

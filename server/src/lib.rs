@@ -121,6 +121,13 @@ pub async fn run_with_clock(
     };
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(Arc::clone(&core), shutdown.clone()));
+    if !config.retention_sweep_interval.is_zero() {
+        tokio::spawn(sweep_periodically(
+            Arc::clone(&core),
+            config.retention_sweep_interval,
+            shutdown.clone(),
+        ));
+    }
     let limits = &config.limits;
     let handlers = FeatureStoreService::new(
         core,
@@ -196,6 +203,28 @@ pub async fn run_with_clock(
         .context("cannot flush the database at shutdown")?;
     tracing::info!("stopped; database flushed");
     Ok(())
+}
+
+/// Runs the retention sweep every `interval` until shutdown.
+async fn sweep_periodically(
+    core: Arc<Core>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let core = Arc::clone(&core);
+        match tokio::task::spawn_blocking(move || core.sweep()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "retention sweep failed"),
+            Err(error) => tracing::error!(%error, "retention sweep task failed"),
+        }
+    }
 }
 
 /// Reloads the policy bundle on every SIGHUP until shutdown.

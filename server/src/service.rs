@@ -216,6 +216,21 @@ fn audit_record_to_proto(record: AuditRecord) -> proto::AuditRecord {
 
 #[tonic::async_trait]
 impl Admin for FeatureStoreService {
+    async fn sweep_expired(
+        &self,
+        _request: Request<proto::SweepExpiredRequest>,
+    ) -> Result<Response<proto::SweepReport>, Status> {
+        let core = Arc::clone(&self.core);
+        let (users_swept, values_removed) = tokio::task::spawn_blocking(move || core.sweep())
+            .await
+            .map_err(|error| status(Error::Task(error.to_string())))?
+            .map_err(status)?;
+        Ok(Response::new(proto::SweepReport {
+            users_swept,
+            values_removed,
+        }))
+    }
+
     async fn verify_audit_log(
         &self,
         _request: Request<proto::VerifyAuditLogRequest>,

@@ -8,6 +8,7 @@ mod lifecycle;
 mod policy;
 mod policy_changes;
 mod read_write;
+mod retention;
 
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};
 

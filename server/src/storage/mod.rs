@@ -224,6 +224,10 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError>;
 
+    /// Flushes the features to disk and compacts them fully, so that bytes of deleted or
+    /// rewritten rows leave the engine's files.
+    fn compact_features(&self) -> Result<(), StorageError>;
+
     /// Makes everything written so far durable in the engine's files.
     fn flush(&self) -> Result<(), StorageError>;
 }

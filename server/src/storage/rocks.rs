@@ -120,6 +120,21 @@ impl RocksStore {
         features.set_block_based_table_factory(&table);
         features.set_write_buffer_size(config.write_buffer_bytes);
         features.set_compression_type(DBCompressionType::Lz4);
+        // Rows whose every value has expired are dropped whenever compaction meets them;
+        // rows with some expired values are rewritten by the retention sweep.
+        let expiry_clock = Arc::clone(&clock);
+        features.set_compaction_filter(
+            "featurestore.expired_rows",
+            move |_level, _key, value: &[u8]| {
+                let now = expiry_clock.now();
+                match decode_row(value) {
+                    Ok(row) if row.values.iter().all(|value| value.expires_at <= now) => {
+                        Decision::Remove
+                    }
+                    _ => Decision::Keep,
+                }
+            },
+        );
         features.set_merge_operator_associative(
             "featurestore.last_event_time_wins.v1",
             codec::merge_operator,
@@ -597,6 +612,16 @@ impl Store for RocksStore {
         self.db
             .put_cf_opt(self.cf(META_CF), key.as_bytes(), value, &self.write_options)
             .map_err(engine)
+    }
+
+    fn compact_features(&self) -> Result<(), StorageError> {
+        let features = self.cf(FEATURES_CF);
+        self.db.flush_cf(features).map_err(engine)?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(features, None::<&[u8]>, None::<&[u8]>, &options);
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StorageError> {
