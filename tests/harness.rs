@@ -223,10 +223,10 @@ pub fn files_containing(directory: &std::path::Path, needle: &[u8]) -> Vec<std::
             let path = entry.path();
             if path.is_dir() {
                 pending.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                if bytes.windows(needle.len()).any(|window| window == needle) {
-                    found.push(path);
-                }
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|window| window == needle)
+            {
+                found.push(path);
             }
         }
     }
