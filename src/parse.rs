@@ -20,7 +20,7 @@ pub struct InvalidRequest {
 }
 
 impl InvalidRequest {
-    fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
         InvalidRequest {
             field: field.into(),
             problem: problem.into(),

@@ -48,6 +48,8 @@ impl TestServer {
     pub async fn start_with(data_dir: TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             data_dir: data_dir.path().join("db"),
+            erasure_ledger_path: data_dir.path().join("erasures.jsonl"),
+            backup_dir: data_dir.path().join("backups"),
             durability: Durability::Buffered,
             ..Config::default()
         };

@@ -86,6 +86,12 @@ enum Command {
     VerifyAudit,
     /// Remove expired values from the data files now (admin role).
     Sweep,
+    /// Erase a user (privacy role) and print the receipt.
+    Erase { user_id: u64 },
+    /// Show an erasure's receipt (privacy role).
+    ErasureStatus { receipt_id: String },
+    /// Write a backup of the database on the server (admin role).
+    Backup,
     /// Read features for (user, surface) keys.
     Read {
         /// Surface of every --user.
@@ -301,6 +307,18 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 &rows,
             )?;
         }
+        Command::Erase { user_id } => {
+            let receipt = client.erase_user(user_id).await.map_err(call)?;
+            print_receipt(out, &receipt)?;
+        }
+        Command::ErasureStatus { receipt_id } => {
+            let receipt = client.erasure_status(&receipt_id).await.map_err(call)?;
+            print_receipt(out, &receipt)?;
+        }
+        Command::Backup => {
+            let backup = client.create_backup().await.map_err(call)?;
+            writeln!(out, "backup written to {} on the server", backup.path)?;
+        }
         Command::Sweep => {
             let report = client.sweep_expired().await.map_err(call)?;
             writeln!(
@@ -397,6 +415,58 @@ fn read_input(file: Option<&str>) -> anyhow::Result<String> {
             Ok(text)
         }
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}")),
+    }
+}
+
+fn print_receipt(out: &mut dyn Write, receipt: &proto::ErasureReceipt) -> std::io::Result<()> {
+    let mut rows = vec![
+        vec!["receipt".to_string(), receipt.receipt_id.clone()],
+        vec!["user".to_string(), receipt.user_id.to_string()],
+        vec![
+            "requested".to_string(),
+            format_time_micros(receipt.requested_at_unix_micros),
+        ],
+        vec![
+            "fenced".to_string(),
+            format_time_micros(receipt.fenced_at_unix_micros),
+        ],
+        vec![
+            "deleted".to_string(),
+            format_time_micros(receipt.deleted_at_unix_micros),
+        ],
+        vec![
+            "compacted".to_string(),
+            format_time_micros(receipt.compacted_at_unix_micros),
+        ],
+        vec![
+            "verified".to_string(),
+            format_time_micros(receipt.verified_at_unix_micros),
+        ],
+        vec![
+            "result".to_string(),
+            if receipt.verified {
+                "nothing left".to_string()
+            } else {
+                "NOT VERIFIED".to_string()
+            },
+        ],
+    ];
+    for reapplied in &receipt.reapplied_at_unix_micros {
+        rows.push(vec![
+            "reapplied".to_string(),
+            format_time_micros(*reapplied),
+        ]);
+    }
+    print_table(out, &["step", "finished"], &rows)
+}
+
+/// A time with its microseconds, for steps that finish within a second of each other.
+fn format_time_micros(micros: i64) -> String {
+    match u64::try_from(micros) {
+        Ok(micros) if micros > 0 => {
+            humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(micros)).to_string()
+        }
+        _ => "-".to_string(),
     }
 }
 

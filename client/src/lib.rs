@@ -251,6 +251,42 @@ impl Client {
         .await
     }
 
+    /// Erases a user (privacy role); returns when every step is done.
+    pub async fn erase_user(&self, user_id: u64) -> Result<proto::ErasureReceipt, ClientError> {
+        let privacy = self.privacy.clone();
+        self.call(proto::EraseUserRequest { user_id }, move |_, request| {
+            let mut privacy = privacy.clone();
+            async move { privacy.erase_user(request).await }
+        })
+        .await
+    }
+
+    /// The receipt of an erasure (privacy role).
+    pub async fn erasure_status(
+        &self,
+        receipt_id: &str,
+    ) -> Result<proto::ErasureReceipt, ClientError> {
+        let privacy = self.privacy.clone();
+        let request = proto::GetErasureStatusRequest {
+            receipt_id: receipt_id.to_string(),
+        };
+        self.call(request, move |_, request| {
+            let mut privacy = privacy.clone();
+            async move { privacy.get_erasure_status(request).await }
+        })
+        .await
+    }
+
+    /// Writes a backup on the server (admin role).
+    pub async fn create_backup(&self) -> Result<proto::BackupInfo, ClientError> {
+        let admin = self.admin.clone();
+        self.call(proto::CreateBackupRequest {}, move |_, request| {
+            let mut admin = admin.clone();
+            async move { admin.create_backup(request).await }
+        })
+        .await
+    }
+
     /// Runs the retention sweep now (admin role).
     pub async fn sweep_expired(&self) -> Result<proto::SweepReport, ClientError> {
         let admin = self.admin.clone();

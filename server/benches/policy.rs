@@ -12,7 +12,7 @@ use featurestore::domain::{
 };
 use featurestore_server::clock::ManualClock;
 use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::domain::Core;
+use featurestore_server::domain::{Core, CoreOptions};
 use featurestore_server::policy::{DecisionInput, Policy, ValueFacts};
 use featurestore_server::registry::{Registry, Sensitivity};
 use featurestore_server::storage::{RocksStore, Store};
@@ -104,7 +104,7 @@ fn main() {
     let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
     let store: Arc<dyn Store> = Arc::new(
         RocksStore::open(
-            directory.path(),
+            &directory.path().join("db"),
             &StorageConfig::default(),
             Durability::Buffered,
             Duration::from_secs(3600),
@@ -112,13 +112,18 @@ fn main() {
         )
         .expect("open store"),
     );
+    let options = CoreOptions {
+        policy_path: None,
+        idempotency_window: Duration::from_secs(3600),
+        ledger_path: directory.path().join("erasures.jsonl"),
+        backup_dir: directory.path().join("backups"),
+    };
     let core = Core::new(
         Arc::clone(&registry),
         Arc::clone(&policy),
-        None,
         store,
         clock,
-        Duration::from_secs(3600),
+        options,
     )
     .expect("core");
     let user = core

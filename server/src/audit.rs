@@ -32,16 +32,22 @@ pub enum AuditAction {
     PolicyLoaded = 5,
     /// Stored values were removed because the policy or the user's state changed.
     ValuesPurged = 6,
+    /// The user was erased (or erased again after a restore).
+    UserErased = 7,
+    /// A backup was written.
+    BackupCreated = 8,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 6] = [
+    pub const ALL: [AuditAction; 8] = [
         AuditAction::Write,
         AuditAction::FeatureDenied,
         AuditAction::FeatureTransformed,
         AuditAction::UserStateSet,
         AuditAction::PolicyLoaded,
         AuditAction::ValuesPurged,
+        AuditAction::UserErased,
+        AuditAction::BackupCreated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +58,8 @@ impl AuditAction {
             AuditAction::UserStateSet => "user_state_set",
             AuditAction::PolicyLoaded => "policy_loaded",
             AuditAction::ValuesPurged => "values_purged",
+            AuditAction::UserErased => "user_erased",
+            AuditAction::BackupCreated => "backup_created",
         }
     }
 }
@@ -86,32 +94,15 @@ pub struct AuditRecord {
     pub hash: [u8; HASH_LEN],
 }
 
-/// Computes pseudonyms with a secret key.
-#[derive(Clone)]
-pub struct Pseudonymizer {
-    key: [u8; 32],
-}
-
-impl std::fmt::Debug for Pseudonymizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pseudonymizer { key: <secret> }")
-    }
-}
-
-impl Pseudonymizer {
-    pub fn new(key: [u8; 32]) -> Self {
-        Pseudonymizer { key }
-    }
-
-    pub fn pseudonym(&self, user_id: u64) -> Pseudonym {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes a key of any length");
-        mac.update(&user_id.to_be_bytes());
-        let digest = mac.finalize().into_bytes();
-        digest[..PSEUDONYM_LEN]
-            .try_into()
-            .expect("a SHA-256 MAC has 32 bytes")
-    }
+/// The pseudonym of a user under the user's own secret key. Destroying the key (at
+/// erasure) makes the user's records unlinkable: the pseudonym can no longer be computed.
+pub fn pseudonym(key: &[u8; 32], user_id: u64) -> Pseudonym {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(&user_id.to_be_bytes());
+    let digest = mac.finalize().into_bytes();
+    digest[..PSEUDONYM_LEN]
+        .try_into()
+        .expect("a SHA-256 MAC has 32 bytes")
 }
 
 /// Encodes an entry's fields (all but the chain).
@@ -295,7 +286,7 @@ mod tests {
             action: AuditAction::FeatureDenied,
             caller: "pipeline@v1".to_string(),
             bundle_hash: "ab".repeat(32),
-            user: Some(Pseudonymizer::new([7; 32]).pseudonym(42)),
+            user: Some(pseudonym(&[7; 32], 42)),
             surfaces: "facebook_ads".to_string(),
             subject: subject.to_string(),
             reasons: 1 << 8,
@@ -363,10 +354,8 @@ mod tests {
 
     #[test]
     fn pseudonyms_depend_on_the_key() {
-        let one = Pseudonymizer::new([1; 32]);
-        let other = Pseudonymizer::new([2; 32]);
-        assert_eq!(one.pseudonym(42), one.pseudonym(42));
-        assert_ne!(one.pseudonym(42), one.pseudonym(43));
-        assert_ne!(one.pseudonym(42), other.pseudonym(42));
+        assert_eq!(pseudonym(&[1; 32], 42), pseudonym(&[1; 32], 42));
+        assert_ne!(pseudonym(&[1; 32], 42), pseudonym(&[1; 32], 43));
+        assert_ne!(pseudonym(&[1; 32], 42), pseudonym(&[2; 32], 42));
     }
 }

@@ -22,6 +22,11 @@ pub struct Config {
     pub policy_bundle_path: Option<PathBuf>,
     /// Whether each write is synced to disk before it is acknowledged.
     pub durability: Durability,
+    /// The erasure ledger: receipts of every erasure, kept outside the database so that
+    /// restoring a backup never brings an erased user back.
+    pub erasure_ledger_path: PathBuf,
+    /// Where `Admin.CreateBackup` writes backups.
+    pub backup_dir: PathBuf,
     /// How often the retention sweep removes expired values from disk; zero disables it.
     #[serde(with = "humantime_serde")]
     pub retention_sweep_interval: Duration,
@@ -40,6 +45,8 @@ impl Default for Config {
             registry_path: None,
             policy_bundle_path: None,
             durability: Durability::Sync,
+            erasure_ledger_path: PathBuf::from("featurestore-erasures.jsonl"),
+            backup_dir: PathBuf::from("featurestore-backups"),
             retention_sweep_interval: Duration::from_secs(60 * 60),
             idempotency_window: Duration::from_secs(24 * 60 * 60),
             limits: Limits::default(),

@@ -10,8 +10,9 @@ use std::time::Duration;
 use featurestore::domain::{Timestamp, UserStateUpdate};
 use parking_lot::{Mutex, RwLock};
 
-use crate::audit::{AuditAction, AuditEntry, Pseudonymizer};
+use crate::audit::{AuditAction, AuditEntry, Pseudonym, pseudonym};
 use crate::clock::Clock;
+use crate::erasure::{Ledger, Receipt};
 use crate::error::Error;
 use crate::policy::{Policy, ValueFacts};
 use crate::registry::Registry;
@@ -24,8 +25,6 @@ mod write;
 
 /// Meta key holding the hash of the bundle every stored value was last validated under.
 const VALIDATED_POLICY_KEY: &str = "validated_policy_hash";
-/// Meta key holding the secret key of user pseudonyms in the audit log.
-const PSEUDONYM_KEY: &str = "audit_pseudonym_key";
 /// Users re-validated per storage scan of a purge.
 const PURGE_USERS_PER_SCAN: usize = 1000;
 
@@ -69,35 +68,60 @@ pub struct Core {
     pub clock: Arc<dyn Clock>,
     /// How long an idempotency key's answer is replayed.
     pub idempotency_window: Duration,
-    /// Turns user ids into the pseudonyms the audit log records.
-    pub pseudonymizer: Pseudonymizer,
+    /// Receipts of every erasure, kept outside the database.
+    pub ledger: Ledger,
+    /// Where backups are written.
+    backup_dir: PathBuf,
+}
+
+/// Settings of a [`Core`] beyond its parts.
+#[derive(Clone, Debug)]
+pub struct CoreOptions {
+    /// Where a policy reload reads the bundle; `None` for the embedded default.
+    pub policy_path: Option<PathBuf>,
+    /// How long an idempotency key's answer is replayed.
+    pub idempotency_window: Duration,
+    /// The erasure ledger file.
+    pub ledger_path: PathBuf,
+    /// Where backups are written.
+    pub backup_dir: PathBuf,
 }
 
 impl Core {
     pub fn new(
         registry: Arc<Registry>,
         policy: Arc<Policy>,
-        policy_path: Option<PathBuf>,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        idempotency_window: Duration,
+        options: CoreOptions,
     ) -> Result<Core, Error> {
         let in_force = PolicyInForce {
             served_versions: vec![policy.hash_prefix],
             policy,
             loaded_at: clock.now(),
         };
-        let pseudonymizer = Pseudonymizer::new(pseudonym_key(store.as_ref())?);
+        let ledger =
+            Ledger::open(&options.ledger_path).map_err(|error| Error::Ledger(error.to_string()))?;
         Ok(Core {
             registry,
             policy: RwLock::new(in_force),
-            policy_path,
+            policy_path: options.policy_path,
             purge: Mutex::new(PurgeStatus::default()),
             store,
             clock,
-            idempotency_window,
-            pseudonymizer,
+            idempotency_window: options.idempotency_window,
+            ledger,
+            backup_dir: options.backup_dir,
         })
+    }
+
+    /// A user's audit pseudonym; its key is created when missing if `create`. `None` for a
+    /// user whose key does not exist (never audited, or erased).
+    pub fn pseudonym(&self, user_id: u64, create: bool) -> Result<Option<Pseudonym>, Error> {
+        Ok(self
+            .store
+            .pseudonym_key(user_id, create)?
+            .map(|key| pseudonym(&key, user_id)))
     }
 
     /// An audit entry stamped with the current time and bundle.
@@ -106,17 +130,21 @@ impl Core {
         action: AuditAction,
         caller: &str,
         user_id: Option<u64>,
-    ) -> AuditEntry {
-        AuditEntry {
+    ) -> Result<AuditEntry, Error> {
+        let user = match user_id {
+            Some(user_id) => self.pseudonym(user_id, true)?,
+            None => None,
+        };
+        Ok(AuditEntry {
             time: self.clock.now(),
             action,
             caller: caller.to_string(),
             bundle_hash: self.policy().hash.clone(),
-            user: user_id.map(|user_id| self.pseudonymizer.pseudonym(user_id)),
+            user,
             surfaces: String::new(),
             subject: String::new(),
             reasons: 0,
-        }
+        })
     }
 
     /// Re-validates one user's rows under the bundle in force, auditing what goes.
@@ -128,7 +156,7 @@ impl Core {
                 self.revalidate(policy, state, key, row, now)
             })?;
         if removed > 0 {
-            let mut entry = self.audit_entry(AuditAction::ValuesPurged, caller, Some(user_id));
+            let mut entry = self.audit_entry(AuditAction::ValuesPurged, caller, Some(user_id))?;
             entry.bundle_hash.clone_from(&policy.hash);
             entry.subject = format!("{removed} values");
             self.store.append_audit(&[entry])?;
@@ -136,9 +164,110 @@ impl Core {
         Ok(removed)
     }
 
-    /// Checks that every stored value was validated under the bundle in force; when not
-    /// (the server restarted with another bundle), starts a purge.
+    /// Erases a user: fences every later write, deletes every row in one range delete and
+    /// destroys the pseudonym key (one atomic write), compacts the bytes out of the data
+    /// files, and verifies that nothing is left. Each step is recorded in the ledger first.
+    pub fn erase_user(&self, user_id: u64) -> Result<Receipt, Error> {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id)
+            .map_err(|error| Error::Ledger(format!("no randomness for a receipt id: {error}")))?;
+        let mut receipt = Receipt {
+            id: format!(
+                "er-{}",
+                id.iter()
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect::<String>()
+            ),
+            user_id,
+            requested_at: self.clock.now().unix_micros(),
+            ..Receipt::default()
+        };
+        self.record(&receipt)?;
+        self.run_erasure(&mut receipt, "privacy")?;
+        Ok(receipt)
+    }
+
+    /// The steps of an erasure, recording each in the receipt and the ledger.
+    fn run_erasure(&self, receipt: &mut Receipt, caller: &str) -> Result<(), Error> {
+        let user_id = receipt.user_id;
+        let mut entry = self.audit_entry(AuditAction::UserErased, caller, Some(user_id))?;
+        entry.subject.clone_from(&receipt.id);
+        self.store.erase_user(user_id, self.clock.now(), &entry)?;
+        let now = self.clock.now().unix_micros();
+        receipt.fenced_at = Some(now);
+        receipt.deleted_at = Some(now);
+        self.record(receipt)?;
+        self.store.compact_user(user_id)?;
+        receipt.compacted_at = Some(self.clock.now().unix_micros());
+        self.record(receipt)?;
+        receipt.verified = !self.store.user_has_data(user_id)?;
+        receipt.verified_at = Some(self.clock.now().unix_micros());
+        if receipt.verified {
+            self.store.finish_erasure(user_id)?;
+        } else {
+            tracing::error!(receipt = %receipt.id, "erasure verification found data left");
+        }
+        self.record(receipt)
+    }
+
+    fn record(&self, receipt: &Receipt) -> Result<(), Error> {
+        self.ledger
+            .record(receipt)
+            .map_err(|error| Error::Ledger(error.to_string()))
+    }
+
+    /// An erasure's receipt.
+    pub fn erasure_receipt(&self, id: &str) -> Result<Receipt, Error> {
+        self.ledger
+            .receipt(id)
+            .ok_or_else(|| Error::NoReceipt { id: id.to_string() })
+    }
+
+    /// Erases again every user of the ledger whose data this database still holds, or
+    /// whose erasure did not finish (a database restored from an older backup, or a crash
+    /// during an erasure).
+    fn reapply_erasures(&self) -> Result<(), Error> {
+        let mut latest: std::collections::HashMap<u64, Receipt> = std::collections::HashMap::new();
+        for receipt in self.ledger.receipts() {
+            latest.insert(receipt.user_id, receipt);
+        }
+        for (user_id, mut receipt) in latest {
+            let state = self.store.read_user_states(&[user_id])?.pop().flatten();
+            let erased =
+                state.is_some_and(|state| state.erasure == crate::storage::ErasureState::Erased);
+            if erased && !self.store.user_has_data(user_id)? {
+                continue;
+            }
+            tracing::warn!(receipt = %receipt.id, "the database holds a user the ledger says was erased; erasing again");
+            receipt.reapplied_at.push(self.clock.now().unix_micros());
+            self.run_erasure(&mut receipt, "erasure-ledger")?;
+        }
+        Ok(())
+    }
+
+    /// Writes a consistent backup of the database; returns its directory.
+    pub fn backup(&self) -> Result<PathBuf, Error> {
+        std::fs::create_dir_all(&self.backup_dir).map_err(|error| {
+            Error::Backup(format!(
+                "cannot create {}: {error}",
+                self.backup_dir.display()
+            ))
+        })?;
+        let directory = self
+            .backup_dir
+            .join(format!("backup-{}", self.clock.now().unix_micros()));
+        self.store.checkpoint(&directory)?;
+        let mut entry = self.audit_entry(AuditAction::BackupCreated, "admin", None)?;
+        entry.subject = directory.display().to_string();
+        self.store.append_audit(&[entry])?;
+        Ok(directory)
+    }
+
+    /// Re-applies the erasure ledger, then checks that every stored value was validated
+    /// under the bundle in force; when not (the server restarted with another bundle),
+    /// starts a purge. Runs before the server serves.
     pub fn start(self: &Arc<Self>) -> Result<(), Error> {
+        self.reapply_erasures()?;
         let hash = self.policy().hash.clone();
         if self.store.read_meta(VALIDATED_POLICY_KEY)?.as_deref() == Some(hash.as_bytes()) {
             return Ok(());
@@ -204,7 +333,7 @@ impl Core {
                 loaded_at: self.clock.now(),
             };
         }
-        let mut entry = self.audit_entry(AuditAction::PolicyLoaded, "admin", None);
+        let mut entry = self.audit_entry(AuditAction::PolicyLoaded, "admin", None)?;
         entry.subject.clone_from(&new.version);
         self.store.append_audit(&[entry])?;
         Arc::clone(self).spawn_purge();
@@ -351,7 +480,7 @@ impl Core {
         let policy = self.policy();
         let now = self.clock.now();
         let mut entry =
-            self.audit_entry(AuditAction::UserStateSet, "privacy", Some(update.user_id));
+            self.audit_entry(AuditAction::UserStateSet, "privacy", Some(update.user_id))?;
         entry.bundle_hash.clone_from(&policy.hash);
         Ok(self.store.set_user_state(
             update,
@@ -369,24 +498,4 @@ impl Core {
             .flatten()
             .ok_or(Error::NoUserState { user_id })
     }
-}
-
-/// The secret key of audit pseudonyms: kept in the store, made at the first start from the
-/// operating system's random source.
-fn pseudonym_key(store: &dyn Store) -> Result<[u8; 32], Error> {
-    if let Some(key) = store.read_meta(PSEUDONYM_KEY)? {
-        return key.try_into().map_err(|_| {
-            Error::Storage(crate::storage::StorageError::Corrupt(
-                "the pseudonym key is not 32 bytes".to_string(),
-            ))
-        });
-    }
-    let mut key = [0u8; 32];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(Error::Random)?,
-        &mut key,
-    )
-    .map_err(Error::Random)?;
-    store.write_meta(PSEUDONYM_KEY, &key)?;
-    Ok(key)
 }

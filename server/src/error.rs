@@ -58,8 +58,12 @@ pub enum Error {
     CorruptReplay(String),
     #[error("request task failed: {0}")]
     Task(String),
-    #[error("cannot read the system's random source: {0}")]
-    Random(std::io::Error),
+    #[error("{0}")]
+    Ledger(String),
+    #[error("backup failed: {0}")]
+    Backup(String),
+    #[error("no erasure receipt {id:?}")]
+    NoReceipt { id: String },
 }
 
 impl Error {
@@ -68,7 +72,7 @@ impl Error {
             Error::InvalidRequest(_) | Error::UnknownFeature { .. } | Error::InvalidBundle(_) => {
                 ErrorKind::InvalidRequest
             }
-            Error::NoUserState { .. } => ErrorKind::NotFound,
+            Error::NoUserState { .. } | Error::NoReceipt { .. } => ErrorKind::NotFound,
             Error::Refused { .. } => ErrorKind::DeniedByPolicy,
             Error::IdempotencyKeyReused { .. }
             | Error::Storage(StorageError::GenerationChanged { .. }) => ErrorKind::Conflict,
@@ -78,7 +82,8 @@ impl Error {
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {
                 ErrorKind::DataLoss
             }
-            Error::Task(_) | Error::Random(_) => ErrorKind::Internal,
+            Error::Task(_) => ErrorKind::Internal,
+            Error::Ledger(_) | Error::Backup(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod erasure;
 pub mod error;
 pub mod policy;
 pub mod registry;
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::domain::Core;
+use crate::domain::{Core, CoreOptions};
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::service::FeatureStoreService;
@@ -102,16 +103,19 @@ pub async fn run_with_clock(
     let store: Arc<dyn Store> = Arc::new(store);
     let core = {
         let store = Arc::clone(&store);
-        let policy_path = config.policy_bundle_path.clone();
-        let idempotency_window = config.idempotency_window;
+        let options = CoreOptions {
+            policy_path: config.policy_bundle_path.clone(),
+            idempotency_window: config.idempotency_window,
+            ledger_path: config.erasure_ledger_path.clone(),
+            backup_dir: config.backup_dir.clone(),
+        };
         tokio::task::spawn_blocking(move || {
             let core = Arc::new(Core::new(
                 Arc::new(registry),
                 Arc::new(policy),
-                policy_path,
                 store,
                 clock,
-                idempotency_window,
+                options,
             )?);
             core.start()?;
             Ok::<_, error::Error>(core)
@@ -275,4 +279,32 @@ fn oversized_request_is_resource_exhausted(
         );
     }
     response
+}
+
+/// Restores a backup: copies its files into `data_dir`, which must not exist yet. Start
+/// the server on `data_dir` afterwards; before it serves, it erases again every user of
+/// the erasure ledger that the backup still holds.
+pub fn restore_backup(backup: &std::path::Path, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    if data_dir.exists() {
+        anyhow::bail!(
+            "{} already exists; restore into a new directory (move the old one aside first)",
+            data_dir.display()
+        );
+    }
+    if !backup.join("CURRENT").is_file() {
+        anyhow::bail!(
+            "{} is not a backup: it has no CURRENT file",
+            backup.display()
+        );
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    for entry in
+        std::fs::read_dir(backup).with_context(|| format!("cannot read {}", backup.display()))?
+    {
+        let entry = entry?;
+        std::fs::copy(entry.path(), data_dir.join(entry.file_name()))
+            .with_context(|| format!("cannot copy {}", entry.path().display()))?;
+    }
+    Ok(())
 }

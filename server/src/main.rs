@@ -30,6 +30,10 @@ struct Args {
     /// Policy bundle file (TOML); the embedded default bundle when absent.
     #[arg(long, env = "FEATURESTORE_POLICY_BUNDLE")]
     policy_bundle: Option<PathBuf>,
+    /// Before starting, restore this backup (a directory written by `featurestore backup`)
+    /// into the data directory, which must not exist yet.
+    #[arg(long)]
+    restore_from: Option<PathBuf>,
     /// Whether writes are synced to disk before they are acknowledged.
     #[arg(long, env = "FEATURESTORE_DURABILITY", value_parser = parse_durability)]
     durability: Option<Durability>,
@@ -72,6 +76,10 @@ fn main() -> anyhow::Result<()> {
         config.durability = durability;
     }
 
+    if let Some(backup) = &args.restore_from {
+        featurestore_server::restore_backup(backup, &config.data_dir)?;
+        tracing::info!(backup = %backup.display(), data_dir = %config.data_dir.display(), "backup restored");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("featurestore")

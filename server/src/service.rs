@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use featurestore::RequestLimits;
 use featurestore::domain::UserStateUpdate;
 use featurestore::proto::{
     self, admin_server::Admin, feature_store_server::FeatureStore, privacy_server::Privacy,
 };
+use featurestore::{InvalidRequest, RequestLimits};
 use prost::Message;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -17,6 +17,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::AuditRecord;
 use crate::domain::Core;
+use crate::erasure::Receipt;
 use crate::error::{Error, ErrorKind};
 use crate::policy::Reasons;
 use crate::policy::bundle::reason_name;
@@ -159,15 +160,49 @@ impl Privacy for FeatureStoreService {
             0 => DEFAULT_LIMIT,
             limit => limit as usize,
         };
-        let pseudonym = self.core.pseudonymizer.pseudonym(request.user_id);
-        let records = self
-            .run_blocking(move |core| Ok(core.store.audit_trail(&pseudonym, limit)?))
+        let user_id = request.user_id;
+        let (pseudonym, records) = self
+            .run_blocking(move |core| {
+                // An erased user's pseudonym can no longer be computed: nothing links to them.
+                let Some(pseudonym) = core.pseudonym(user_id, false)? else {
+                    return Ok((None, Vec::new()));
+                };
+                Ok((Some(pseudonym), core.store.audit_trail(&pseudonym, limit)?))
+            })
             .await
             .map_err(status)?;
         Ok(Response::new(proto::AuditTrail {
-            user_pseudonym: hex(&pseudonym),
+            user_pseudonym: pseudonym.map_or_else(String::new, |pseudonym| hex(&pseudonym)),
             records: records.into_iter().map(audit_record_to_proto).collect(),
         }))
+    }
+
+    async fn erase_user(
+        &self,
+        request: Request<proto::EraseUserRequest>,
+    ) -> Result<Response<proto::ErasureReceipt>, Status> {
+        let user_id = request.into_inner().user_id;
+        if user_id == 0 {
+            return Err(status(
+                InvalidRequest::new("user_id", "must not be 0").into(),
+            ));
+        }
+        let receipt = self
+            .run_blocking(move |core| core.erase_user(user_id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(receipt_to_proto(receipt)))
+    }
+
+    async fn get_erasure_status(
+        &self,
+        request: Request<proto::GetErasureStatusRequest>,
+    ) -> Result<Response<proto::ErasureReceipt>, Status> {
+        let receipt = self
+            .core
+            .erasure_receipt(&request.into_inner().receipt_id)
+            .map_err(status)?;
+        Ok(Response::new(receipt_to_proto(receipt)))
     }
 
     async fn get_user_state(
@@ -180,6 +215,20 @@ impl Privacy for FeatureStoreService {
             .await
             .map_err(status)?;
         Ok(Response::new(self.user_state_to_proto(state)))
+    }
+}
+
+fn receipt_to_proto(receipt: Receipt) -> proto::ErasureReceipt {
+    proto::ErasureReceipt {
+        receipt_id: receipt.id,
+        user_id: receipt.user_id,
+        requested_at_unix_micros: receipt.requested_at,
+        fenced_at_unix_micros: receipt.fenced_at.unwrap_or(0),
+        deleted_at_unix_micros: receipt.deleted_at.unwrap_or(0),
+        compacted_at_unix_micros: receipt.compacted_at.unwrap_or(0),
+        verified_at_unix_micros: receipt.verified_at.unwrap_or(0),
+        verified: receipt.verified,
+        reapplied_at_unix_micros: receipt.reapplied_at,
     }
 }
 
@@ -216,6 +265,22 @@ fn audit_record_to_proto(record: AuditRecord) -> proto::AuditRecord {
 
 #[tonic::async_trait]
 impl Admin for FeatureStoreService {
+    async fn create_backup(
+        &self,
+        _request: Request<proto::CreateBackupRequest>,
+    ) -> Result<Response<proto::BackupInfo>, Status> {
+        let core = Arc::clone(&self.core);
+        let taken_at = self.core.clock.now();
+        let path = tokio::task::spawn_blocking(move || core.backup())
+            .await
+            .map_err(|error| status(Error::Task(error.to_string())))?
+            .map_err(status)?;
+        Ok(Response::new(proto::BackupInfo {
+            path: path.display().to_string(),
+            taken_at_unix_micros: taken_at.unix_micros(),
+        }))
+    }
+
     async fn sweep_expired(
         &self,
         _request: Request<proto::SweepExpiredRequest>,

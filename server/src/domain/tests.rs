@@ -11,7 +11,7 @@ use featurestore::domain::{
 use featurestore::proto::{Outcome, Verdict};
 use proptest::prelude::*;
 
-use super::Core;
+use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
 use crate::config::{Durability, StorageConfig};
 use crate::policy::reference::reference_reasons;
@@ -161,11 +161,17 @@ proptest! {
     fn a_value_is_stored_exactly_where_the_policy_allows_it(cases in proptest::collection::vec(case(), 1..6)) {
         let directory = tempfile::tempdir().expect("temp dir");
         let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
-        let store = RocksStore::open(directory.path(), &StorageConfig { block_cache_bytes: 1 << 20, ..StorageConfig::default() }, Durability::Buffered, Duration::from_secs(60), clock.clone())
+        let store = RocksStore::open(&directory.path().join("db"), &StorageConfig { block_cache_bytes: 1 << 20, ..StorageConfig::default() }, Durability::Buffered, Duration::from_secs(60), clock.clone())
             .expect("open store");
         let registry = Arc::new(Registry::embedded_default());
         let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
-        let core = Core::new(registry, policy, None, Arc::new(store), clock, Duration::from_secs(60)).expect("core");
+        let options = CoreOptions {
+            policy_path: None,
+            idempotency_window: Duration::from_secs(60),
+            ledger_path: directory.path().join("erasures.jsonl"),
+            backup_dir: directory.path().join("backups"),
+        };
+        let core = Core::new(registry, policy, Arc::new(store), clock, options).expect("core");
 
         for (index, case) in cases.iter().enumerate() {
             let user_id = index as u64 + 1;

@@ -77,7 +77,7 @@ impl Core {
                 replay_since,
                 &plan.fence,
                 &plan.writes,
-                &self.audit_entries(request, &plan, &policy),
+                &self.audit_entries(request, &plan, &policy)?,
                 &mut |outcomes| {
                     let response = answer(request, &plan, Some(outcomes), &policy);
                     let encoded = response.encode_to_vec();
@@ -148,12 +148,12 @@ impl Core {
         request: &WriteRequest,
         plan: &Plan,
         policy: &Policy,
-    ) -> Vec<AuditEntry> {
+    ) -> Result<Vec<AuditEntry>, Error> {
         let caller = request
             .rows
             .first()
             .map_or("", |row| row.provenance.producer_id.as_str());
-        let mut call = self.audit_entry(AuditAction::Write, caller, None);
+        let mut call = self.audit_entry(AuditAction::Write, caller, None)?;
         call.bundle_hash.clone_from(&policy.hash);
         call.subject = format!("{} rows", request.rows.len());
         let mut entries = vec![call];
@@ -176,7 +176,7 @@ impl Core {
                     AuditAction::FeatureTransformed
                 };
                 let mut entry =
-                    self.audit_entry(action, &row.provenance.producer_id, Some(row.user_id));
+                    self.audit_entry(action, &row.provenance.producer_id, Some(row.user_id))?;
                 entry.bundle_hash.clone_from(&policy.hash);
                 entry.surfaces = refused_surfaces.join(",");
                 entry.subject.clone_from(&feature.name);
@@ -184,7 +184,7 @@ impl Core {
                 entries.push(entry);
             }
         }
-        entries
+        Ok(entries)
     }
 
     /// Decides a write exactly as [`Core::write`] would, without storing anything.

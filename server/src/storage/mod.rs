@@ -224,6 +224,35 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError>;
 
+    /// The secret key of a user's audit pseudonym. When missing it is created if `create`
+    /// (from the system's random source), else `None` is returned: an erased user's key is
+    /// gone for good.
+    fn pseudonym_key(&self, user_id: u64, create: bool) -> Result<Option<[u8; 32]>, StorageError>;
+
+    /// Fences and deletes a user in one atomic write, serialized with the user's writes:
+    /// the state becomes "erasure pending" with a new generation and nothing else (no
+    /// jurisdiction, age or links), every row goes in one range delete, the pseudonym key
+    /// is destroyed, and `audit` is appended.
+    fn erase_user(
+        &self,
+        user_id: u64,
+        now: Timestamp,
+        audit: &AuditEntry,
+    ) -> Result<UserState, StorageError>;
+
+    /// Flushes everything to disk and compacts the user's ranges (rows, state, pseudonym
+    /// key), so that deleted bytes leave the files.
+    fn compact_user(&self, user_id: u64) -> Result<(), StorageError>;
+
+    /// Whether any row or pseudonym key of the user is left.
+    fn user_has_data(&self, user_id: u64) -> Result<bool, StorageError>;
+
+    /// Marks an erasure pending for `user_id` as done.
+    fn finish_erasure(&self, user_id: u64) -> Result<(), StorageError>;
+
+    /// Writes a consistent copy of the database to `directory`, which must not exist.
+    fn checkpoint(&self, directory: &std::path::Path) -> Result<(), StorageError>;
+
     /// Flushes the features to disk and compacts them fully, so that bytes of deleted or
     /// rewritten rows leave the engine's files.
     fn compact_features(&self) -> Result<(), StorageError>;

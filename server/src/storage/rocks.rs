@@ -41,14 +41,16 @@ const USER_STATE_CF: &str = "user_state";
 const META_CF: &str = "meta";
 const AUDIT_CF: &str = "audit";
 const AUDIT_BY_USER_CF: &str = "audit_by_user";
+const PSEUDONYM_KEYS_CF: &str = "pseudonym_keys";
 /// Every column family of the database, for tools that open it directly.
-pub const COLUMN_FAMILIES: [&str; 6] = [
+pub const COLUMN_FAMILIES: [&str; 7] = [
     FEATURES_CF,
     IDEMPOTENCY_CF,
     USER_STATE_CF,
     META_CF,
     AUDIT_CF,
     AUDIT_BY_USER_CF,
+    PSEUDONYM_KEYS_CF,
 ];
 /// Lock stripes serializing read-modify-write of a user's rows and state, and of
 /// idempotency keys.
@@ -171,6 +173,7 @@ impl RocksStore {
                 ColumnFamilyDescriptor::new(META_CF, Options::default()),
                 ColumnFamilyDescriptor::new(AUDIT_CF, Options::default()),
                 ColumnFamilyDescriptor::new(AUDIT_BY_USER_CF, Options::default()),
+                ColumnFamilyDescriptor::new(PSEUDONYM_KEYS_CF, Options::default()),
             ],
         )
         .map_err(engine)?;
@@ -614,6 +617,121 @@ impl Store for RocksStore {
             .map_err(engine)
     }
 
+    fn pseudonym_key(&self, user_id: u64, create: bool) -> Result<Option<[u8; 32]>, StorageError> {
+        let key = user_id.to_be_bytes();
+        let read = || -> Result<Option<[u8; 32]>, StorageError> {
+            match self
+                .db
+                .get_pinned_cf(self.cf(PSEUDONYM_KEYS_CF), key)
+                .map_err(engine)?
+            {
+                Some(bytes) => bytes.as_ref().try_into().map(Some).map_err(|_| {
+                    StorageError::Corrupt(format!(
+                        "the pseudonym key of user {user_id} is not 32 bytes"
+                    ))
+                }),
+                None => Ok(None),
+            }
+        };
+        if let Some(secret) = read()? {
+            return Ok(Some(secret));
+        }
+        if !create {
+            return Ok(None);
+        }
+        let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
+        if let Some(secret) = read()? {
+            return Ok(Some(secret));
+        }
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|error| {
+            StorageError::Engine(format!("no randomness for a pseudonym key: {error}"))
+        })?;
+        self.db
+            .put_cf_opt(self.cf(PSEUDONYM_KEYS_CF), key, secret, &self.write_options)
+            .map_err(engine)?;
+        Ok(Some(secret))
+    }
+
+    fn erase_user(
+        &self,
+        user_id: u64,
+        now: Timestamp,
+        audit: &AuditEntry,
+    ) -> Result<UserState, StorageError> {
+        let key = user_id.to_be_bytes();
+        let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
+        let current = self.read_user_states(&[user_id])?.pop().flatten();
+        let state = UserState {
+            user_id,
+            jurisdiction: String::new(),
+            age_band: featurestore::domain::AgeBand::Unknown,
+            linked_apps: Vec::new(),
+            ads_objection: false,
+            erasure: ErasureState::Pending,
+            generation: current.map_or(0, |state| state.generation) + 1,
+            updated_at: now,
+        };
+        let (start, end) = user_range(user_id);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
+        batch.delete_range_cf(self.cf(FEATURES_CF), start, end);
+        batch.delete_cf(self.cf(PSEUDONYM_KEYS_CF), key);
+        self.write_with_audit(batch, std::slice::from_ref(audit))?;
+        Ok(state)
+    }
+
+    fn compact_user(&self, user_id: u64) -> Result<(), StorageError> {
+        // Every column family is flushed, so that no write-ahead log file still holds the
+        // user's bytes, then each of the user's ranges is compacted to the bottom.
+        self.flush()?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        let (start, end) = user_range(user_id);
+        self.db
+            .compact_range_cf_opt(self.cf(FEATURES_CF), Some(&start), Some(&end), &options);
+        let key = user_id.to_be_bytes();
+        let next = user_id.checked_add(1).map(u64::to_be_bytes);
+        for family in [USER_STATE_CF, PSEUDONYM_KEYS_CF] {
+            self.db.compact_range_cf_opt(
+                self.cf(family),
+                Some(&key[..]),
+                next.as_ref().map(|next| &next[..]),
+                &options,
+            );
+        }
+        Ok(())
+    }
+
+    fn user_has_data(&self, user_id: u64) -> Result<bool, StorageError> {
+        let has_rows = self.users_with_rows(user_id, 1)?.first() == Some(&user_id);
+        Ok(has_rows || self.pseudonym_key(user_id, false)?.is_some())
+    }
+
+    fn finish_erasure(&self, user_id: u64) -> Result<(), StorageError> {
+        let key = user_id.to_be_bytes();
+        let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
+        let Some(mut state) = self.read_user_states(&[user_id])?.pop().flatten() else {
+            return Ok(());
+        };
+        state.erasure = ErasureState::Erased;
+        self.db
+            .put_cf_opt(
+                self.cf(USER_STATE_CF),
+                key,
+                encode_user_state(&state),
+                &self.write_options,
+            )
+            .map_err(engine)
+    }
+
+    fn checkpoint(&self, directory: &Path) -> Result<(), StorageError> {
+        self.flush()?;
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|checkpoint| checkpoint.create_checkpoint(directory))
+            .map_err(engine)
+    }
+
     fn compact_features(&self) -> Result<(), StorageError> {
         let features = self.cf(FEATURES_CF);
         self.db.flush_cf(features).map_err(engine)?;
@@ -635,6 +753,7 @@ impl Store for RocksStore {
                     self.cf(META_CF),
                     self.cf(AUDIT_CF),
                     self.cf(AUDIT_BY_USER_CF),
+                    self.cf(PSEUDONYM_KEYS_CF),
                 ],
                 &rocksdb::FlushOptions::default(),
             )
