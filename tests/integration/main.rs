@@ -4,6 +4,7 @@
 mod audit;
 mod bad_input;
 mod cli;
+mod erasure;
 mod lifecycle;
 mod policy;
 mod policy_changes;
