@@ -146,7 +146,7 @@ impl Policy {
             .get("default")
             .map(|entry| [entry.content, entry.ads])
             .ok_or_else(|| invalid("retention needs a \"default\" entry"))?;
-        let mut retention = HashMap::new();
+        let mut retention = Vec::new();
         for (source, entry) in &file.retention {
             if source == "default" {
                 continue;
@@ -155,8 +155,10 @@ impl Policy {
                 .source(source)
                 .ok_or_else(|| invalid(format!("retention names unknown source {source:?}")))?
                 .id;
-            retention.insert(id, [entry.content, entry.ads]);
+            retention.push((id, [entry.content, entry.ads]));
         }
+        // Sorted, so that `Policy::tightens` compares retention tables by value.
+        retention.sort_by_key(|(id, _)| *id);
         if let Some(zero) = file
             .retention
             .iter()

@@ -93,8 +93,9 @@ pub struct Policy {
     jurisdictions: HashMap<String, JurisdictionGroup>,
     /// Topic prefix → sensitivity class, longest prefix first.
     taxonomy: Vec<(String, Sensitivity)>,
-    /// Retention per source and purpose (indexed by `Purpose as usize`).
-    retention: HashMap<SourceId, [Duration; 2]>,
+    /// Retention per source and purpose (indexed by `Purpose as usize`); a few entries,
+    /// scanned.
+    retention: Vec<(SourceId, [Duration; 2])>,
     /// Retention of sources the table does not list.
     default_retention: [Duration; 2],
     /// The compiled decisions: the reasons refusing each input, by input index.
@@ -189,11 +190,14 @@ impl Policy {
         if code.is_empty() {
             return JurisdictionGroup::Unknown;
         }
-        let upper = code.to_ascii_uppercase();
-        if let Some(group) = self.jurisdictions.get(&upper) {
+        // Stored codes are upper case already; only others pay for the conversion.
+        if code.bytes().any(|byte| byte.is_ascii_lowercase()) {
+            return self.jurisdiction_group(&code.to_ascii_uppercase());
+        }
+        if let Some(group) = self.jurisdictions.get(code) {
             return *group;
         }
-        let country = upper.split('-').next().unwrap_or(&upper);
+        let country = code.split('-').next().unwrap_or(code);
         self.jurisdictions
             .get(country)
             .copied()
@@ -243,7 +247,8 @@ impl Policy {
     /// How long after the interaction a value from `source` may be used for `purpose`.
     pub fn retention(&self, source: SourceId, purpose: Purpose) -> Duration {
         self.retention
-            .get(&source)
-            .unwrap_or(&self.default_retention)[purpose as usize]
+            .iter()
+            .find(|(id, _)| *id == source)
+            .map_or(&self.default_retention, |(_, retention)| retention)[purpose as usize]
     }
 }
