@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use featurestore::domain::{
     AgeBand, FeatureWrite, Provenance, Timestamp, UserStateUpdate, Value, WriteRequest, WriteRow,
 };
-use featurestore_server::clock::ManualClock;
+use featurestore_server::clock::{Clock, SystemClock};
 use featurestore_server::config::{Durability, StorageConfig};
 use featurestore_server::domain::{Core, CoreOptions};
 use featurestore_server::policy::Policy;
@@ -19,8 +19,6 @@ use featurestore_server::storage::{RocksStore, Store};
 const SURFACES: usize = 1000;
 const OTHER_USERS: u64 = 20_000;
 const ERASED_USERS: u64 = 9;
-/// 2026-06-01T00:00:00Z.
-const NOW: i64 = 1_780_272_000_000_000;
 
 fn registry() -> Registry {
     let mut toml = String::from(
@@ -43,7 +41,7 @@ fn registry() -> Registry {
     Registry::from_toml(&toml).expect("bench registry")
 }
 
-fn row(user_id: u64, surfaces: &[usize]) -> WriteRow {
+fn row(user_id: u64, surfaces: &[usize], now: Timestamp) -> WriteRow {
     WriteRow {
         user_id,
         target_surfaces: surfaces
@@ -53,7 +51,7 @@ fn row(user_id: u64, surfaces: &[usize]) -> WriteRow {
         provenance: Provenance {
             source: "ai_chat".to_string(),
             origin_app: "facebook".to_string(),
-            interaction_time: Timestamp::from_unix_micros(NOW - 60_000_000),
+            interaction_time: Timestamp::from_unix_micros(now.unix_micros() - 60_000_000),
             producer_id: "bench".to_string(),
             microphone_permission_granted: false,
         },
@@ -73,7 +71,9 @@ fn main() {
     let directory = tempfile::tempdir().expect("temp dir");
     let registry = Arc::new(registry());
     let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
-    let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
+    // The system clock, so that the receipts time each step.
+    let clock = Arc::new(SystemClock);
+    let now = clock.now();
     let store: Arc<dyn Store> = Arc::new(
         RocksStore::open(
             &directory.path().join("db"),
@@ -107,7 +107,7 @@ fn main() {
     }
     // Other users: 4 rows each. Erased users: one row on each of the 1,000 surfaces.
     let others: Vec<WriteRow> = (ERASED_USERS + 1..=ERASED_USERS + OTHER_USERS)
-        .map(|user_id| row(user_id, &[0, 1, 2, 3]))
+        .map(|user_id| row(user_id, &[0, 1, 2, 3], now))
         .collect();
     for chunk in others.chunks(500) {
         key += 1;
@@ -121,7 +121,7 @@ fn main() {
     for user_id in 1..=ERASED_USERS {
         let rows: Vec<WriteRow> = all_surfaces
             .chunks(16)
-            .map(|surfaces| row(user_id, surfaces))
+            .map(|surfaces| row(user_id, surfaces, now))
             .collect();
         key += 1;
         core.write(
