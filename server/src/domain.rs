@@ -364,33 +364,21 @@ impl Core {
     }
 
     fn run_purge(&self, policy: &Arc<Policy>) -> Result<(), Error> {
-        let mut from_user = 0;
-        loop {
-            let users = self
-                .store
-                .users_with_rows(from_user, PURGE_USERS_PER_SCAN)?;
-            for &user_id in &users {
-                if !Arc::ptr_eq(policy, &self.policy()) {
-                    tracing::info!(bundle = %policy.hash, "a newer bundle is in force; this purge stops");
-                    return Ok(());
-                }
-                let now = self.clock.now();
-                let removed = self
-                    .store
-                    .revalidate_user(user_id, &mut |state, key, row| {
-                        self.revalidate(policy, state, key, row, now)
-                    })?;
-                let mut status = self.purge.lock();
-                status.users_done += 1;
-                status.values_removed += removed as u64;
+        let mut superseded = false;
+        self.for_each_user_with_rows(|user_id| {
+            if !Arc::ptr_eq(policy, &self.policy()) {
+                superseded = true;
+                return Ok(false);
             }
-            match users.last().and_then(|last| last.checked_add(1)) {
-                Some(next) if users.len() == PURGE_USERS_PER_SCAN => from_user = next,
-                _ => break,
-            }
-        }
+            let removed = self.revalidate_user(user_id, policy, "policy-purge")?;
+            let mut status = self.purge.lock();
+            status.users_done += 1;
+            status.values_removed += removed as u64;
+            Ok(true)
+        })?;
         let mut in_force = self.policy.write();
-        if !Arc::ptr_eq(policy, &in_force.policy) {
+        if superseded || !Arc::ptr_eq(policy, &in_force.policy) {
+            tracing::info!(bundle = %policy.hash, "a newer bundle is in force; its purge finishes the work");
             return Ok(());
         }
         in_force.served_versions = vec![policy.hash_prefix];
@@ -409,23 +397,36 @@ impl Core {
     pub fn sweep(&self) -> Result<(u64, u64), Error> {
         let policy = self.policy();
         let (mut users_swept, mut removed) = (0u64, 0u64);
+        self.for_each_user_with_rows(|user_id| {
+            removed += self.revalidate_user(user_id, &policy, "retention-sweep")? as u64;
+            users_swept += 1;
+            Ok(true)
+        })?;
+        self.store.compact_features()?;
+        tracing::info!(users = users_swept, removed, "retention sweep finished");
+        Ok((users_swept, removed))
+    }
+
+    /// Calls `visit` for every user that has rows, in user order, until it returns false.
+    fn for_each_user_with_rows(
+        &self,
+        mut visit: impl FnMut(u64) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
         let mut from_user = 0;
         loop {
             let users = self
                 .store
                 .users_with_rows(from_user, PURGE_USERS_PER_SCAN)?;
             for &user_id in &users {
-                removed += self.revalidate_user(user_id, &policy, "retention-sweep")? as u64;
-                users_swept += 1;
+                if !visit(user_id)? {
+                    return Ok(());
+                }
             }
             match users.last().and_then(|last| last.checked_add(1)) {
                 Some(next) if users.len() == PURGE_USERS_PER_SCAN => from_user = next,
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        self.store.compact_features()?;
-        tracing::info!(users = users_swept, removed, "retention sweep finished");
-        Ok((users_swept, removed))
     }
 
     /// Decides again which values of a stored row may stay under `policy` and the user's

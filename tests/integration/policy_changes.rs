@@ -256,6 +256,16 @@ async fn reloading_a_tighter_bundle_purges_what_it_forbids() {
         );
     }
 
+    // The purge is on the user's audit trail, under the new bundle.
+    let trail = server.client.audit_trail(1, 0).await.expect("trail");
+    let purged = trail
+        .records
+        .iter()
+        .find(|record| record.action == "values_purged")
+        .expect("the purge is audited");
+    assert_eq!(purged.subject, "4 values");
+    assert_eq!(purged.policy_bundle_hash, reloaded.hash);
+
     // Writes now follow the new bundle.
     let response = server
         .client
