@@ -47,7 +47,7 @@ impl Default for Config {
             durability: Durability::Sync,
             erasure_ledger_path: PathBuf::from("featurestore-erasures.jsonl"),
             backup_dir: PathBuf::from("featurestore-backups"),
-            retention_sweep_interval: Duration::from_secs(60 * 60),
+            retention_sweep_interval: Duration::from_secs(24 * 60 * 60),
             idempotency_window: Duration::from_secs(24 * 60 * 60),
             limits: Limits::default(),
             storage: StorageConfig::default(),
