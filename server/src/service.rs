@@ -375,21 +375,23 @@ fn status(error: Error) -> Status {
         ErrorKind::InvalidRequest => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),
         ErrorKind::DeniedByPolicy => {
-            let mut metadata = HashMap::new();
-            if let Error::Refused {
-                reason,
-                row,
-                current_generation,
-            } = &error
-            {
-                metadata.insert("reason_code".to_string(), reason_name(*reason).to_string());
-                metadata.insert("row".to_string(), row.to_string());
-                metadata.insert(
-                    "current_generation".to_string(),
-                    current_generation.to_string(),
-                );
-            }
-            let reason = metadata.get("reason_code").cloned().unwrap_or_default();
+            let (reason, metadata) = match &error {
+                Error::Refused {
+                    reason,
+                    row,
+                    current_generation,
+                } => (
+                    reason_name(*reason).to_string(),
+                    HashMap::from([
+                        ("row".to_string(), row.to_string()),
+                        (
+                            "current_generation".to_string(),
+                            current_generation.to_string(),
+                        ),
+                    ]),
+                ),
+                _ => (String::new(), HashMap::new()),
+            };
             Status::with_error_details(
                 tonic::Code::FailedPrecondition,
                 message,
