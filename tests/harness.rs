@@ -234,3 +234,21 @@ pub fn files_containing(directory: &std::path::Path, needle: &[u8]) -> Vec<std::
     }
     found
 }
+
+/// The files under `directory` that still contain `needle` after up to two seconds:
+/// RocksDB deletes obsolete files right after a flush or compaction, not always before the
+/// call that caused it returns.
+pub async fn files_still_containing(
+    directory: &std::path::Path,
+    needle: &[u8],
+) -> Vec<std::path::PathBuf> {
+    let mut left = files_containing(directory, needle);
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = files_containing(directory, needle);
+    }
+    left
+}

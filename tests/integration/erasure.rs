@@ -3,7 +3,9 @@
 
 use featurestore::domain::Value;
 use featurestore::proto::ValueStatus;
-use featurestore_tests::{TestServer, at, files_containing, read, row, write};
+use featurestore_tests::{
+    TestServer, at, files_containing, files_still_containing, read, row, write,
+};
 use tonic::Code;
 
 use crate::status;
@@ -139,7 +141,7 @@ async fn an_erased_user_is_gone_from_reads_writes_the_audit_trail_the_files_and_
     assert!(verification.intact);
 
     // Files: the canary is in none of the data directory's files.
-    let left = files_containing(&data, CANARY.as_bytes());
+    let left = files_still_containing(&data, CANARY.as_bytes()).await;
     assert!(left.is_empty(), "the canary is still in {left:?}");
     let temp = server.stop().await;
 
@@ -166,7 +168,7 @@ async fn an_erased_user_is_gone_from_reads_writes_the_audit_trail_the_files_and_
         status(&response, 2, "interest_hiking"),
         ValueStatus::Present
     );
-    let left = files_containing(&data, CANARY.as_bytes());
+    let left = files_still_containing(&data, CANARY.as_bytes()).await;
     assert!(
         left.is_empty(),
         "the canary is still in the restored directory: {left:?}"

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use featurestore::domain::Value;
 use featurestore::proto::ValueStatus;
-use featurestore_tests::{TestServer, at, files_containing, read, row, write};
+use featurestore_tests::{
+    TestServer, at, files_containing, files_still_containing, read, row, write,
+};
 
 use crate::status;
 
@@ -48,15 +50,7 @@ async fn expired_values_leave_the_data_files_after_the_sweep() {
     assert_eq!(report.users_swept, 2);
     assert_eq!(report.values_removed, 2);
 
-    let mut left = files_containing(&data, CANARY.as_bytes());
-    for _ in 0..100 {
-        if left.is_empty() {
-            break;
-        }
-        // Obsolete files are deleted right after the compaction; give it a moment.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        left = files_containing(&data, CANARY.as_bytes());
-    }
+    let left = files_still_containing(&data, CANARY.as_bytes()).await;
     assert!(left.is_empty(), "the canary is still in {left:?}");
 
     let response = server
