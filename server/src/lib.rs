@@ -123,13 +123,17 @@ pub async fn run_with_clock(
         .await?
         .context("cannot start the feature store's core")?
     };
+    // Background work stops with the server, and is waited for before the database is
+    // flushed and closed, so that a new server can open the same directory at once.
+    let background = shutdown.child_token();
+    let mut background_tasks = tokio::task::JoinSet::new();
     #[cfg(unix)]
-    tokio::spawn(reload_on_hangup(Arc::clone(&core), shutdown.clone()));
+    background_tasks.spawn(reload_on_hangup(Arc::clone(&core), background.clone()));
     if !config.retention_sweep_interval.is_zero() {
-        tokio::spawn(sweep_periodically(
+        background_tasks.spawn(sweep_periodically(
             Arc::clone(&core),
             config.retention_sweep_interval,
-            shutdown.clone(),
+            background.clone(),
         ));
     }
     let limits = &config.limits;
@@ -196,12 +200,16 @@ pub async fn run_with_clock(
                 .await;
         });
     let grace = limits.shutdown_grace;
-    tokio::select! {
-        served = server => served.context("gRPC server failed")?,
+    let served = tokio::select! {
+        served = server => served.context("gRPC server failed"),
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace = ?grace, "in-flight requests did not finish within the shutdown grace");
+            Ok(())
         }
-    }
+    };
+    background.cancel();
+    while background_tasks.join_next().await.is_some() {}
+    served?;
     tokio::task::spawn_blocking(move || store.flush())
         .await?
         .context("cannot flush the database at shutdown")?;
