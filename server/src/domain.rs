@@ -62,6 +62,10 @@ pub struct Core {
     policy_path: Option<PathBuf>,
     /// The latest purge's progress.
     purge: Mutex<PurgeStatus>,
+    /// The thread of the latest purge, joined at shutdown.
+    purge_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set at shutdown: purges and sweeps stop between two users.
+    stopping: std::sync::atomic::AtomicBool,
     /// The storage engine.
     pub store: Arc<dyn Store>,
     /// The source of "now" for expiry, retention and idempotency.
@@ -107,6 +111,8 @@ impl Core {
             policy: RwLock::new(in_force),
             policy_path: options.policy_path,
             purge: Mutex::new(PurgeStatus::default()),
+            purge_thread: Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             store,
             clock,
             idempotency_window: options.idempotency_window,
@@ -350,16 +356,23 @@ impl Core {
             bundle_hash: policy.hash.clone(),
             ..PurgeStatus::default()
         };
+        let core = Arc::clone(&self);
         let spawned = std::thread::Builder::new()
             .name("policy-purge".to_string())
-            .spawn(move || {
-                if let Err(error) = self.run_purge(&policy) {
+            .spawn(move || match self.run_purge(&policy) {
+                Ok(()) => {}
+                Err(Error::Stopping) => {
+                    tracing::info!(bundle = %policy.hash, "policy purge interrupted by shutdown; it runs again at start");
+                }
+                Err(error) => {
                     tracing::error!(%error, bundle = %policy.hash, "policy purge failed; values of earlier bundles stay withheld");
                     self.purge.lock().running = false;
                 }
             });
-        if let Err(error) = spawned {
-            tracing::error!(%error, "cannot start the policy purge thread");
+        match spawned {
+            // An earlier purge stops by itself when it sees the newer bundle.
+            Ok(thread) => drop(core.purge_thread.lock().replace(thread)),
+            Err(error) => tracing::error!(%error, "cannot start the policy purge thread"),
         }
     }
 
@@ -407,7 +420,21 @@ impl Core {
         Ok((users_swept, removed))
     }
 
-    /// Calls `visit` for every user that has rows, in user order, until it returns false.
+    /// Stops purges and sweeps between two users and waits for the latest purge thread;
+    /// an unfinished purge runs again at the next start.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let thread = self.purge_thread.lock().take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the policy purge thread panicked");
+        }
+    }
+
+    /// Calls `visit` for every user that has rows, in user order, until it returns false
+    /// or the server stops (then [`Error::Stopping`]).
     fn for_each_user_with_rows(
         &self,
         mut visit: impl FnMut(u64) -> Result<bool, Error>,
@@ -418,6 +445,9 @@ impl Core {
                 .store
                 .users_with_rows(from_user, PURGE_USERS_PER_SCAN)?;
             for &user_id in &users {
+                if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(Error::Stopping);
+                }
                 if !visit(user_id)? {
                     return Ok(());
                 }

@@ -64,6 +64,8 @@ pub enum Error {
     Backup(String),
     #[error("no erasure receipt {id:?}")]
     NoReceipt { id: String },
+    #[error("the server is stopping")]
+    Stopping,
 }
 
 impl Error {
@@ -83,7 +85,7 @@ impl Error {
                 ErrorKind::DataLoss
             }
             Error::Task(_) => ErrorKind::Internal,
-            Error::Ledger(_) | Error::Backup(_) => ErrorKind::Unavailable,
+            Error::Ledger(_) | Error::Backup(_) | Error::Stopping => ErrorKind::Unavailable,
         }
     }
 }

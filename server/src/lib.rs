@@ -137,6 +137,7 @@ pub async fn run_with_clock(
         ));
     }
     let limits = &config.limits;
+    let core_to_stop = Arc::clone(&core);
     let handlers = FeatureStoreService::new(
         core,
         limits.request_limits(),
@@ -209,6 +210,7 @@ pub async fn run_with_clock(
     };
     background.cancel();
     while background_tasks.join_next().await.is_some() {}
+    tokio::task::spawn_blocking(move || core_to_stop.stop()).await?;
     served?;
     tokio::task::spawn_blocking(move || store.flush())
         .await?
