@@ -68,11 +68,7 @@ fn refused_on(verdict: &proto::FeatureVerdict) -> Vec<String> {
 #[tokio::test]
 async fn a_us_adults_hiking_chat_from_2026_is_stored_for_feeds_and_ads() {
     let server = TestServer::start().await;
-    server
-        .client
-        .set_user_state(person(1, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
+    server.us_adults([1]).await;
     let verdict = verdict_of(&server, "us", hiking_chat(1, at(-3600))).await;
     assert_eq!(verdict.verdict, Verdict::Allow as i32, "{verdict:?}");
     assert!(verdict.reasons.is_empty());
@@ -99,11 +95,7 @@ async fn a_us_adults_hiking_chat_from_2026_is_stored_for_feeds_and_ads() {
 #[tokio::test]
 async fn a_chat_from_before_the_effective_date_is_denied() {
     let server = TestServer::start().await;
-    server
-        .client
-        .set_user_state(person(1, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
+    server.us_adults([1]).await;
     let verdict = verdict_of(&server, "old", hiking_chat(1, BEFORE_EFFECTIVE_DATE)).await;
     assert_eq!(verdict.verdict, Verdict::Deny as i32);
     assert_eq!(
@@ -174,11 +166,7 @@ async fn people_in_the_eu_the_uk_and_south_korea_get_no_ai_signals() {
 #[tokio::test]
 async fn a_health_topic_never_targets_ads_and_stays_out_of_content_by_default() {
     let server = TestServer::start().await;
-    server
-        .client
-        .set_user_state(person(1, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
+    server.us_adults([1]).await;
     let mut health = row(
         1,
         &["instagram_reels", "instagram_ads"],
@@ -292,11 +280,7 @@ async fn objections_confidence_and_retention_keep_values_out_of_ads() {
     assert_eq!(verdict.reasons, reasons(&[ReasonCode::AdsObjection]));
     assert_eq!(refused_on(&verdict), ["facebook_ads", "instagram_ads"]);
 
-    server
-        .client
-        .set_user_state(person(2, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
+    server.us_adults([2]).await;
     let mut unsure = hiking_chat(2, at(-60));
     unsure.features[0].topic = Some(Topic {
         id: "outdoors/hiking".to_string(),
@@ -323,11 +307,7 @@ async fn objections_confidence_and_retention_keep_values_out_of_ads() {
 #[tokio::test]
 async fn voice_without_microphone_permission_is_denied() {
     let server = TestServer::start().await;
-    server
-        .client
-        .set_user_state(person(1, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
+    server.us_adults([1]).await;
     let mut voice = hiking_chat(1, at(-60));
     voice.provenance.source = "ai_voice".to_string();
     let verdict = verdict_of(&server, "voice", voice.clone()).await;
@@ -345,16 +325,8 @@ async fn voice_without_microphone_permission_is_denied() {
 #[tokio::test]
 async fn a_write_that_raced_a_state_change_is_refused_whole() {
     let server = TestServer::start().await;
-    server
-        .client
-        .set_user_state(person(1, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
-    server
-        .client
-        .set_user_state(person(2, "US", AgeBand::Adult, &["facebook", "instagram"]))
-        .await
-        .expect("state");
+    server.us_adults([1]).await;
+    server.us_adults([2]).await;
     // The producer derived user 2's row before the consent system changed user 2's state.
     server
         .client
