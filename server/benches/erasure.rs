@@ -3,18 +3,15 @@
 //!
 //! Run with `cargo bench -p featurestore-server --bench erasure`; prints a table.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod support;
 
-use featurestore::domain::{
-    AgeBand, FeatureWrite, Provenance, Timestamp, UserStateUpdate, Value, WriteRequest, WriteRow,
-};
+use std::sync::Arc;
+use std::time::Instant;
+
+use featurestore::domain::{FeatureWrite, Provenance, Timestamp, Value, WriteRequest, WriteRow};
 use featurestore_server::clock::{Clock, SystemClock};
-use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::domain::{Core, CoreOptions};
 use featurestore_server::policy::Policy;
 use featurestore_server::registry::Registry;
-use featurestore_server::storage::{RocksStore, Store};
 
 const SURFACES: usize = 1000;
 const OTHER_USERS: u64 = 20_000;
@@ -74,36 +71,13 @@ fn main() {
     // The system clock, so that the receipts time each step.
     let clock = Arc::new(SystemClock);
     let now = clock.now();
-    let store: Arc<dyn Store> = Arc::new(
-        RocksStore::open(
-            &directory.path().join("db"),
-            &StorageConfig::default(),
-            Durability::Buffered,
-            Duration::from_secs(3600),
-            clock.clone(),
-        )
-        .expect("open store"),
-    );
-    let options = CoreOptions {
-        policy_path: None,
-        idempotency_window: Duration::from_secs(3600),
-        ledger_path: directory.path().join("erasures.jsonl"),
-        backup_dir: directory.path().join("backups"),
-    };
-    let core = Core::new(registry, policy, store, clock, options).expect("core");
-    let adult = |user_id| UserStateUpdate {
-        user_id,
-        jurisdiction: "US".to_string(),
-        age_band: AgeBand::Adult,
-        linked_apps: Vec::new(),
-        ads_objection: false,
-        expected_generation: None,
-    };
+    let core = support::open_core(directory.path(), registry, policy, clock);
 
     let load_started = Instant::now();
     let mut key = 0;
     for user_id in 1..=OTHER_USERS + ERASED_USERS {
-        core.set_user_state(&adult(user_id)).expect("state");
+        core.set_user_state(&support::us_adult(user_id))
+            .expect("state");
     }
     // Other users: 4 rows each. Erased users: one row on each of the 1,000 surfaces.
     let others: Vec<WriteRow> = (ERASED_USERS + 1..=ERASED_USERS + OTHER_USERS)

@@ -3,19 +3,16 @@
 //!
 //! Run with `cargo bench -p featurestore-server --bench policy`; prints a table.
 
+mod support;
+
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use featurestore::domain::{
-    AgeBand, FeatureWrite, Provenance, Timestamp, UserStateUpdate, Value, WriteRequest, WriteRow,
-};
+use featurestore::domain::{FeatureWrite, Provenance, Timestamp, Value, WriteRequest, WriteRow};
 use featurestore_server::clock::ManualClock;
-use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::domain::{Core, CoreOptions};
 use featurestore_server::policy::{DecisionInput, Policy, ValueFacts};
 use featurestore_server::registry::{Registry, Sensitivity};
-use featurestore_server::storage::{RocksStore, Store};
 
 const FEATURES: usize = 100;
 const SURFACES: [&str; 3] = ["feed", "reels", "ads"];
@@ -102,39 +99,14 @@ fn main() {
     // One decision with the bucketing of its inputs.
     let directory = tempfile::tempdir().expect("temp dir");
     let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
-    let store: Arc<dyn Store> = Arc::new(
-        RocksStore::open(
-            &directory.path().join("db"),
-            &StorageConfig::default(),
-            Durability::Buffered,
-            Duration::from_secs(3600),
-            clock.clone(),
-        )
-        .expect("open store"),
-    );
-    let options = CoreOptions {
-        policy_path: None,
-        idempotency_window: Duration::from_secs(3600),
-        ledger_path: directory.path().join("erasures.jsonl"),
-        backup_dir: directory.path().join("backups"),
-    };
-    let core = Core::new(
+    let core = support::open_core(
+        directory.path(),
         Arc::clone(&registry),
         Arc::clone(&policy),
-        store,
         clock,
-        options,
-    )
-    .expect("core");
+    );
     let user = core
-        .set_user_state(&UserStateUpdate {
-            user_id: 7,
-            jurisdiction: "US".to_string(),
-            age_band: AgeBand::Adult,
-            linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
-            ads_objection: false,
-            expected_generation: None,
-        })
+        .set_user_state(&support::us_adult(7))
         .expect("user state");
     let source = registry.source("ai_chat").expect("registered");
     let surfaces: Vec<_> = SURFACES

@@ -4,21 +4,20 @@
 //! Run with `cargo bench -p featurestore-server --bench read`; prints a table. (The
 //! transport is not included: this is the server-side cost per request.)
 
+mod support;
+
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use featurestore::domain::{
-    AgeBand, FeatureWrite, Provenance, ReadKey, ReadRequest, UserStateUpdate, Value, WriteRequest,
-    WriteRow,
+    FeatureWrite, Provenance, ReadKey, ReadRequest, Value, WriteRequest, WriteRow,
 };
 use featurestore_server::clock::{Clock, SystemClock};
-use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::domain::{Core, CoreOptions};
 use featurestore_server::policy::Policy;
 use featurestore_server::registry::{Registry, SurfaceId};
 use featurestore_server::storage::keys::encode_row_key;
-use featurestore_server::storage::{COLUMN_FAMILIES, RocksStore, RowKey, Store};
+use featurestore_server::storage::{COLUMN_FAMILIES, RowKey};
 
 const USERS: u64 = 20_000;
 const SURFACES: [&str; 3] = ["feed", "reels", "ads"];
@@ -66,37 +65,14 @@ fn main() {
     let registry = Arc::new(registry());
     let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
     let clock = Arc::new(SystemClock);
-    let store: Arc<dyn Store> = Arc::new(
-        RocksStore::open(
-            &path,
-            &StorageConfig::default(),
-            Durability::Buffered,
-            Duration::from_secs(3600),
-            clock.clone(),
-        )
-        .expect("open store"),
-    );
-    let options = CoreOptions {
-        policy_path: None,
-        idempotency_window: Duration::from_secs(3600),
-        ledger_path: directory.path().join("erasures.jsonl"),
-        backup_dir: directory.path().join("backups"),
-    };
-    let core =
-        Core::new(registry, policy, Arc::clone(&store), clock.clone(), options).expect("core");
+    let core = support::open_core(directory.path(), registry, policy, clock.clone());
+    let store = Arc::clone(&core.store);
 
     let load_started = Instant::now();
     let now = clock.now();
     for user_id in 1..=USERS {
-        core.set_user_state(&UserStateUpdate {
-            user_id,
-            jurisdiction: "US".to_string(),
-            age_band: AgeBand::Adult,
-            linked_apps: Vec::new(),
-            ads_objection: false,
-            expected_generation: None,
-        })
-        .expect("state");
+        core.set_user_state(&support::us_adult(user_id))
+            .expect("state");
     }
     let users: Vec<u64> = (1..=USERS).collect();
     for (batch, chunk) in users.chunks(500).enumerate() {
