@@ -11,7 +11,7 @@ use featurestore::proto::{self, ReasonCode};
 use prost::Message;
 
 use super::Core;
-use crate::audit::{AuditAction, AuditEntry};
+use crate::audit::{AuditAction, AuditEntry, Pseudonym};
 use crate::error::Error;
 use crate::policy::{Policy, Reasons, ValueFacts};
 use crate::registry::{Source, Surface};
@@ -157,6 +157,8 @@ impl Core {
         call.bundle_hash.clone_from(&policy.hash);
         call.subject = format!("{} rows", request.rows.len());
         let mut entries = vec![call];
+        // One pseudonym lookup per user, however many of its values were refused.
+        let mut pseudonyms: HashMap<u64, Option<Pseudonym>> = HashMap::new();
         for (row, row_decisions) in request.rows.iter().zip(&plan.decisions) {
             for (feature, decisions) in row.features.iter().zip(row_decisions) {
                 let mut refused_surfaces = Vec::new();
@@ -175,8 +177,16 @@ impl Core {
                 } else {
                     AuditAction::FeatureTransformed
                 };
-                let mut entry =
-                    self.audit_entry(action, &row.provenance.producer_id, Some(row.user_id))?;
+                let user = match pseudonyms.get(&row.user_id) {
+                    Some(user) => *user,
+                    None => {
+                        let user = self.pseudonym(row.user_id, true)?;
+                        pseudonyms.insert(row.user_id, user);
+                        user
+                    }
+                };
+                let mut entry = self.audit_entry(action, &row.provenance.producer_id, None)?;
+                entry.user = user;
                 entry.bundle_hash.clone_from(&policy.hash);
                 entry.surfaces = refused_surfaces.join(",");
                 entry.subject.clone_from(&feature.name);
