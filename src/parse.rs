@@ -46,6 +46,8 @@ pub struct RequestLimits {
     pub write_rows_max: usize,
     /// Most feature values in one write row.
     pub features_per_row_max: usize,
+    /// Most rows in one chunk of a bulk load.
+    pub load_chunk_rows_max: usize,
 }
 
 impl Default for RequestLimits {
@@ -55,6 +57,7 @@ impl Default for RequestLimits {
             read_features_max: 1000,
             write_rows_max: 1000,
             features_per_row_max: 256,
+            load_chunk_rows_max: 10_000,
         }
     }
 }
@@ -148,6 +151,32 @@ impl RequestLimits {
             idempotency_key: request.idempotency_key,
             rows,
         })
+    }
+
+    /// Parses the rows of a bulk-load chunk one by one: the well-formed rows with their
+    /// index in the chunk, and the malformed ones with their problem, so that one bad row
+    /// does not fail the chunk. Only a chunk over the size limit fails as a whole.
+    #[allow(clippy::type_complexity)]
+    pub fn parse_load_chunk(
+        &self,
+        rows: Vec<proto::WriteRow>,
+    ) -> Result<(Vec<(usize, WriteRow)>, Vec<(usize, InvalidRequest)>), InvalidRequest> {
+        check_count(
+            "rows",
+            rows.len(),
+            1,
+            self.load_chunk_rows_max,
+            "load_chunk_rows_max",
+        )?;
+        let mut parsed = Vec::with_capacity(rows.len());
+        let mut invalid = Vec::new();
+        for (index, row) in rows.into_iter().enumerate() {
+            match self.parse_row(row) {
+                Ok(row) => parsed.push((index, row)),
+                Err(error) => invalid.push((index, error)),
+            }
+        }
+        Ok((parsed, invalid))
     }
 
     fn parse_row(&self, row: proto::WriteRow) -> Result<WriteRow, InvalidRequest> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use featurestore::domain::{ReadRequest, UserStateUpdate, WriteRequest};
 use featurestore::proto;
 use featurestore::proto::admin_client::AdminClient;
+use featurestore::proto::backfill_client::BackfillClient;
 use featurestore::proto::feature_store_client::FeatureStoreClient;
 use featurestore::proto::privacy_client::PrivacyClient;
 use tonic::transport::{Channel, Endpoint};
@@ -17,6 +18,8 @@ use tonic::{Code, Status};
 pub use featurestore;
 
 pub mod cli;
+pub mod generate;
+pub mod load;
 
 /// How a [`Client`] talks to the server.
 #[derive(Clone, Debug)]
@@ -95,6 +98,83 @@ impl ClientError {
     }
 }
 
+/// Chunks a [`LoadSession`] queues before sending waits for the stream.
+const LOAD_CHUNKS_QUEUED_MAX: usize = 4;
+
+/// One bulk-load stream, attached to its job.
+#[derive(Debug)]
+pub struct LoadSession {
+    sender: tokio::sync::mpsc::Sender<proto::BulkLoadRequest>,
+    responses: tonic::Streaming<proto::BulkLoadResponse>,
+    /// Where the job stood when the stream attached.
+    pub job: proto::LoadJob,
+}
+
+impl LoadSession {
+    /// Queues chunk `sequence`; its acknowledgement comes from [`LoadSession::next_ack`].
+    pub async fn send_chunk(
+        &mut self,
+        sequence: u64,
+        rows: Vec<proto::WriteRow>,
+    ) -> Result<(), ClientError> {
+        let chunk = proto::BulkLoadRequest {
+            message: Some(proto::bulk_load_request::Message::Chunk(proto::LoadChunk {
+                sequence,
+                rows,
+            })),
+        };
+        if self.sender.send(chunk).await.is_err() {
+            // The stream ended: its status says why.
+            return Err(self.ended().await);
+        }
+        Ok(())
+    }
+
+    /// The next chunk acknowledgement, in sequence order.
+    pub async fn next_ack(&mut self) -> Result<proto::ChunkAck, ClientError> {
+        match self.responses.message().await? {
+            Some(proto::BulkLoadResponse {
+                message: Some(proto::bulk_load_response::Message::Ack(ack)),
+            }) => Ok(ack),
+            Some(_) => Err(Status::internal("expected a chunk acknowledgement").into()),
+            None => Err(Status::unavailable("the server ended the bulk-load stream").into()),
+        }
+    }
+
+    /// Commits the job once every sent chunk was acknowledged, and waits for the commit.
+    pub async fn commit(mut self) -> Result<proto::LoadJob, ClientError> {
+        let commit = proto::BulkLoadRequest {
+            message: Some(proto::bulk_load_request::Message::Commit(
+                proto::LoadCommit {},
+            )),
+        };
+        if self.sender.send(commit).await.is_err() {
+            return Err(self.ended().await);
+        }
+        match self.responses.message().await? {
+            Some(proto::BulkLoadResponse {
+                message: Some(proto::bulk_load_response::Message::Committed(job)),
+            }) => Ok(job),
+            Some(_) => Err(Status::internal("expected the committed job").into()),
+            None => {
+                Err(Status::unavailable("the server ended the stream during the commit").into())
+            }
+        }
+    }
+
+    async fn ended(&mut self) -> ClientError {
+        loop {
+            match self.responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return Status::unavailable("the server ended the bulk-load stream").into();
+                }
+                Err(status) => return status.into(),
+            }
+        }
+    }
+}
+
 /// A connection to a feature store server.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -104,6 +184,8 @@ pub struct Client {
     privacy: PrivacyClient<Channel>,
     /// The admin service's stub over the same channel.
     admin: AdminClient<Channel>,
+    /// The backfill service's stub over the same channel.
+    backfill: BackfillClient<Channel>,
     options: ClientOptions,
 }
 
@@ -125,13 +207,17 @@ impl Client {
         let privacy = PrivacyClient::new(channel.clone())
             .max_decoding_message_size(options.decode_message_bytes_max)
             .max_encoding_message_size(options.encode_message_bytes_max);
-        let admin = AdminClient::new(channel)
+        let admin = AdminClient::new(channel.clone())
+            .max_decoding_message_size(options.decode_message_bytes_max)
+            .max_encoding_message_size(options.encode_message_bytes_max);
+        let backfill = BackfillClient::new(channel)
             .max_decoding_message_size(options.decode_message_bytes_max)
             .max_encoding_message_size(options.encode_message_bytes_max);
         Ok(Client {
             stub,
             privacy,
             admin,
+            backfill,
             options,
         })
     }
@@ -198,6 +284,82 @@ impl Client {
             stub.explain_write(request).await
         })
         .await
+    }
+
+    /// Opens a bulk-load stream attached to `job_id` (created when new). The returned
+    /// session says where the job stands: resume after `job.last_durable_chunk`. The
+    /// stream has no deadline; a broken one fails the session's next call.
+    pub async fn start_load(
+        &self,
+        job_id: &str,
+        source_fingerprint: &str,
+    ) -> Result<LoadSession, ClientError> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(LOAD_CHUNKS_QUEUED_MAX);
+        sender
+            .send(proto::BulkLoadRequest {
+                message: Some(proto::bulk_load_request::Message::Start(proto::LoadStart {
+                    job_id: job_id.to_string(),
+                    source_fingerprint: source_fingerprint.to_string(),
+                })),
+            })
+            .await
+            .map_err(|_| Status::internal("the request stream closed before it started"))?;
+        let mut responses = self
+            .backfill
+            .clone()
+            .bulk_load(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        let job = match responses.message().await? {
+            Some(proto::BulkLoadResponse {
+                message: Some(proto::bulk_load_response::Message::Job(job)),
+            }) => job,
+            _ => {
+                return Err(Status::internal("the server did not say where the job stands").into());
+            }
+        };
+        Ok(LoadSession {
+            sender,
+            responses,
+            job,
+        })
+    }
+
+    /// Where a bulk-load job stands.
+    pub async fn load_job(&self, job_id: &str) -> Result<proto::LoadJob, ClientError> {
+        let request = proto::GetLoadJobRequest {
+            job_id: job_id.to_string(),
+        };
+        let backfill = self.backfill.clone();
+        self.call(request, move |_, request| {
+            let mut backfill = backfill.clone();
+            async move { backfill.get_load_job(request).await }
+        })
+        .await
+    }
+
+    /// Aborts an open bulk-load job: nothing of it is applied.
+    pub async fn abort_load(&self, job_id: &str) -> Result<proto::LoadJob, ClientError> {
+        let request = proto::AbortLoadJobRequest {
+            job_id: job_id.to_string(),
+        };
+        let backfill = self.backfill.clone();
+        self.call(request, move |_, request| {
+            let mut backfill = backfill.clone();
+            async move { backfill.abort_load_job(request).await }
+        })
+        .await
+    }
+
+    /// Recent bulk-load jobs, newest first.
+    pub async fn load_jobs(&self, limit: u32) -> Result<Vec<proto::LoadJob>, ClientError> {
+        let backfill = self.backfill.clone();
+        self.call(proto::ListLoadJobsRequest { limit }, move |_, request| {
+            let mut backfill = backfill.clone();
+            async move { backfill.list_load_jobs(request).await }
+        })
+        .await
+        .map(|response| response.jobs)
     }
 
     /// Creates or replaces a user's state (privacy role).

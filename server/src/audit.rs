@@ -36,10 +36,16 @@ pub enum AuditAction {
     UserErased = 7,
     /// A backup was written.
     BackupCreated = 8,
+    /// A chunk of a bulk load was staged (one per chunk).
+    LoadChunk = 9,
+    /// A bulk load was committed: its staged rows were applied.
+    LoadCommitted = 10,
+    /// A bulk load was aborted: its staged rows were deleted.
+    LoadAborted = 11,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 8] = [
+    pub const ALL: [AuditAction; 11] = [
         AuditAction::Write,
         AuditAction::FeatureDenied,
         AuditAction::FeatureTransformed,
@@ -48,6 +54,9 @@ impl AuditAction {
         AuditAction::ValuesPurged,
         AuditAction::UserErased,
         AuditAction::BackupCreated,
+        AuditAction::LoadChunk,
+        AuditAction::LoadCommitted,
+        AuditAction::LoadAborted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +69,9 @@ impl AuditAction {
             AuditAction::ValuesPurged => "values_purged",
             AuditAction::UserErased => "user_erased",
             AuditAction::BackupCreated => "backup_created",
+            AuditAction::LoadChunk => "load_chunk",
+            AuditAction::LoadCommitted => "load_committed",
+            AuditAction::LoadAborted => "load_aborted",
         }
     }
 }

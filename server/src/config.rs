@@ -35,6 +35,7 @@ pub struct Config {
     pub idempotency_window: Duration,
     pub limits: Limits,
     pub storage: StorageConfig,
+    pub bulk_load: BulkLoadConfig,
 }
 
 impl Default for Config {
@@ -51,6 +52,7 @@ impl Default for Config {
             idempotency_window: Duration::from_secs(24 * 60 * 60),
             limits: Limits::default(),
             storage: StorageConfig::default(),
+            bulk_load: BulkLoadConfig::default(),
         }
     }
 }
@@ -94,6 +96,8 @@ pub struct Limits {
     pub write_rows_max: usize,
     /// Most feature values in one write row.
     pub features_per_row_max: usize,
+    /// Most rows in one chunk of a bulk load.
+    pub load_chunk_rows_max: usize,
     /// Largest request message the server decodes, in bytes.
     pub decode_message_bytes_max: usize,
     /// Largest response message the server encodes, in bytes.
@@ -125,6 +129,7 @@ impl Default for Limits {
             read_features_max: request.read_features_max,
             write_rows_max: request.write_rows_max,
             features_per_row_max: request.features_per_row_max,
+            load_chunk_rows_max: request.load_chunk_rows_max,
             decode_message_bytes_max: 16 * 1024 * 1024,
             encode_message_bytes_max: 64 * 1024 * 1024,
             concurrent_requests_max: 256,
@@ -145,6 +150,7 @@ impl Limits {
             read_features_max: self.read_features_max,
             write_rows_max: self.write_rows_max,
             features_per_row_max: self.features_per_row_max,
+            load_chunk_rows_max: self.load_chunk_rows_max,
         }
     }
 }
@@ -170,6 +176,35 @@ impl Default for StorageConfig {
             write_buffer_bytes: 64 * 1024 * 1024,
             max_open_files: 4096,
             background_jobs: 2,
+        }
+    }
+}
+
+/// Bulk loads (the Backfill service).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkLoadConfig {
+    /// Where the chunks of open jobs are staged until their commit; one directory per job.
+    pub staging_dir: PathBuf,
+    /// Jobs with at least this many staged storage rows are applied by ingesting sorted
+    /// table files; smaller ones by one ordinary atomic write (ingesting many tiny files
+    /// would slow reads down until compaction).
+    pub ingest_rows_min: u64,
+    /// Largest table file a commit writes before starting another, in bytes.
+    pub table_file_bytes_max: u64,
+    /// Open jobs that receive no chunk for this long are aborted by the retention sweep,
+    /// so that staged rows of abandoned jobs do not stay on disk.
+    #[serde(with = "humantime_serde")]
+    pub abandoned_after: Duration,
+}
+
+impl Default for BulkLoadConfig {
+    fn default() -> Self {
+        BulkLoadConfig {
+            staging_dir: PathBuf::from("featurestore-staging"),
+            ingest_rows_min: 10_000,
+            table_file_bytes_max: 256 * 1024 * 1024,
+            abandoned_after: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }

@@ -12,16 +12,20 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::audit::{AuditAction, AuditEntry, Pseudonym, pseudonym};
 use crate::clock::Clock;
+use crate::config::BulkLoadConfig;
 use crate::erasure::{Ledger, Receipt};
 use crate::error::Error;
 use crate::policy::{Policy, ValueFacts};
 use crate::registry::Registry;
 use crate::storage::{RowKey, Store, StoredRow, UserState};
 
+mod load;
 mod read;
 #[cfg(test)]
 mod tests;
 mod write;
+
+pub use load::{ChunkOutcome, LoadAttachment};
 
 /// Meta key holding the hash of the bundle every stored value was last validated under.
 const VALIDATED_POLICY_KEY: &str = "validated_policy_hash";
@@ -76,6 +80,17 @@ pub struct Core {
     pub ledger: Ledger,
     /// Where backups are written.
     backup_dir: PathBuf,
+    /// Bulk-load settings.
+    bulk_load: BulkLoadConfig,
+    /// Bulk-load jobs attached to a stream right now.
+    attached_jobs: Mutex<std::collections::HashSet<String>>,
+    /// Every change of a user's state (set, erasure) holds it shared; a bulk-load commit
+    /// holds it exclusively while it checks the generations its rows were decided with
+    /// and applies them, so that no state changes in between.
+    state_gate: RwLock<()>,
+    /// Counts user-state changes, so that a commit can tell whether any happened while
+    /// it prepared its files.
+    state_changes: std::sync::atomic::AtomicU64,
 }
 
 /// Settings of a [`Core`] beyond its parts.
@@ -89,6 +104,8 @@ pub struct CoreOptions {
     pub ledger_path: PathBuf,
     /// Where backups are written.
     pub backup_dir: PathBuf,
+    /// Bulk-load settings.
+    pub bulk_load: BulkLoadConfig,
 }
 
 impl Core {
@@ -118,6 +135,10 @@ impl Core {
             idempotency_window: options.idempotency_window,
             ledger,
             backup_dir: options.backup_dir,
+            bulk_load: options.bulk_load,
+            attached_jobs: Mutex::new(std::collections::HashSet::new()),
+            state_gate: RwLock::new(()),
+            state_changes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -198,7 +219,11 @@ impl Core {
         let user_id = receipt.user_id;
         let mut entry = self.audit_entry(AuditAction::UserErased, caller, Some(user_id))?;
         entry.subject.clone_from(&receipt.id);
-        self.store.erase_user(user_id, self.clock.now(), &entry)?;
+        self.changing_user_state(|| {
+            self.store
+                .erase_user(user_id, self.clock.now(), &entry)
+                .map_err(Error::from)
+        })?;
         let now = self.clock.now().unix_micros();
         receipt.fenced_at = Some(now);
         receipt.deleted_at = Some(now);
@@ -209,7 +234,7 @@ impl Core {
         receipt.verified = !self.store.user_has_data(user_id)?;
         receipt.verified_at = Some(self.clock.now().unix_micros());
         if receipt.verified {
-            self.store.finish_erasure(user_id)?;
+            self.changing_user_state(|| self.store.finish_erasure(user_id).map_err(Error::from))?;
         } else {
             tracing::error!(receipt = %receipt.id, "erasure verification found data left");
         }
@@ -274,6 +299,7 @@ impl Core {
     /// starts a purge. Runs before the server serves.
     pub fn start(self: &Arc<Self>) -> Result<(), Error> {
         self.reapply_erasures()?;
+        self.recover_loads()?;
         let hash = self.policy().hash.clone();
         if self.store.read_meta(VALIDATED_POLICY_KEY)?.as_deref() == Some(hash.as_bytes()) {
             return Ok(());
@@ -408,6 +434,7 @@ impl Core {
     /// whatever the policy now forbids), then compacts the features so that the dropped
     /// bytes leave the files. Returns (users swept, values removed).
     pub fn sweep(&self) -> Result<(u64, u64), Error> {
+        self.abort_abandoned_loads()?;
         let policy = self.policy();
         let (mut users_swept, mut removed) = (0u64, 0u64);
         self.for_each_user_with_rows(|user_id| {
@@ -513,12 +540,28 @@ impl Core {
         let mut entry =
             self.audit_entry(AuditAction::UserStateSet, "privacy", Some(update.user_id))?;
         entry.bundle_hash.clone_from(&policy.hash);
-        Ok(self.store.set_user_state(
-            update,
-            now,
-            &mut |state, key, row| self.revalidate(&policy, state, key, row, now),
-            &entry,
-        )?)
+        self.changing_user_state(|| {
+            Ok(self.store.set_user_state(
+                update,
+                now,
+                &mut |state, key, row| self.revalidate(&policy, state, key, row, now),
+                &entry,
+            )?)
+        })
+    }
+
+    /// Runs a change of user state under the state gate, and counts it.
+    fn changing_user_state<T>(
+        &self,
+        change: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let _gate = self.state_gate.read();
+        let changed = change();
+        // Counted after the change is written: a commit that read the counter before it
+        // sees it move, whether or not its read of the states saw the change.
+        self.state_changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        changed
     }
 
     /// A user's state.

@@ -66,6 +66,17 @@ pub enum Error {
     NoReceipt { id: String },
     #[error("the server is stopping")]
     Stopping,
+    #[error("no bulk-load job {job_id:?}")]
+    NoLoadJob { job_id: String },
+    /// The job is not in a state that allows the request (chunk after commit, a gap in the
+    /// sequence, a resume from another input, ...).
+    #[error("bulk-load job {job_id:?}: {problem}")]
+    LoadJobConflict { job_id: String, problem: String },
+    #[error("bulk-load job {job_id:?} is attached to another stream; retry once it ends")]
+    LoadJobBusy { job_id: String },
+    /// The staging files of a job cannot be written or read.
+    #[error("bulk-load job {job_id:?}: staging: {problem}")]
+    Staging { job_id: String, problem: String },
 }
 
 impl Error {
@@ -74,18 +85,23 @@ impl Error {
             Error::InvalidRequest(_) | Error::UnknownFeature { .. } | Error::InvalidBundle(_) => {
                 ErrorKind::InvalidRequest
             }
-            Error::NoUserState { .. } | Error::NoReceipt { .. } => ErrorKind::NotFound,
+            Error::NoUserState { .. } | Error::NoReceipt { .. } | Error::NoLoadJob { .. } => {
+                ErrorKind::NotFound
+            }
             Error::Refused { .. } => ErrorKind::DeniedByPolicy,
             Error::IdempotencyKeyReused { .. }
+            | Error::LoadJobConflict { .. }
             | Error::Storage(StorageError::GenerationChanged { .. }) => ErrorKind::Conflict,
-            Error::WriteRaced { .. } => ErrorKind::Aborted,
+            Error::WriteRaced { .. } | Error::LoadJobBusy { .. } => ErrorKind::Aborted,
             Error::Overloaded { .. } => ErrorKind::Overloaded,
             Error::Storage(StorageError::Engine(_)) => ErrorKind::Unavailable,
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {
                 ErrorKind::DataLoss
             }
             Error::Task(_) => ErrorKind::Internal,
-            Error::Ledger(_) | Error::Backup(_) | Error::Stopping => ErrorKind::Unavailable,
+            Error::Ledger(_) | Error::Backup(_) | Error::Stopping | Error::Staging { .. } => {
+                ErrorKind::Unavailable
+            }
         }
     }
 }

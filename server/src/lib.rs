@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod erasure;
 pub mod error;
+pub mod load;
 pub mod policy;
 pub mod registry;
 pub mod service;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use featurestore::proto::admin_server::AdminServer;
+use featurestore::proto::backfill_server::BackfillServer;
 use featurestore::proto::feature_store_server::FeatureStoreServer;
 use featurestore::proto::privacy_server::PrivacyServer;
 use tokio::net::TcpListener;
@@ -108,6 +110,7 @@ pub async fn run_with_clock(
             idempotency_window: config.idempotency_window,
             ledger_path: config.erasure_ledger_path.clone(),
             backup_dir: config.backup_dir.clone(),
+            bulk_load: config.bulk_load.clone(),
         };
         tokio::task::spawn_blocking(move || {
             let core = Arc::new(Core::new(
@@ -149,6 +152,9 @@ pub async fn run_with_clock(
     let privacy = PrivacyServer::new(handlers.clone())
         .max_decoding_message_size(limits.decode_message_bytes_max)
         .max_encoding_message_size(limits.encode_message_bytes_max);
+    let backfill = BackfillServer::new(handlers.clone())
+        .max_decoding_message_size(limits.decode_message_bytes_max)
+        .max_encoding_message_size(limits.encode_message_bytes_max);
     let admin = AdminServer::new(handlers)
         .max_decoding_message_size(limits.decode_message_bytes_max)
         .max_encoding_message_size(limits.encode_message_bytes_max);
@@ -159,6 +165,9 @@ pub async fn run_with_clock(
         .await;
     health_reporter
         .set_serving::<PrivacyServer<FeatureStoreService>>()
+        .await;
+    health_reporter
+        .set_serving::<BackfillServer<FeatureStoreService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(featurestore::FILE_DESCRIPTOR_SET)
@@ -186,6 +195,7 @@ pub async fn run_with_clock(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(privacy)
+        .add_service(backfill)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stop_accepting.cancelled().await;
@@ -195,6 +205,9 @@ pub async fn run_with_clock(
                 .await;
             health_reporter
                 .set_not_serving::<PrivacyServer<FeatureStoreService>>()
+                .await;
+            health_reporter
+                .set_not_serving::<BackfillServer<FeatureStoreService>>()
                 .await;
             health_reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)

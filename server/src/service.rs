@@ -1,9 +1,10 @@
 //! The gRPC services: decode a request into domain types once, run the domain core on the
 //! blocking pool, and encode the answer. The only place that builds a `tonic::Status`.
 
-use std::sync::Arc;
+mod backfill;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use featurestore::domain::UserStateUpdate;
 use featurestore::proto::{

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 
 use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
-use crate::config::{Durability, StorageConfig};
+use crate::config::{BulkLoadConfig, Durability, StorageConfig};
 use crate::policy::reference::reference_reasons;
 use crate::policy::{Confidence, DecisionInput, JurisdictionGroup, Policy};
 use crate::registry::{Purpose, Registry, Sensitivity, SourceKind};
@@ -170,6 +170,10 @@ proptest! {
             idempotency_window: Duration::from_secs(60),
             ledger_path: directory.path().join("erasures.jsonl"),
             backup_dir: directory.path().join("backups"),
+            bulk_load: BulkLoadConfig {
+                staging_dir: directory.path().join("staging"),
+                ..BulkLoadConfig::default()
+            },
         };
         let core = Core::new(registry, policy, Arc::new(store), clock, options).expect("core");
 

@@ -26,25 +26,38 @@ const DECISION_ATTEMPTS: usize = 3;
 
 /// Where an admitted value went: which storage row, and which value of it.
 #[derive(Clone, Copy)]
-struct Placement {
-    write: usize,
-    value: usize,
+pub(super) struct Placement {
+    pub write: usize,
+    pub value: usize,
 }
 
 /// The decision for one (feature, target surface) before storage answers.
-enum Decision {
+pub(super) enum Decision {
     Admitted(Placement),
     Refused(Reasons),
 }
 
 /// Everything decided for a request, ready to apply.
-struct Plan {
+pub(super) struct Plan {
     /// (user, state generation decided with) for every user of the request.
-    fence: Vec<(u64, u64)>,
+    pub fence: Vec<(u64, u64)>,
     /// The admitted values, grouped by storage row.
-    writes: Vec<RowWrite>,
+    pub writes: Vec<RowWrite>,
     /// decisions[row][feature][target surface]
-    decisions: Vec<Vec<Vec<Decision>>>,
+    pub decisions: Vec<Vec<Vec<Decision>>>,
+}
+
+/// The request-level refusal of a row, if its user's state refuses every write: the user
+/// is erased, or the producer saw an older generation than the current one.
+pub(super) fn fence_refusal(row: &WriteRow, state: Option<&UserState>) -> Option<ReasonCode> {
+    let state = state?;
+    if state.erasure != ErasureState::None {
+        Some(ReasonCode::UserErased)
+    } else if row.user_state_generation < state.generation {
+        Some(ReasonCode::StaleGeneration)
+    } else {
+        None
+    }
 }
 
 impl Core {
@@ -143,7 +156,7 @@ impl Core {
 
     /// The audit entries of a write: one for the call, one per feature refused on some or
     /// all of its target surfaces. Never a value.
-    fn audit_entries(
+    pub(super) fn audit_entries(
         &self,
         request: &WriteRequest,
         plan: &Plan,
@@ -218,51 +231,61 @@ impl Core {
         }
     }
 
-    /// Reads the users' states, applies the request-level fences, and decides every
-    /// (feature, target surface).
-    fn plan(&self, request: &WriteRequest, policy: &Policy, now: Timestamp) -> Result<Plan, Error> {
-        let mut users: Vec<u64> = request.rows.iter().map(|row| row.user_id).collect();
+    /// The states of the users of `rows`, by user id (users without a state are absent).
+    pub(super) fn user_states(&self, rows: &[WriteRow]) -> Result<HashMap<u64, UserState>, Error> {
+        let mut users: Vec<u64> = rows.iter().map(|row| row.user_id).collect();
         users.sort_unstable();
         users.dedup();
-        let states: HashMap<u64, UserState> = users
+        Ok(users
             .iter()
             .zip(self.store.read_user_states(&users)?)
             .filter_map(|(user_id, state)| state.map(|state| (*user_id, state)))
-            .collect();
-        for (index, row) in request.rows.iter().enumerate() {
-            let Some(state) = states.get(&row.user_id) else {
-                continue;
-            };
-            if state.erasure != ErasureState::None {
-                return Err(Error::Refused {
-                    reason: ReasonCode::UserErased,
-                    row: index,
-                    current_generation: state.generation,
-                });
-            }
-            if row.user_state_generation < state.generation {
-                return Err(Error::Refused {
-                    reason: ReasonCode::StaleGeneration,
-                    row: index,
-                    current_generation: state.generation,
-                });
-            }
-        }
-        let fence = users
-            .iter()
-            .map(|user_id| {
-                (
-                    *user_id,
-                    states.get(user_id).map_or(0, |state| state.generation),
-                )
-            })
-            .collect();
+            .collect())
+    }
+
+    /// Decides every (feature, target surface) of `rows`: the admitted values grouped by
+    /// storage row, and decisions[row][feature][target surface].
+    #[allow(clippy::type_complexity)]
+    pub(super) fn decide_rows(
+        &self,
+        rows: &[WriteRow],
+        states: &HashMap<u64, UserState>,
+        policy: &Policy,
+        now: Timestamp,
+    ) -> (Vec<RowWrite>, Vec<Vec<Vec<Decision>>>) {
         let mut writes = Vec::new();
-        let decisions = request
-            .rows
+        let decisions = rows
             .iter()
             .map(|row| self.decide_row(row, states.get(&row.user_id), policy, now, &mut writes))
             .collect();
+        (writes, decisions)
+    }
+
+    /// Reads the users' states, applies the request-level fences, and decides every
+    /// (feature, target surface).
+    fn plan(&self, request: &WriteRequest, policy: &Policy, now: Timestamp) -> Result<Plan, Error> {
+        let states = self.user_states(&request.rows)?;
+        for (index, row) in request.rows.iter().enumerate() {
+            let state = states.get(&row.user_id);
+            if let Some(reason) = fence_refusal(row, state) {
+                return Err(Error::Refused {
+                    reason,
+                    row: index,
+                    current_generation: state.map_or(0, |state| state.generation),
+                });
+            }
+        }
+        let mut fence: Vec<(u64, u64)> = request
+            .rows
+            .iter()
+            .map(|row| {
+                let generation = states.get(&row.user_id).map_or(0, |state| state.generation);
+                (row.user_id, generation)
+            })
+            .collect();
+        fence.sort_unstable();
+        fence.dedup();
+        let (writes, decisions) = self.decide_rows(&request.rows, &states, policy, now);
         Ok(Plan {
             fence,
             writes,

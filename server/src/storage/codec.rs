@@ -327,6 +327,18 @@ pub fn merge_operator(
     Some(encode_row(&row))
 }
 
+/// Combines encoded rows into one, per feature the value that [`supersedes`] the others:
+/// the same result as applying them to the store in any order.
+pub fn merge_operands(operands: &[&[u8]]) -> Result<Vec<u8>, CodecError> {
+    let mut row = StoredRow::default();
+    for operand in operands {
+        for value in decode_row(operand)?.values {
+            merge_value(&mut row, value);
+        }
+    }
+    Ok(encode_row(&row))
+}
+
 const USER_STATE_VERSION: u8 = 1;
 
 /// Encodes a user state:

@@ -259,4 +259,39 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Makes everything written so far durable in the engine's files.
     fn flush(&self) -> Result<(), StorageError>;
+
+    /// Writes `rows` (encoded rows, sorted by key, each key once) as merge operands into
+    /// table files in `directory`, starting a new file past `file_bytes_max`, and returns
+    /// their paths. Nothing is visible until [`Store::ingest_table_files`].
+    fn write_table_files(
+        &self,
+        rows: &mut dyn Iterator<Item = (RowKey, Vec<u8>)>,
+        directory: &std::path::Path,
+        file_bytes_max: u64,
+    ) -> Result<Vec<std::path::PathBuf>, StorageError>;
+
+    /// Adds table files written by [`Store::write_table_files`] to the features, all at
+    /// once. Their rows are merge operands: per feature the latest event time wins against
+    /// what is stored, whichever was written first.
+    fn ingest_table_files(&self, files: &[std::path::PathBuf]) -> Result<(), StorageError>;
+
+    /// Merges `rows` (encoded rows) into the features as merge operands, in one atomic
+    /// write together with a metadata value and audit entries.
+    fn merge_rows(
+        &self,
+        rows: &[(RowKey, Vec<u8>)],
+        meta: (&str, &[u8]),
+        audit: &[AuditEntry],
+    ) -> Result<(), StorageError>;
+
+    /// Writes a metadata value and appends audit entries, in one atomic write.
+    fn write_meta_audited(
+        &self,
+        key: &str,
+        value: &[u8],
+        audit: &[AuditEntry],
+    ) -> Result<(), StorageError>;
+
+    /// Every metadata value whose key starts with `prefix`, in key order.
+    fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
 }

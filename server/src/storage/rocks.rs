@@ -14,7 +14,8 @@ use featurestore::domain::Timestamp;
 use parking_lot::{Mutex, MutexGuard};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
-    DataBlockIndexType, Options, WriteBatch, WriteOptions, compaction_filter::Decision,
+    DataBlockIndexType, IngestExternalFileOptions, Options, SstFileWriter, WriteBatch,
+    WriteOptions, compaction_filter::Decision,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -72,6 +73,9 @@ pub struct RocksStore {
     /// read-modify-write never interleaves with another, and a user-state change never
     /// interleaves with a write for that user.
     write_locks: Vec<Mutex<()>>,
+    /// Options of the table files a bulk load writes: the features' table format,
+    /// compression and merge operator, so that ingested files read like flushed ones.
+    table_file_options: Options,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -118,10 +122,19 @@ impl RocksStore {
         table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
         table.set_block_size(16 * 1024);
 
+        let features_format = |options: &mut Options| {
+            options.set_block_based_table_factory(&table);
+            options.set_compression_type(DBCompressionType::Lz4);
+            options.set_merge_operator_associative(
+                "featurestore.last_event_time_wins.v1",
+                codec::merge_operator,
+            );
+        };
+        let mut table_file_options = Options::default();
+        features_format(&mut table_file_options);
         let mut features = Options::default();
-        features.set_block_based_table_factory(&table);
+        features_format(&mut features);
         features.set_write_buffer_size(config.write_buffer_bytes);
-        features.set_compression_type(DBCompressionType::Lz4);
         // Rows whose every value has expired are dropped whenever compaction meets them;
         // rows with some expired values are rewritten by the retention sweep.
         let expiry_clock = Arc::clone(&clock);
@@ -136,10 +149,6 @@ impl RocksStore {
                     _ => Decision::Keep,
                 }
             },
-        );
-        features.set_merge_operator_associative(
-            "featurestore.last_event_time_wins.v1",
-            codec::merge_operator,
         );
 
         let mut idempotency = Options::default();
@@ -199,6 +208,7 @@ impl RocksStore {
             write_options,
             audit_tail: Mutex::new(audit_tail),
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            table_file_options,
         })
     }
 
@@ -758,6 +768,93 @@ impl Store for RocksStore {
                 &rocksdb::FlushOptions::default(),
             )
             .map_err(engine)
+    }
+
+    fn write_table_files(
+        &self,
+        rows: &mut dyn Iterator<Item = (RowKey, Vec<u8>)>,
+        directory: &Path,
+        file_bytes_max: u64,
+    ) -> Result<Vec<std::path::PathBuf>, StorageError> {
+        let mut files = Vec::new();
+        let mut writer: Option<SstFileWriter<'_>> = None;
+        for (key, operand) in rows {
+            if writer
+                .as_ref()
+                .is_none_or(|current| current.file_size() >= file_bytes_max)
+            {
+                if let Some(mut full) = writer.take() {
+                    full.finish().map_err(engine)?;
+                }
+                let path = directory.join(format!("table-{:06}.sst", files.len() + 1));
+                let next = SstFileWriter::create(&self.table_file_options);
+                next.open(&path).map_err(engine)?;
+                files.push(path);
+                writer = Some(next);
+            }
+            if let Some(current) = &mut writer {
+                current
+                    .merge(encode_row_key(key), operand)
+                    .map_err(engine)?;
+            }
+        }
+        if let Some(mut last) = writer {
+            last.finish().map_err(engine)?;
+        }
+        Ok(files)
+    }
+
+    fn ingest_table_files(&self, files: &[std::path::PathBuf]) -> Result<(), StorageError> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let mut options = IngestExternalFileOptions::default();
+        // Hard links when the staging directory is on the same file system: no copy.
+        options.set_move_files(true);
+        self.db
+            .ingest_external_file_cf_opts(self.cf(FEATURES_CF), &options, files.to_vec())
+            .map_err(engine)
+    }
+
+    fn merge_rows(
+        &self,
+        rows: &[(RowKey, Vec<u8>)],
+        meta: (&str, &[u8]),
+        audit: &[AuditEntry],
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        let features = self.cf(FEATURES_CF);
+        for (key, operand) in rows {
+            batch.merge_cf(features, encode_row_key(*key), operand);
+        }
+        batch.put_cf(self.cf(META_CF), meta.0.as_bytes(), meta.1);
+        self.write_with_audit(batch, audit)
+    }
+
+    fn write_meta_audited(
+        &self,
+        key: &str,
+        value: &[u8],
+        audit: &[AuditEntry],
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(META_CF), key.as_bytes(), value);
+        self.write_with_audit(batch, audit)
+    }
+
+    fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let mut iterator = self.db.raw_iterator_cf(self.cf(META_CF));
+        iterator.seek(prefix.as_bytes());
+        let mut found = Vec::new();
+        while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            found.push((String::from_utf8_lossy(key).into_owned(), value.to_vec()));
+            iterator.next();
+        }
+        iterator.status().map_err(engine)?;
+        Ok(found)
     }
 }
 

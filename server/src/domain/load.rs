@@ -1,0 +1,651 @@
+//! Bulk loads: a job stages chunks of rows decided by the write path's own code (the same
+//! fences, registry checks and policy as `write`), and its commit merges the staged
+//! chunks in key order into table files that the store ingests at once.
+//!
+//! Event-time order against online writes holds because staged rows are merge operands:
+//! per feature the latest event time wins, whichever reaches the store first. The
+//! erasure fence holds because a commit checks, with user-state changes held off, that
+//! every staged user still has the generation its rows were decided with; rows of a user
+//! erased or changed since are left out and counted as refused.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use featurestore::InvalidRequest;
+use featurestore::domain::{WriteRequest, WriteRow};
+use featurestore::proto::ReasonCode;
+
+use super::Core;
+use super::write::{Decision, Plan, fence_refusal};
+use crate::audit::AuditAction;
+use crate::error::Error;
+use crate::load::{
+    JOB_KEY_PREFIX, JobRecord, JobState, MergedRows, StagedRow, StagedUser, Summary, chunk_path,
+    job_id_problem, job_key, read_users, sync_directory, write_chunk,
+};
+use crate::storage::codec::encode_row;
+use crate::storage::{ErasureState, RowKey, StoredRow, codec};
+
+/// What became of one chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkOutcome {
+    pub sequence: u64,
+    /// The chunk was already durable; nothing changed.
+    pub duplicate: bool,
+    pub summary: Summary,
+    /// Malformed rows, by index in the chunk.
+    pub invalid: Vec<(usize, InvalidRequest)>,
+}
+
+/// A job attached to one stream; detached when dropped. Only the attached stream sends
+/// chunks or commits, and an attached job cannot be aborted.
+#[derive(Debug)]
+pub struct LoadAttachment {
+    core: Arc<Core>,
+    job_id: String,
+}
+
+impl LoadAttachment {
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+}
+
+impl Drop for LoadAttachment {
+    fn drop(&mut self) {
+        self.core.attached_jobs.lock().remove(&self.job_id);
+    }
+}
+
+fn conflict(job_id: &str, problem: impl Into<String>) -> Error {
+    Error::LoadJobConflict {
+        job_id: job_id.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn staging(job_id: &str, error: impl std::fmt::Display) -> Error {
+    Error::Staging {
+        job_id: job_id.to_string(),
+        problem: error.to_string(),
+    }
+}
+
+impl Core {
+    fn staging_directory(&self, job_id: &str) -> PathBuf {
+        self.bulk_load.staging_dir.join(job_id)
+    }
+
+    /// A job's record; `NoLoadJob` when there is none.
+    pub fn load_job(&self, job_id: &str) -> Result<JobRecord, Error> {
+        let bytes = self
+            .store
+            .read_meta(&job_key(job_id))?
+            .ok_or_else(|| Error::NoLoadJob {
+                job_id: job_id.to_string(),
+            })?;
+        serde_json::from_slice(&bytes).map_err(|error| {
+            Error::Storage(crate::storage::StorageError::Corrupt(format!(
+                "record of bulk-load job {job_id:?}: {error}"
+            )))
+        })
+    }
+
+    /// Recent jobs, newest first.
+    pub fn load_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, Error> {
+        let mut jobs = Vec::new();
+        for (key, bytes) in self.store.meta_with_prefix(JOB_KEY_PREFIX)? {
+            match serde_json::from_slice::<JobRecord>(&bytes) {
+                Ok(job) => jobs.push(job),
+                Err(error) => tracing::error!(%key, %error, "unreadable bulk-load job record"),
+            }
+        }
+        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        jobs.truncate(limit);
+        Ok(jobs)
+    }
+
+    fn save_job(
+        &self,
+        job: &mut JobRecord,
+        audit: &[crate::audit::AuditEntry],
+    ) -> Result<(), Error> {
+        job.updated_at = self.clock.now().unix_micros();
+        let bytes = serde_json::to_vec(job).expect("a job record serializes");
+        self.store
+            .write_meta_audited(&job_key(&job.job_id), &bytes, audit)?;
+        Ok(())
+    }
+
+    /// Attaches a stream to a job, creating the job when it does not exist. Refused when
+    /// another stream is attached, or when the job was started from another input.
+    pub fn load_attach(
+        self: &Arc<Self>,
+        job_id: &str,
+        source_fingerprint: &str,
+    ) -> Result<(LoadAttachment, JobRecord), Error> {
+        if let Some(problem) = job_id_problem(job_id) {
+            return Err(InvalidRequest::new("start.job_id", problem).into());
+        }
+        if source_fingerprint.len() > crate::load::FINGERPRINT_BYTES_MAX {
+            return Err(InvalidRequest::new(
+                "start.source_fingerprint",
+                format!(
+                    "is {} bytes; at most {} are allowed",
+                    source_fingerprint.len(),
+                    crate::load::FINGERPRINT_BYTES_MAX
+                ),
+            )
+            .into());
+        }
+        if !self.attached_jobs.lock().insert(job_id.to_string()) {
+            return Err(Error::LoadJobBusy {
+                job_id: job_id.to_string(),
+            });
+        }
+        let attachment = LoadAttachment {
+            core: Arc::clone(self),
+            job_id: job_id.to_string(),
+        };
+        let job = match self.load_job(job_id) {
+            Ok(job) => {
+                if job.source_fingerprint != source_fingerprint {
+                    return Err(conflict(
+                        job_id,
+                        format!(
+                            "was started from another input ({:?}, not {source_fingerprint:?}); \
+                             use another job id",
+                            job.source_fingerprint
+                        ),
+                    ));
+                }
+                job
+            }
+            Err(Error::NoLoadJob { .. }) => {
+                let now = self.clock.now().unix_micros();
+                let mut job = JobRecord {
+                    job_id: job_id.to_string(),
+                    state: JobState::Open,
+                    source_fingerprint: source_fingerprint.to_string(),
+                    last_durable_chunk: 0,
+                    summary: Summary::default(),
+                    created_at: now,
+                    updated_at: now,
+                    committed_at: 0,
+                    files_ingested: 0,
+                    policy_versions: Vec::new(),
+                };
+                let directory = self.staging_directory(job_id);
+                std::fs::create_dir_all(&directory).map_err(|error| staging(job_id, error))?;
+                self.save_job(&mut job, &[])?;
+                job
+            }
+            Err(error) => return Err(error),
+        };
+        Ok((attachment, job))
+    }
+
+    /// Decides a chunk's rows and makes them durable in the job's staging area; the job
+    /// record and the chunk's audit entries are written together once the chunk file is
+    /// synced. A chunk already durable is a no-op.
+    pub fn load_chunk(
+        &self,
+        attachment: &LoadAttachment,
+        sequence: u64,
+        rows: Vec<(usize, WriteRow)>,
+        invalid: Vec<(usize, InvalidRequest)>,
+    ) -> Result<ChunkOutcome, Error> {
+        let job_id = attachment.job_id();
+        let mut job = self.load_job(job_id)?;
+        if job.state != JobState::Open {
+            return Err(conflict(
+                job_id,
+                format!("is {:?}; it takes no more chunks", job.state),
+            ));
+        }
+        if sequence <= job.last_durable_chunk {
+            return Ok(ChunkOutcome {
+                sequence,
+                duplicate: true,
+                summary: Summary::default(),
+                invalid: Vec::new(),
+            });
+        }
+        if sequence != job.last_durable_chunk + 1 {
+            return Err(conflict(
+                job_id,
+                format!(
+                    "chunk {sequence} arrived but the next is {}",
+                    job.last_durable_chunk + 1
+                ),
+            ));
+        }
+        let policy = self.policy();
+        let now = self.clock.now();
+        let rows: Vec<WriteRow> = rows.into_iter().map(|(_, row)| row).collect();
+        let states = self.user_states(&rows)?;
+
+        let mut summary = Summary {
+            rows_received: (rows.len() + invalid.len()) as u64,
+            rows_invalid: invalid.len() as u64,
+            ..Summary::default()
+        };
+        // Rows whose user's state refuses every write are counted, not decided.
+        let mut decided = Vec::with_capacity(rows.len());
+        for row in rows {
+            let pairs = (row.features.len() * row.target_surfaces.len()) as u64;
+            match fence_refusal(&row, states.get(&row.user_id)) {
+                Some(reason) => {
+                    summary.rows_denied += 1;
+                    summary.values_refused += pairs;
+                    summary.count_reason(reason, pairs);
+                }
+                None => decided.push(row),
+            }
+        }
+        let (writes, decisions) = self.decide_rows(&decided, &states, &policy, now);
+
+        let mut users: HashMap<u64, StagedUser> = HashMap::new();
+        for (row, row_decisions) in decided.iter().zip(&decisions) {
+            let mut admitted = 0u64;
+            let mut refused = 0u64;
+            let mut reasons: HashMap<ReasonCode, u64> = HashMap::new();
+            for decision in row_decisions.iter().flatten() {
+                match decision {
+                    Decision::Admitted(_) => admitted += 1,
+                    Decision::Refused(refusal) => {
+                        refused += 1;
+                        for reason in refusal.iter() {
+                            *reasons.entry(reason).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            summary.values_admitted += admitted;
+            summary.values_refused += refused;
+            for (reason, values) in reasons {
+                summary.count_reason(reason, values);
+            }
+            if admitted == 0 {
+                summary.rows_denied += 1;
+                continue;
+            }
+            let user = users.entry(row.user_id).or_insert_with(|| StagedUser {
+                user_id: row.user_id,
+                generation: states.get(&row.user_id).map_or(0, |state| state.generation),
+                rows_accepted: 0,
+                rows_transformed: 0,
+                values: 0,
+            });
+            user.values += admitted;
+            if refused == 0 {
+                summary.rows_accepted += 1;
+                user.rows_accepted += 1;
+            } else {
+                summary.rows_transformed += 1;
+                user.rows_transformed += 1;
+            }
+        }
+        let mut users: Vec<StagedUser> = users.into_values().collect();
+        users.sort_unstable_by_key(|user| user.user_id);
+        let staged = staged_rows(&writes);
+        let directory = self.staging_directory(job_id);
+        write_chunk(&chunk_path(&directory, sequence), &users, &staged)
+            .map_err(|error| staging(job_id, error))?;
+
+        let request = WriteRequest {
+            idempotency_key: format!("{job_id}#{sequence}"),
+            rows: decided,
+        };
+        let plan = Plan {
+            fence: Vec::new(),
+            writes,
+            decisions,
+        };
+        let mut audit = self.audit_entries(&request, &plan, &policy)?;
+        audit[0].action = AuditAction::LoadChunk;
+        audit[0].subject = format!(
+            "job {job_id} chunk {sequence}: {} rows",
+            summary.rows_received
+        );
+        job.last_durable_chunk = sequence;
+        job.summary.add(&summary);
+        if !job.policy_versions.contains(&policy.hash_prefix) {
+            job.policy_versions.push(policy.hash_prefix);
+        }
+        self.save_job(&mut job, &audit)?;
+        Ok(ChunkOutcome {
+            sequence,
+            duplicate: false,
+            summary,
+            invalid,
+        })
+    }
+
+    /// Commits a job: every durable chunk is applied at once. Committing a committed job
+    /// returns its record; the commit of a job left COMMITTING by a crash is finished.
+    pub fn load_commit(&self, attachment: &LoadAttachment) -> Result<JobRecord, Error> {
+        let job_id = attachment.job_id();
+        let mut job = self.load_job(job_id)?;
+        match job.state {
+            JobState::Committed => return Ok(job),
+            JobState::Aborted => return Err(conflict(job_id, "was aborted")),
+            JobState::Committing => {}
+            JobState::Open => {
+                job.state = JobState::Committing;
+                self.save_job(&mut job, &[])?;
+            }
+        }
+        self.finish_commit(job)
+    }
+
+    fn finish_commit(&self, mut job: JobRecord) -> Result<JobRecord, Error> {
+        let job_id = job.job_id.clone();
+        let directory = self.staging_directory(&job_id);
+        let chunks: Vec<PathBuf> = (1..=job.last_durable_chunk)
+            .map(|sequence| chunk_path(&directory, sequence))
+            .collect();
+        let mut chunk_users = Vec::with_capacity(chunks.len());
+        let mut staged_rows = 0u64;
+        for path in &chunks {
+            let (users, rows) = read_users(path).map_err(|error| staging(&job_id, error))?;
+            chunk_users.push(users);
+            staged_rows += rows;
+        }
+        let tables = directory.join("tables");
+        let mut exclusive = false;
+        loop {
+            // A first attempt prepares without holding user-state changes off, then checks
+            // that none happened meanwhile; if some did, the second attempt holds them off
+            // from the start.
+            let early_gate = exclusive.then(|| self.state_gate.write());
+            let changes_seen = self.state_changes.load(Ordering::SeqCst);
+            let refused = self.refused_at_commit(&chunk_users)?;
+            let merged = MergedRows::open(
+                &chunks,
+                refused
+                    .iter()
+                    .map(|users| users.keys().copied().collect())
+                    .collect(),
+            )
+            .map_err(|error| staging(&job_id, error))?;
+            let ingest = staged_rows >= self.bulk_load.ingest_rows_min;
+            let (files, small) = if ingest {
+                if tables.exists() {
+                    std::fs::remove_dir_all(&tables).map_err(|error| staging(&job_id, error))?;
+                }
+                std::fs::create_dir_all(&tables).map_err(|error| staging(&job_id, error))?;
+                let mut rows = StagedRows {
+                    merged,
+                    error: None,
+                };
+                let files = self.store.write_table_files(
+                    &mut rows,
+                    &tables,
+                    self.bulk_load.table_file_bytes_max,
+                )?;
+                if let Some(error) = rows.error {
+                    return Err(staging(&job_id, error));
+                }
+                (files, Vec::new())
+            } else {
+                let mut rows = StagedRows {
+                    merged,
+                    error: None,
+                };
+                let small: Vec<(RowKey, Vec<u8>)> = rows.by_ref().collect();
+                if let Some(error) = rows.error {
+                    return Err(staging(&job_id, error));
+                }
+                (Vec::new(), small)
+            };
+            let _gate = match early_gate {
+                Some(gate) => gate,
+                None => self.state_gate.write(),
+            };
+            if !exclusive && self.state_changes.load(Ordering::SeqCst) != changes_seen {
+                exclusive = true;
+                continue;
+            }
+            for (users, refused) in chunk_users.iter().zip(&refused) {
+                for user in users {
+                    if let Some(reason) = refused.get(&user.user_id) {
+                        job.summary.refuse_at_commit(user, *reason);
+                    }
+                }
+            }
+            job.state = JobState::Committed;
+            job.committed_at = self.clock.now().unix_micros();
+            job.files_ingested = u32::try_from(files.len()).unwrap_or(u32::MAX);
+            let mut entry = self.audit_entry(AuditAction::LoadCommitted, "backfill", None)?;
+            entry.subject = format!(
+                "job {job_id}: {} rows admitted, {} table files",
+                job.summary.rows_accepted + job.summary.rows_transformed,
+                files.len()
+            );
+            if ingest {
+                self.store.ingest_table_files(&files)?;
+                self.save_job(&mut job, &[entry])?;
+            } else {
+                job.updated_at = self.clock.now().unix_micros();
+                let bytes = serde_json::to_vec(&job).expect("a job record serializes");
+                self.store
+                    .merge_rows(&small, (&job_key(&job_id), &bytes), &[entry])?;
+            }
+            break;
+        }
+        self.revalidate_if_decided_under_other_bundles(&job, &chunk_users)?;
+        remove_staging(&directory);
+        tracing::info!(
+            job = %job_id,
+            rows = job.summary.rows_received,
+            files = job.files_ingested,
+            "bulk load committed"
+        );
+        Ok(job)
+    }
+
+    /// Per chunk, the users whose rows a commit must leave out: erased since, or whose
+    /// state generation is no longer the one their rows were decided with.
+    fn refused_at_commit(
+        &self,
+        chunk_users: &[Vec<StagedUser>],
+    ) -> Result<Vec<HashMap<u64, ReasonCode>>, Error> {
+        let mut users: Vec<u64> = chunk_users
+            .iter()
+            .flatten()
+            .map(|user| user.user_id)
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let states: HashMap<u64, (ErasureState, u64)> = users
+            .iter()
+            .zip(self.store.read_user_states(&users)?)
+            .filter_map(|(user, state)| {
+                state.map(|state| (*user, (state.erasure, state.generation)))
+            })
+            .collect();
+        Ok(chunk_users
+            .iter()
+            .map(|users| {
+                users
+                    .iter()
+                    .filter_map(|user| {
+                        let (erasure, generation) = states
+                            .get(&user.user_id)
+                            .copied()
+                            .unwrap_or((ErasureState::None, 0));
+                        if erasure != ErasureState::None {
+                            Some((user.user_id, ReasonCode::UserErased))
+                        } else if generation != user.generation {
+                            Some((user.user_id, ReasonCode::StaleGeneration))
+                        } else {
+                            None
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Chunks decided under a bundle other than the one in force have their users'
+    /// values re-validated under it, as a purge would.
+    fn revalidate_if_decided_under_other_bundles(
+        &self,
+        job: &JobRecord,
+        chunk_users: &[Vec<StagedUser>],
+    ) -> Result<(), Error> {
+        let policy = self.policy();
+        if job
+            .policy_versions
+            .iter()
+            .all(|version| *version == policy.hash_prefix)
+        {
+            return Ok(());
+        }
+        let users: HashSet<u64> = chunk_users
+            .iter()
+            .flatten()
+            .map(|user| user.user_id)
+            .collect();
+        for user_id in users {
+            self.revalidate_user(user_id, &policy, "policy-purge")?;
+        }
+        Ok(())
+    }
+
+    /// Aborts an open job: nothing of it is applied, its staged rows are deleted.
+    pub fn load_abort(&self, job_id: &str) -> Result<JobRecord, Error> {
+        if self.attached_jobs.lock().contains(job_id) {
+            return Err(Error::LoadJobBusy {
+                job_id: job_id.to_string(),
+            });
+        }
+        let mut job = self.load_job(job_id)?;
+        match job.state {
+            JobState::Aborted => return Ok(job),
+            JobState::Committed | JobState::Committing => {
+                return Err(conflict(
+                    job_id,
+                    format!("is {:?}; only an open job can be aborted", job.state),
+                ));
+            }
+            JobState::Open => {}
+        }
+        self.abort(&mut job, "backfill")?;
+        Ok(job)
+    }
+
+    fn abort(&self, job: &mut JobRecord, caller: &str) -> Result<(), Error> {
+        job.state = JobState::Aborted;
+        let mut entry = self.audit_entry(AuditAction::LoadAborted, caller, None)?;
+        entry.subject = format!(
+            "job {}: {} staged rows deleted",
+            job.job_id, job.summary.rows_received
+        );
+        self.save_job(job, &[entry])?;
+        remove_staging(&self.staging_directory(&job.job_id));
+        Ok(())
+    }
+
+    /// Aborts open jobs that received nothing for `abandoned_after`.
+    pub(super) fn abort_abandoned_loads(&self) -> Result<(), Error> {
+        let cutoff = self.clock.now().unix_micros().saturating_sub(
+            i64::try_from(self.bulk_load.abandoned_after.as_micros()).unwrap_or(i64::MAX),
+        );
+        for mut job in self.load_jobs(usize::MAX)? {
+            if job.state == JobState::Open
+                && job.updated_at < cutoff
+                && !self.attached_jobs.lock().contains(&job.job_id)
+            {
+                tracing::warn!(job = %job.job_id, "aborting an abandoned bulk load");
+                self.abort(&mut job, "retention-sweep")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At start: finishes commits a crash interrupted, and deletes staging left by jobs
+    /// that ended.
+    pub(super) fn recover_loads(&self) -> Result<(), Error> {
+        let jobs = self.load_jobs(usize::MAX)?;
+        for job in &jobs {
+            if job.state == JobState::Committing {
+                tracing::warn!(job = %job.job_id, "finishing a bulk-load commit a restart interrupted");
+                self.finish_commit(job.clone())?;
+            }
+        }
+        for job in &jobs {
+            if matches!(job.state, JobState::Aborted | JobState::Committed) {
+                remove_staging(&self.staging_directory(&job.job_id));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deletes a job's staging directory; a failure is logged (the next start retries).
+fn remove_staging(directory: &Path) {
+    match std::fs::remove_dir_all(directory) {
+        Ok(()) => {
+            if let Some(parent) = directory.parent() {
+                let _ = sync_directory(parent);
+            }
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::error!(directory = %directory.display(), %error, "cannot delete bulk-load staging");
+        }
+    }
+}
+
+/// A chunk's admitted values as storage rows: sorted by key, one per key (rows of the
+/// same user and surface combined by the last-writer-wins merge), values sorted by
+/// feature, encoded as merge operands.
+fn staged_rows(writes: &[crate::storage::RowWrite]) -> Vec<StagedRow> {
+    let mut by_key: Vec<&crate::storage::RowWrite> = writes.iter().collect();
+    by_key.sort_by_key(|write| write.key);
+    let mut staged: Vec<StagedRow> = Vec::with_capacity(by_key.len());
+    let mut index = 0;
+    while index < by_key.len() {
+        let key = by_key[index].key;
+        let mut row = StoredRow::default();
+        while index < by_key.len() && by_key[index].key == key {
+            for value in &by_key[index].values {
+                codec::merge_value(&mut row, value.clone());
+            }
+            index += 1;
+        }
+        staged.push(StagedRow {
+            key,
+            operand: encode_row(&row),
+        });
+    }
+    staged
+}
+
+/// The merged rows of a commit as an iterator; the first staging error ends it and is
+/// kept for the caller.
+struct StagedRows {
+    merged: MergedRows,
+    error: Option<std::io::Error>,
+}
+
+impl Iterator for StagedRows {
+    type Item = (RowKey, Vec<u8>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.error.is_some() {
+            return None;
+        }
+        match self.merged.next_row() {
+            Ok(row) => row.map(|row| (row.key, row.operand)),
+            Err(error) => {
+                self.error = Some(error);
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! `featurestore.v1.Backfill`: the bulk-load stream and its job calls. A stream attaches
+//! to its job, then each chunk is parsed here (row by row, so one bad row is reported,
+//! not fatal), decided and staged by the core on the blocking pool, and acknowledged.
+
+use std::sync::Arc;
+
+use featurestore::proto::{self, backfill_server::Backfill, bulk_load_request, bulk_load_response};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{FeatureStoreService, status};
+use crate::domain::{ChunkOutcome, LoadAttachment};
+use crate::error::Error;
+use crate::load::{JobRecord, JobState, Summary};
+
+/// Malformed rows listed in one acknowledgement; all are counted.
+const INVALID_ROWS_LISTED_MAX: usize = 100;
+/// Answers a stream may have waiting for the client before the server stops reading.
+const PENDING_ANSWERS_MAX: usize = 8;
+/// Jobs ListLoadJobs returns when the caller sets no limit.
+const LISTED_JOBS_DEFAULT: usize = 100;
+
+type Answers = mpsc::Sender<Result<proto::BulkLoadResponse, Status>>;
+
+#[tonic::async_trait]
+impl Backfill for FeatureStoreService {
+    type BulkLoadStream = ReceiverStream<Result<proto::BulkLoadResponse, Status>>;
+
+    async fn bulk_load(
+        &self,
+        request: Request<Streaming<proto::BulkLoadRequest>>,
+    ) -> Result<Response<Self::BulkLoadStream>, Status> {
+        let mut inbound = request.into_inner();
+        let start = match inbound.message().await? {
+            Some(proto::BulkLoadRequest {
+                message: Some(bulk_load_request::Message::Start(start)),
+            }) => start,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a bulk load must be `start`",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the stream ended before its `start` message",
+                ));
+            }
+        };
+        let core = Arc::clone(&self.core);
+        let (attachment, job) = tokio::task::spawn_blocking(move || {
+            core.load_attach(&start.job_id, &start.source_fingerprint)
+        })
+        .await
+        .map_err(|error| status(Error::Task(error.to_string())))?
+        .map_err(status)?;
+        let (answers, receiver) = mpsc::channel(PENDING_ANSWERS_MAX);
+        answers
+            .send(Ok(proto::BulkLoadResponse {
+                message: Some(bulk_load_response::Message::Job(job_to_proto(job))),
+            }))
+            .await
+            .map_err(|_| Status::cancelled("the client went away"))?;
+        let service = self.clone();
+        tokio::spawn(async move {
+            service
+                .drive_load(Arc::new(attachment), inbound, answers)
+                .await;
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn get_load_job(
+        &self,
+        request: Request<proto::GetLoadJobRequest>,
+    ) -> Result<Response<proto::LoadJob>, Status> {
+        let job_id = request.into_inner().job_id;
+        let job = self
+            .run_blocking(move |core| core.load_job(&job_id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(job_to_proto(job)))
+    }
+
+    async fn abort_load_job(
+        &self,
+        request: Request<proto::AbortLoadJobRequest>,
+    ) -> Result<Response<proto::LoadJob>, Status> {
+        let job_id = request.into_inner().job_id;
+        let job = self
+            .run_blocking(move |core| core.load_abort(&job_id))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(job_to_proto(job)))
+    }
+
+    async fn list_load_jobs(
+        &self,
+        request: Request<proto::ListLoadJobsRequest>,
+    ) -> Result<Response<proto::ListLoadJobsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => LISTED_JOBS_DEFAULT,
+            limit => limit as usize,
+        };
+        let jobs = self
+            .run_blocking(move |core| core.load_jobs(limit))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListLoadJobsResponse {
+            jobs: jobs.into_iter().map(job_to_proto).collect(),
+        }))
+    }
+}
+
+impl FeatureStoreService {
+    /// Reads a bulk-load stream after its start: stages each chunk, acknowledges it, and
+    /// commits on request. The first error ends the stream with its status; the job stays
+    /// as it was after its last durable chunk.
+    async fn drive_load(
+        &self,
+        attachment: Arc<LoadAttachment>,
+        mut inbound: Streaming<proto::BulkLoadRequest>,
+        answers: Answers,
+    ) {
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(job = attachment.job_id(), %error, "bulk-load stream broken");
+                    return;
+                }
+            };
+            let answer = match message.message {
+                Some(bulk_load_request::Message::Chunk(chunk)) => self
+                    .stage_chunk(&attachment, chunk)
+                    .await
+                    .map(|outcome| bulk_load_response::Message::Ack(ack_to_proto(outcome))),
+                Some(bulk_load_request::Message::Commit(_)) => {
+                    let attachment = Arc::clone(&attachment);
+                    let core = Arc::clone(&self.core);
+                    // A commit runs to its end even if the client goes away meanwhile.
+                    let committed =
+                        tokio::task::spawn_blocking(move || core.load_commit(&attachment))
+                            .await
+                            .map_err(|error| status(Error::Task(error.to_string())))
+                            .and_then(|result| result.map_err(status));
+                    let done = committed
+                        .map(|job| bulk_load_response::Message::Committed(job_to_proto(job)));
+                    let _ = answers
+                        .send(done.map(|message| proto::BulkLoadResponse {
+                            message: Some(message),
+                        }))
+                        .await;
+                    return;
+                }
+                Some(bulk_load_request::Message::Start(_)) => Err(Status::invalid_argument(
+                    "`start` may only be the first message of a stream",
+                )),
+                None => Err(Status::invalid_argument(
+                    "a bulk-load message must hold `chunk` or `commit`",
+                )),
+            };
+            let failed = answer.is_err();
+            let sent = answers
+                .send(answer.map(|message| proto::BulkLoadResponse {
+                    message: Some(message),
+                }))
+                .await;
+            if failed || sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn stage_chunk(
+        &self,
+        attachment: &Arc<LoadAttachment>,
+        chunk: proto::LoadChunk,
+    ) -> Result<ChunkOutcome, Status> {
+        // A bulk load is background work: it waits for a permit rather than being refused.
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| status(Error::Stopping))?;
+        let attachment = Arc::clone(attachment);
+        let core = Arc::clone(&self.core);
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let (rows, invalid) = limits.parse_load_chunk(chunk.rows)?;
+            core.load_chunk(&attachment, chunk.sequence, rows, invalid)
+        })
+        .await
+        .map_err(|error| status(Error::Task(error.to_string())))?
+        .map_err(status)
+    }
+}
+
+fn ack_to_proto(outcome: ChunkOutcome) -> proto::ChunkAck {
+    proto::ChunkAck {
+        sequence: outcome.sequence,
+        duplicate: outcome.duplicate,
+        summary: (!outcome.duplicate).then(|| summary_to_proto(&outcome.summary)),
+        invalid_rows: outcome
+            .invalid
+            .into_iter()
+            .take(INVALID_ROWS_LISTED_MAX)
+            .map(|(row, error)| proto::InvalidRow {
+                row: u32::try_from(row).unwrap_or(u32::MAX),
+                field: error.field,
+                problem: error.problem,
+            })
+            .collect(),
+    }
+}
+
+fn summary_to_proto(summary: &Summary) -> proto::LoadSummary {
+    proto::LoadSummary {
+        rows_received: summary.rows_received,
+        rows_accepted: summary.rows_accepted,
+        rows_transformed: summary.rows_transformed,
+        rows_denied: summary.rows_denied,
+        rows_invalid: summary.rows_invalid,
+        values_admitted: summary.values_admitted,
+        values_refused: summary.values_refused,
+        reasons: summary
+            .reasons
+            .iter()
+            .map(|(reason, (rows, values))| proto::ReasonCount {
+                reason: *reason,
+                rows: *rows,
+                values: *values,
+            })
+            .collect(),
+    }
+}
+
+fn job_to_proto(job: JobRecord) -> proto::LoadJob {
+    proto::LoadJob {
+        state: match job.state {
+            JobState::Open => proto::LoadJobState::Open,
+            JobState::Committing => proto::LoadJobState::Committing,
+            JobState::Committed => proto::LoadJobState::Committed,
+            JobState::Aborted => proto::LoadJobState::Aborted,
+        } as i32,
+        last_durable_chunk: job.last_durable_chunk,
+        summary: Some(summary_to_proto(&job.summary)),
+        created_at_unix_micros: job.created_at,
+        updated_at_unix_micros: job.updated_at,
+        files_ingested: job.files_ingested,
+        committed_at_unix_micros: job.committed_at,
+        source_fingerprint: job.source_fingerprint,
+        job_id: job.job_id,
+    }
+}
