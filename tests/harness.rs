@@ -54,6 +54,7 @@ impl TestServer {
             ..Config::default()
         };
         config.storage.block_cache_bytes = 8 * 1024 * 1024;
+        config.bulk_load.staging_dir = data_dir.path().join("staging");
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

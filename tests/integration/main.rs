@@ -3,6 +3,7 @@
 
 mod audit;
 mod bad_input;
+mod bulk_load;
 mod cli;
 mod erasure;
 mod lifecycle;

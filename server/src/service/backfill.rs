@@ -131,11 +131,13 @@ impl FeatureStoreService {
                     return;
                 }
             };
-            let answer = match message.message {
-                Some(bulk_load_request::Message::Chunk(chunk)) => self
-                    .stage_chunk(&attachment, chunk)
-                    .await
-                    .map(|outcome| bulk_load_response::Message::Ack(ack_to_proto(outcome))),
+            let (answer, last) = match message.message {
+                Some(bulk_load_request::Message::Chunk(chunk)) => (
+                    self.stage_chunk(&attachment, chunk)
+                        .await
+                        .map(|outcome| bulk_load_response::Message::Ack(ack_to_proto(outcome))),
+                    false,
+                ),
                 Some(bulk_load_request::Message::Commit(_)) => {
                     let attachment = Arc::clone(&attachment);
                     let core = Arc::clone(&self.core);
@@ -145,29 +147,36 @@ impl FeatureStoreService {
                             .await
                             .map_err(|error| status(Error::Task(error.to_string())))
                             .and_then(|result| result.map_err(status));
-                    let done = committed
-                        .map(|job| bulk_load_response::Message::Committed(job_to_proto(job)));
-                    let _ = answers
-                        .send(done.map(|message| proto::BulkLoadResponse {
-                            message: Some(message),
-                        }))
-                        .await;
-                    return;
+                    (
+                        committed
+                            .map(|job| bulk_load_response::Message::Committed(job_to_proto(job))),
+                        true,
+                    )
                 }
-                Some(bulk_load_request::Message::Start(_)) => Err(Status::invalid_argument(
-                    "`start` may only be the first message of a stream",
-                )),
-                None => Err(Status::invalid_argument(
-                    "a bulk-load message must hold `chunk` or `commit`",
-                )),
+                Some(bulk_load_request::Message::Start(_)) => (
+                    Err(Status::invalid_argument(
+                        "`start` may only be the first message of a stream",
+                    )),
+                    true,
+                ),
+                None => (
+                    Err(Status::invalid_argument(
+                        "a bulk-load message must hold `chunk` or `commit`",
+                    )),
+                    true,
+                ),
             };
-            let failed = answer.is_err();
-            let sent = answers
-                .send(answer.map(|message| proto::BulkLoadResponse {
-                    message: Some(message),
-                }))
-                .await;
-            if failed || sent.is_err() {
+            let last = last || answer.is_err();
+            let answer = answer.map(|message| proto::BulkLoadResponse {
+                message: Some(message),
+            });
+            if last {
+                // Detached before the last answer, so the client may attach again at once.
+                drop(attachment);
+                let _ = answers.send(answer).await;
+                return;
+            }
+            if answers.send(answer).await.is_err() {
                 return;
             }
         }
