@@ -284,15 +284,27 @@ fn check_unique_names<'a>(
     field: &str,
     names: impl Iterator<Item = &'a str>,
 ) -> Result<(), InvalidRequest> {
-    let mut seen = HashSet::new();
-    for (index, name) in names.enumerate() {
-        check_name(format!("{field}[{index}]"), name)?;
-        if !seen.insert(name) {
-            return Err(InvalidRequest::new(
-                format!("{field}[{index}]"),
-                format!("{name:?} appears twice"),
-            ));
-        }
+    // Called for every row: the field path is only formatted for an error, and duplicates
+    // are found by sorting (rows hold tens of names, where that beats hashing).
+    let names: Vec<&str> = names.collect();
+    for (index, name) in names.iter().enumerate() {
+        check_name("", name)
+            .map_err(|error| InvalidRequest::new(format!("{field}[{index}]"), error.problem))?;
+    }
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        let twice = pair[0];
+        let index = names
+            .iter()
+            .enumerate()
+            .filter(|(_, name)| **name == twice)
+            .nth(1)
+            .map_or(0, |(index, _)| index);
+        return Err(InvalidRequest::new(
+            format!("{field}[{index}]"),
+            format!("{twice:?} appears twice"),
+        ));
     }
     Ok(())
 }

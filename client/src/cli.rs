@@ -168,6 +168,9 @@ enum Command {
         features: Vec<String>,
         #[arg(long, default_value = "generator@v1")]
         producer: String,
+        /// App of every interaction (half facebook, half instagram when absent).
+        #[arg(long)]
+        origin_app: Option<String>,
     },
     /// Read features for (user, surface) keys.
     Read {
@@ -490,6 +493,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             surfaces,
             features,
             producer,
+            origin_app,
         } => {
             let format = match format {
                 Some(format) => format,
@@ -511,6 +515,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 surfaces,
                 features,
                 producer,
+                origin_app,
                 now_unix_micros: i64::try_from(
                     SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros(),
                 )?,

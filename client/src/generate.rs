@@ -55,6 +55,8 @@ pub struct GenerateOptions {
     /// all the surfaces.
     pub features: Vec<String>,
     pub producer: String,
+    /// App every interaction happened in; half Facebook, half Instagram when `None`.
+    pub origin_app: Option<String>,
     /// Event times fall in the week before this time.
     pub now_unix_micros: i64,
 }
@@ -90,7 +92,7 @@ enum GeneratedValue {
 
 struct GeneratedRow {
     user_id: u64,
-    origin_app: &'static str,
+    origin_app: String,
     time: i64,
     values: Vec<GeneratedValue>,
 }
@@ -137,7 +139,7 @@ fn generate_row(
     random: &mut Random,
     user_id: u64,
     features: &[&proto::FeatureDefinition],
-    now: i64,
+    options: &GenerateOptions,
 ) -> GeneratedRow {
     let values = features
         .iter()
@@ -161,12 +163,12 @@ fn generate_row(
         .collect();
     GeneratedRow {
         user_id,
-        origin_app: if random.below(2) == 0 {
-            "facebook"
-        } else {
-            "instagram"
+        origin_app: match &options.origin_app {
+            Some(app) => app.clone(),
+            None if random.below(2) == 0 => "facebook".to_string(),
+            None => "instagram".to_string(),
         },
-        time: now - 1 - random.below(WEEK_MICROS as u64) as i64,
+        time: options.now_unix_micros - 1 - random.below(WEEK_MICROS as u64) as i64,
         values,
     }
 }
@@ -198,14 +200,8 @@ pub fn generate(
         .with_context(|| format!("cannot create {}", options.path.display()))?;
     let mut random = Random(options.seed);
     let surfaces = options.surfaces.join(",");
-    let rows = (0..options.users).map(|index| {
-        generate_row(
-            &mut random,
-            options.first_user + index,
-            &features,
-            options.now_unix_micros,
-        )
-    });
+    let rows = (0..options.users)
+        .map(|index| generate_row(&mut random, options.first_user + index, &features, options));
     match options.format {
         FileFormat::Jsonl => {
             let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -214,7 +210,7 @@ pub fn generate(
                 object.insert(USER_ID.into(), Json::from(row.user_id));
                 object.insert(SURFACES.into(), Json::from(options.surfaces.clone()));
                 object.insert(SOURCE.into(), Json::from(options.source.clone()));
-                object.insert(ORIGIN_APP.into(), Json::from(row.origin_app));
+                object.insert(ORIGIN_APP.into(), Json::from(row.origin_app.clone()));
                 object.insert(INTERACTION_TIME.into(), Json::from(row.time));
                 object.insert(PRODUCER_ID.into(), Json::from(options.producer.clone()));
                 for (feature, value) in features.iter().zip(&row.values) {
@@ -242,7 +238,7 @@ pub fn generate(
                     row.user_id.to_string(),
                     surfaces.clone(),
                     options.source.clone(),
-                    row.origin_app.to_string(),
+                    row.origin_app.clone(),
                     row.time.to_string(),
                     options.producer.clone(),
                 ];
@@ -317,7 +313,7 @@ fn write_parquet(
             user_ids.append_value(row.user_id);
             surface_lists.append_value(&surfaces);
             sources.append_value(&options.source);
-            apps.append_value(row.origin_app);
+            apps.append_value(&row.origin_app);
             times.append_value(row.time);
             producers.append_value(&options.producer);
             microphones.append_value(false);
@@ -414,6 +410,7 @@ mod tests {
                 surfaces: vec!["facebook_feed".to_string()],
                 features: Vec::new(),
                 producer: "generator@test".to_string(),
+                origin_app: None,
                 now_unix_micros: 1_800_000_000_000_000,
             };
             assert_eq!(generate(&options, &registry()).expect("generated"), 50);

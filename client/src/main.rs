@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use featurestore_client::cli::{self, Args, EXIT_FAILURE};
 
+/// mimalloc rather than the system allocator: request handling allocates many small
+/// short-lived objects, which glibc's allocator serves markedly slower.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()

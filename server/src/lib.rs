@@ -32,6 +32,20 @@ use crate::registry::Registry;
 use crate::service::FeatureStoreService;
 use crate::storage::{RocksStore, Store};
 
+/// The connections accepted on `listener`, with Nagle's algorithm off: tonic's
+/// `tcp_nodelay` applies only to listeners it binds itself, and with Nagle on, a small
+/// response waits for the client's delayed acknowledgement (tens of milliseconds).
+fn without_nagle(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// Serves on `listener` until `shutdown` is cancelled, with the system clock.
 pub async fn run(
     listener: TcpListener,
@@ -197,7 +211,7 @@ pub async fn run_with_clock(
         .add_service(privacy)
         .add_service(backfill)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(without_nagle(listener), async move {
             stop_accepting.cancelled().await;
             tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
             health_reporter

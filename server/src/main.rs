@@ -10,6 +10,11 @@ use featurestore_server::config::{Config, Durability};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than the system allocator: request handling allocates many small
+/// short-lived objects, which glibc's allocator serves markedly slower.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The feature store's gRPC server. Settings come from the config file, then environment
 /// variables, then flags, each overriding the one before.
 #[derive(Debug, Parser)]

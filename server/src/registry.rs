@@ -4,7 +4,9 @@
 //! Every entry has a stable numeric id besides its name. Stored keys and values carry the
 //! ids, so renaming an entry never orphans data, and ids must never be reused.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use featurestore::domain::{Value, ValueType};
@@ -172,10 +174,12 @@ pub struct Registry {
     surfaces: Vec<Surface>,
     sources: Vec<Source>,
     features: Vec<Feature>,
-    surfaces_by_name: HashMap<String, usize>,
-    sources_by_name: HashMap<String, usize>,
-    features_by_name: HashMap<String, usize>,
-    features_by_id: HashMap<FeatureId, usize>,
+    // Looked up for every value of every write: a fast hasher (the names come from the
+    // operator's registry, not from callers, so hash flooding is no concern).
+    surfaces_by_name: FxHashMap<String, usize>,
+    sources_by_name: FxHashMap<String, usize>,
+    features_by_name: FxHashMap<String, usize>,
+    features_by_id: FxHashMap<FeatureId, usize>,
 }
 
 /// A registry that cannot be used; the message names the entry and the problem.
@@ -276,7 +280,7 @@ impl Registry {
 
     fn build(file: RegistryFile) -> Result<Registry, RegistryError> {
         let mut ids = HashSet::new();
-        let mut surfaces_by_name = HashMap::new();
+        let mut surfaces_by_name = FxHashMap::default();
         let mut surfaces = Vec::with_capacity(file.surfaces.len());
         for entry in file.surfaces {
             check_entry(
@@ -299,7 +303,7 @@ impl Registry {
             });
         }
         let mut ids = HashSet::new();
-        let mut sources_by_name = HashMap::new();
+        let mut sources_by_name = FxHashMap::default();
         let mut sources = Vec::with_capacity(file.sources.len());
         for entry in file.sources {
             check_entry("source", &entry.name, entry.id, &mut ids, &sources_by_name)?;
@@ -312,8 +316,8 @@ impl Registry {
             });
         }
         let mut ids = HashSet::new();
-        let mut features_by_name = HashMap::new();
-        let mut features_by_id = HashMap::new();
+        let mut features_by_name = FxHashMap::default();
+        let mut features_by_id = FxHashMap::default();
         let mut features = Vec::with_capacity(file.features.len());
         for entry in file.features {
             check_entry(
@@ -350,9 +354,9 @@ impl Registry {
     fn build_feature(
         entry: FeatureEntry,
         surfaces: &[Surface],
-        surfaces_by_name: &HashMap<String, usize>,
+        surfaces_by_name: &FxHashMap<String, usize>,
         sources: &[Source],
-        sources_by_name: &HashMap<String, usize>,
+        sources_by_name: &FxHashMap<String, usize>,
     ) -> Result<Feature, String> {
         let value_type = ValueType::from(entry.value_type);
         let dimension = match value_type {
@@ -526,7 +530,7 @@ fn check_entry(
     name: &str,
     id: u16,
     ids: &mut HashSet<u16>,
-    by_name: &HashMap<String, usize>,
+    by_name: &FxHashMap<String, usize>,
 ) -> Result<(), RegistryError> {
     if name.is_empty() || name.len() > featurestore::RequestLimits::NAME_BYTES_MAX {
         return Err(invalid(format!(

@@ -59,6 +59,7 @@ fn engagement_file(
             "assistant_sessions_7d".to_string(),
         ],
         producer: "backfill@v3".to_string(),
+        origin_app: None,
         now_unix_micros: START_TIME.unix_micros(),
     };
     let registry: Vec<proto::FeatureDefinition> =

@@ -290,7 +290,7 @@ impl Core {
         }
         let mut users: Vec<StagedUser> = users.into_values().collect();
         users.sort_unstable_by_key(|user| user.user_id);
-        let staged = staged_rows(&writes);
+        let staged = staged_rows(writes);
         let directory = self.staging_directory(job_id);
         write_chunk(&chunk_path(&directory, sequence), &users, &staged)
             .map_err(|error| staging(job_id, error))?;
@@ -299,9 +299,10 @@ impl Core {
             idempotency_key: format!("{job_id}#{sequence}"),
             rows: decided,
         };
+        // The audit entries come from the decisions; the values are staged already.
         let plan = Plan {
             fence: Vec::new(),
-            writes,
+            writes: Vec::new(),
             decisions,
         };
         let mut audit = self.audit_entries(&request, &plan, &policy)?;
@@ -604,19 +605,20 @@ fn remove_staging(directory: &Path) {
 /// A chunk's admitted values as storage rows: sorted by key, one per key (rows of the
 /// same user and surface combined by the last-writer-wins merge), values sorted by
 /// feature, encoded as merge operands.
-fn staged_rows(writes: &[crate::storage::RowWrite]) -> Vec<StagedRow> {
-    let mut by_key: Vec<&crate::storage::RowWrite> = writes.iter().collect();
-    by_key.sort_by_key(|write| write.key);
-    let mut staged: Vec<StagedRow> = Vec::with_capacity(by_key.len());
-    let mut index = 0;
-    while index < by_key.len() {
-        let key = by_key[index].key;
-        let mut row = StoredRow::default();
-        while index < by_key.len() && by_key[index].key == key {
-            for value in &by_key[index].values {
-                codec::merge_value(&mut row, value.clone());
+fn staged_rows(mut writes: Vec<crate::storage::RowWrite>) -> Vec<StagedRow> {
+    writes.sort_by_key(|write| write.key);
+    let mut staged: Vec<StagedRow> = Vec::with_capacity(writes.len());
+    let mut writes = writes.into_iter().peekable();
+    while let Some(first) = writes.next() {
+        let key = first.key;
+        let mut row = StoredRow {
+            values: first.values,
+        };
+        row.values.sort_by_key(|value| value.feature);
+        while let Some(next) = writes.next_if(|next| next.key == key) {
+            for value in next.values {
+                codec::merge_value(&mut row, value);
             }
-            index += 1;
         }
         staged.push(StagedRow {
             key,

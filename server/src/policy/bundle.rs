@@ -321,8 +321,8 @@ fn value_set(dimension: Dimension, values: &toml::Value) -> Result<u32, String> 
 
 fn jurisdictions(
     groups: HashMap<String, Vec<String>>,
-) -> Result<HashMap<String, JurisdictionGroup>, PolicyError> {
-    let mut by_code = HashMap::new();
+) -> Result<rustc_hash::FxHashMap<String, JurisdictionGroup>, PolicyError> {
+    let mut by_code = rustc_hash::FxHashMap::default();
     for (name, codes) in groups {
         let group = JurisdictionGroup::ALL
             .into_iter()

@@ -7,7 +7,7 @@ pub mod inputs;
 #[cfg(test)]
 pub(crate) mod reference;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use featurestore::domain::{Timestamp, Value};
@@ -90,7 +90,8 @@ pub struct Policy {
     /// The rules, as written in the bundle (disabled ones included).
     pub rules: Vec<Rule>,
     /// Jurisdiction code ("DE", "US-CA") → group; codes not listed are "other".
-    jurisdictions: HashMap<String, JurisdictionGroup>,
+    /// Looked up for every decision; the codes come from the bundle, so a fast hasher.
+    jurisdictions: FxHashMap<String, JurisdictionGroup>,
     /// Topic prefix → sensitivity class, longest prefix first.
     taxonomy: Vec<(String, Sensitivity)>,
     /// Retention per source and purpose (indexed by `Purpose as usize`); a few entries,
