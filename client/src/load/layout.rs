@@ -259,7 +259,7 @@ impl Layout {
 fn optional(cell: Cell<'_>) -> Option<Cell<'_>> {
     match cell {
         Cell::Null | Cell::Json(serde_json::Value::Null) => None,
-        Cell::Text(text) if text.is_empty() => None,
+        Cell::Text("") => None,
         cell => Some(cell),
     }
 }

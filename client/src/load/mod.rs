@@ -418,9 +418,10 @@ impl Progress {
     fn finish(&self, records: u64, started: Instant) {
         let rate = records as f64 / started.elapsed().as_secs_f64().max(1e-3);
         if let Some(bar) = &self.bar {
-            bar.finish_with_message(format!("{records} rows, {rate:.0} rows/s; committing"));
-        } else if self.lines {
-            eprintln!("read {records} rows, {rate:.0} rows/s; committing");
+            bar.finish_and_clear();
+        }
+        if self.bar.is_some() || self.lines {
+            eprintln!("sent {records} rows, {rate:.0} rows/s; committing");
         }
     }
 }

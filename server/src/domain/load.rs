@@ -102,7 +102,7 @@ impl Core {
                 Err(error) => tracing::error!(%key, %error, "unreadable bulk-load job record"),
             }
         }
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.created_at));
         jobs.truncate(limit);
         Ok(jobs)
     }
