@@ -25,7 +25,7 @@ mod read;
 mod tests;
 mod write;
 
-pub use load::{ChunkOutcome, LoadAttachment};
+pub use load::{ChunkOutcome, LoadAttachment, PreparedChunk};
 
 /// Meta key holding the hash of the bundle every stored value was last validated under.
 const VALIDATED_POLICY_KEY: &str = "validated_policy_hash";

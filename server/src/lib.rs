@@ -159,6 +159,7 @@ pub async fn run_with_clock(
         core,
         limits.request_limits(),
         limits.concurrent_requests_max,
+        background.clone(),
     );
     let service = FeatureStoreServer::new(handlers.clone())
         .max_decoding_message_size(limits.decode_message_bytes_max)

@@ -35,15 +35,23 @@ pub struct FeatureStoreService {
     permits: Arc<Semaphore>,
     /// Size of `permits`, for the error message.
     concurrent_requests_max: usize,
+    /// Cancelled when the server stops: long-lived streams end then.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl FeatureStoreService {
-    pub fn new(core: Arc<Core>, limits: RequestLimits, concurrent_requests_max: usize) -> Self {
+    pub fn new(
+        core: Arc<Core>,
+        limits: RequestLimits,
+        concurrent_requests_max: usize,
+        stopping: tokio_util::sync::CancellationToken,
+    ) -> Self {
         FeatureStoreService {
             core,
             limits,
             permits: Arc::new(Semaphore::new(concurrent_requests_max)),
             concurrent_requests_max,
+            stopping,
         }
     }
 

@@ -39,6 +39,19 @@ pub struct ChunkOutcome {
     pub invalid: Vec<(usize, InvalidRequest)>,
 }
 
+/// A chunk decided and encoded, ready to be made durable.
+#[derive(Debug)]
+pub struct PreparedChunk {
+    sequence: u64,
+    summary: Summary,
+    users: Vec<StagedUser>,
+    staged: Vec<StagedRow>,
+    audit: Vec<crate::audit::AuditEntry>,
+    invalid: Vec<(usize, InvalidRequest)>,
+    /// Hash prefix of the bundle that decided it.
+    policy_version: u64,
+}
+
 /// A job attached to one stream; detached when dropped. Only the attached stream sends
 /// chunks or commits, and an attached job cannot be aborted.
 #[derive(Debug)]
@@ -187,41 +200,16 @@ impl Core {
         Ok((attachment, job))
     }
 
-    /// Decides a chunk's rows and makes them durable in the job's staging area; the job
-    /// record and the chunk's audit entries are written together once the chunk file is
-    /// synced. A chunk already durable is a no-op.
-    pub fn load_chunk(
+    /// Decides a chunk's rows (the fences, the registry and the policy, as `write` does)
+    /// and encodes what is admitted, without touching the job: chunks of one stream are
+    /// prepared in parallel and persisted in order by [`Core::load_persist`].
+    pub fn load_prepare(
         &self,
-        attachment: &LoadAttachment,
+        job_id: &str,
         sequence: u64,
         rows: Vec<(usize, WriteRow)>,
         invalid: Vec<(usize, InvalidRequest)>,
-    ) -> Result<ChunkOutcome, Error> {
-        let job_id = attachment.job_id();
-        let mut job = self.load_job(job_id)?;
-        if job.state != JobState::Open {
-            return Err(conflict(
-                job_id,
-                format!("is {:?}; it takes no more chunks", job.state),
-            ));
-        }
-        if sequence <= job.last_durable_chunk {
-            return Ok(ChunkOutcome {
-                sequence,
-                duplicate: true,
-                summary: Summary::default(),
-                invalid: Vec::new(),
-            });
-        }
-        if sequence != job.last_durable_chunk + 1 {
-            return Err(conflict(
-                job_id,
-                format!(
-                    "chunk {sequence} arrived but the next is {}",
-                    job.last_durable_chunk + 1
-                ),
-            ));
-        }
+    ) -> Result<PreparedChunk, Error> {
         let policy = self.policy();
         let now = self.clock.now();
         let rows: Vec<WriteRow> = rows.into_iter().map(|(_, row)| row).collect();
@@ -291,9 +279,6 @@ impl Core {
         let mut users: Vec<StagedUser> = users.into_values().collect();
         users.sort_unstable_by_key(|user| user.user_id);
         let staged = staged_rows(writes);
-        let directory = self.staging_directory(job_id);
-        write_chunk(&chunk_path(&directory, sequence), &users, &staged)
-            .map_err(|error| staging(job_id, error))?;
 
         let request = WriteRequest {
             idempotency_key: format!("{job_id}#{sequence}"),
@@ -311,17 +296,69 @@ impl Core {
             "job {job_id} chunk {sequence}: {} rows",
             summary.rows_received
         );
-        job.last_durable_chunk = sequence;
-        job.summary.add(&summary);
-        if !job.policy_versions.contains(&policy.hash_prefix) {
-            job.policy_versions.push(policy.hash_prefix);
+        Ok(PreparedChunk {
+            sequence,
+            summary,
+            users,
+            staged,
+            audit,
+            invalid,
+            policy_version: policy.hash_prefix,
+        })
+    }
+
+    /// Makes a prepared chunk durable in the job's staging area: the chunk file is synced,
+    /// then the job record and the chunk's audit entries are written together. Chunks must
+    /// come in sequence; one already durable is a no-op.
+    pub fn load_persist(
+        &self,
+        attachment: &LoadAttachment,
+        chunk: PreparedChunk,
+    ) -> Result<ChunkOutcome, Error> {
+        let job_id = attachment.job_id();
+        let sequence = chunk.sequence;
+        let mut job = self.load_job(job_id)?;
+        if job.state != JobState::Open {
+            return Err(conflict(
+                job_id,
+                format!("is {:?}; it takes no more chunks", job.state),
+            ));
         }
-        self.save_job(&mut job, &audit)?;
+        if sequence <= job.last_durable_chunk {
+            return Ok(ChunkOutcome {
+                sequence,
+                duplicate: true,
+                summary: Summary::default(),
+                invalid: Vec::new(),
+            });
+        }
+        if sequence != job.last_durable_chunk + 1 {
+            return Err(conflict(
+                job_id,
+                format!(
+                    "chunk {sequence} arrived but the next is {}",
+                    job.last_durable_chunk + 1
+                ),
+            ));
+        }
+        let directory = self.staging_directory(job_id);
+        write_chunk(
+            &chunk_path(&directory, sequence),
+            &chunk.users,
+            &chunk.staged,
+        )
+        .map_err(|error| staging(job_id, error))?;
+        job.last_durable_chunk = sequence;
+        job.summary.add(&chunk.summary);
+        if !job.policy_versions.contains(&chunk.policy_version) {
+            job.policy_versions.push(chunk.policy_version);
+        }
+        self.save_job(&mut job, &chunk.audit)?;
         Ok(ChunkOutcome {
             sequence,
             duplicate: false,
-            summary,
-            invalid,
+            summary: chunk.summary,
+            invalid: chunk.invalid,
         })
     }
 

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use featurestore::proto::{self, backfill_server::Backfill, bulk_load_request, bulk_load_response};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{FeatureStoreService, status};
-use crate::domain::{ChunkOutcome, LoadAttachment};
+use crate::domain::{ChunkOutcome, Core, LoadAttachment, PreparedChunk};
 use crate::error::Error;
 use crate::load::{JobRecord, JobState, Summary};
 
@@ -112,97 +113,168 @@ impl Backfill for FeatureStoreService {
     }
 }
 
+/// Chunks of one stream being decided (on the blocking pool) ahead of the one being made
+/// durable: deciding is CPU work and persisting mostly waits for the disk, so they overlap.
+const CHUNKS_PREPARED_AHEAD: usize = 2;
+
+/// What the persisting task of a stream does next, in stream order.
+enum Step {
+    Chunk(JoinHandle<Result<PreparedChunk, Error>>),
+    Commit,
+    Fail(Status),
+}
+
 impl FeatureStoreService {
-    /// Reads a bulk-load stream after its start: stages each chunk, acknowledges it, and
-    /// commits on request. The first error ends the stream with its status; the job stays
-    /// as it was after its last durable chunk.
+    /// Reads a bulk-load stream after its start: each chunk is decided as soon as it
+    /// arrives, and a task of its own makes the decided chunks durable in order,
+    /// acknowledges them, and commits on request. The first error ends the stream with its
+    /// status; the job stays as it was after its last durable chunk.
     async fn drive_load(
         &self,
         attachment: Arc<LoadAttachment>,
         mut inbound: Streaming<proto::BulkLoadRequest>,
         answers: Answers,
     ) {
+        let (steps, pending) = mpsc::channel(CHUNKS_PREPARED_AHEAD);
+        let job_id = attachment.job_id().to_string();
+        // The persisting task holds the attachment: the job is detached when it ends.
+        let persisting = tokio::spawn(persist_in_order(
+            Arc::clone(&self.core),
+            attachment,
+            pending,
+            answers,
+        ));
         loop {
-            let message = match inbound.message().await {
+            let received = tokio::select! {
+                received = inbound.message() => received,
+                // The persisting task ended (an error was answered), or the server stops.
+                () = steps.closed() => break,
+                () = self.stopping.cancelled() => break,
+            };
+            let message = match received {
                 Ok(Some(message)) => message,
-                Ok(None) => return,
+                Ok(None) => break,
                 Err(error) => {
-                    tracing::debug!(job = attachment.job_id(), %error, "bulk-load stream broken");
-                    return;
+                    tracing::debug!(job = %job_id, %error, "bulk-load stream broken");
+                    break;
                 }
             };
-            let (answer, last) = match message.message {
-                Some(bulk_load_request::Message::Chunk(chunk)) => (
-                    self.stage_chunk(&attachment, chunk)
-                        .await
-                        .map(|outcome| bulk_load_response::Message::Ack(ack_to_proto(outcome))),
-                    false,
-                ),
-                Some(bulk_load_request::Message::Commit(_)) => {
-                    let attachment = Arc::clone(&attachment);
-                    let core = Arc::clone(&self.core);
-                    // A commit runs to its end even if the client goes away meanwhile.
-                    let committed =
-                        tokio::task::spawn_blocking(move || core.load_commit(&attachment))
-                            .await
-                            .map_err(|error| status(Error::Task(error.to_string())))
-                            .and_then(|result| result.map_err(status));
-                    (
-                        committed
-                            .map(|job| bulk_load_response::Message::Committed(job_to_proto(job))),
-                        true,
-                    )
+            let (step, last) = match message.message {
+                Some(bulk_load_request::Message::Chunk(chunk)) => {
+                    match self.prepare_chunk(&job_id, chunk).await {
+                        Ok(prepared) => (Step::Chunk(prepared), false),
+                        Err(status) => (Step::Fail(status), true),
+                    }
                 }
+                Some(bulk_load_request::Message::Commit(_)) => (Step::Commit, true),
                 Some(bulk_load_request::Message::Start(_)) => (
-                    Err(Status::invalid_argument(
+                    Step::Fail(Status::invalid_argument(
                         "`start` may only be the first message of a stream",
                     )),
                     true,
                 ),
                 None => (
-                    Err(Status::invalid_argument(
+                    Step::Fail(Status::invalid_argument(
                         "a bulk-load message must hold `chunk` or `commit`",
                     )),
                     true,
                 ),
             };
-            let last = last || answer.is_err();
-            let answer = answer.map(|message| proto::BulkLoadResponse {
-                message: Some(message),
-            });
-            if last {
-                // Detached before the last answer, so the client may attach again at once.
-                drop(attachment);
-                let _ = answers.send(answer).await;
-                return;
-            }
-            if answers.send(answer).await.is_err() {
-                return;
+            if steps.send(step).await.is_err() || last {
+                break;
             }
         }
+        drop(steps);
+        // Chunks already received are made durable even if the client went away.
+        let _ = persisting.await;
     }
 
-    async fn stage_chunk(
+    /// Starts deciding a chunk on the blocking pool, under a concurrency permit.
+    async fn prepare_chunk(
         &self,
-        attachment: &Arc<LoadAttachment>,
+        job_id: &str,
         chunk: proto::LoadChunk,
-    ) -> Result<ChunkOutcome, Status> {
+    ) -> Result<JoinHandle<Result<PreparedChunk, Error>>, Status> {
         // A bulk load is background work: it waits for a permit rather than being refused.
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| status(Error::Stopping))?;
-        let attachment = Arc::clone(attachment);
         let core = Arc::clone(&self.core);
         let limits = self.limits;
-        tokio::task::spawn_blocking(move || {
+        let job_id = job_id.to_string();
+        Ok(tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let (rows, invalid) = limits.parse_load_chunk(chunk.rows)?;
-            core.load_chunk(&attachment, chunk.sequence, rows, invalid)
-        })
-        .await
-        .map_err(|error| status(Error::Task(error.to_string())))?
-        .map_err(status)
+            core.load_prepare(&job_id, chunk.sequence, rows, invalid)
+        }))
+    }
+}
+
+/// Makes the decided chunks of a stream durable one after the other, in stream order,
+/// answering each; runs the commit when it comes.
+async fn persist_in_order(
+    core: Arc<Core>,
+    attachment: Arc<LoadAttachment>,
+    mut steps: mpsc::Receiver<Step>,
+    answers: Answers,
+) {
+    let blocking =
+        |work: Box<dyn FnOnce() -> Result<bulk_load_response::Message, Error> + Send>| async move {
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|error| status(Error::Task(error.to_string())))
+                .and_then(|result| result.map_err(status))
+        };
+    while let Some(step) = steps.recv().await {
+        let (answer, last) = match step {
+            Step::Chunk(prepared) => {
+                let prepared = prepared
+                    .await
+                    .map_err(|error| status(Error::Task(error.to_string())))
+                    .and_then(|result| result.map_err(status));
+                let answer = match prepared {
+                    Ok(prepared) => {
+                        let core = Arc::clone(&core);
+                        let attachment = Arc::clone(&attachment);
+                        blocking(Box::new(move || {
+                            core.load_persist(&attachment, prepared).map(|outcome| {
+                                bulk_load_response::Message::Ack(ack_to_proto(outcome))
+                            })
+                        }))
+                        .await
+                    }
+                    Err(status) => Err(status),
+                };
+                (answer, false)
+            }
+            Step::Commit => {
+                let core = Arc::clone(&core);
+                let committing = Arc::clone(&attachment);
+                // A commit runs to its end even if the client goes away meanwhile.
+                let answer = blocking(Box::new(move || {
+                    core.load_commit(&committing)
+                        .map(|job| bulk_load_response::Message::Committed(job_to_proto(job)))
+                }))
+                .await;
+                (answer, true)
+            }
+            Step::Fail(status) => (Err(status), true),
+        };
+        let last = last || answer.is_err();
+        let answer = answer.map(|message| proto::BulkLoadResponse {
+            message: Some(message),
+        });
+        if last {
+            // Detached before the last answer, so the client may attach again at once.
+            drop(attachment);
+            drop(steps);
+            let _ = answers.send(answer).await;
+            return;
+        }
+        if answers.send(answer).await.is_err() {
+            return;
+        }
     }
 }
 
