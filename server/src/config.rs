@@ -192,6 +192,9 @@ pub struct BulkLoadConfig {
     pub ingest_rows_min: u64,
     /// Largest table file a commit writes before starting another, in bytes.
     pub table_file_bytes_max: u64,
+    /// Chunks decided at once, server-wide, over every bulk load: the rest wait, so that
+    /// loads leave CPU to the reads they run beside.
+    pub chunks_decided_at_once: usize,
     /// Open jobs that receive no chunk for this long are aborted by the retention sweep,
     /// so that staged rows of abandoned jobs do not stay on disk.
     #[serde(with = "humantime_serde")]
@@ -204,6 +207,7 @@ impl Default for BulkLoadConfig {
             staging_dir: PathBuf::from("featurestore-staging"),
             ingest_rows_min: 10_000,
             table_file_bytes_max: 256 * 1024 * 1024,
+            chunks_decided_at_once: 1,
             abandoned_after: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }

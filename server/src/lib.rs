@@ -159,6 +159,7 @@ pub async fn run_with_clock(
         core,
         limits.request_limits(),
         limits.concurrent_requests_max,
+        config.bulk_load.chunks_decided_at_once,
         background.clone(),
     );
     let service = FeatureStoreServer::new(handlers.clone())

@@ -37,6 +37,8 @@ pub struct FeatureStoreService {
     concurrent_requests_max: usize,
     /// Cancelled when the server stops: long-lived streams end then.
     stopping: tokio_util::sync::CancellationToken,
+    /// Permits for deciding bulk-load chunks, shared by every load.
+    load_permits: Arc<Semaphore>,
 }
 
 impl FeatureStoreService {
@@ -44,6 +46,7 @@ impl FeatureStoreService {
         core: Arc<Core>,
         limits: RequestLimits,
         concurrent_requests_max: usize,
+        chunks_decided_at_once: usize,
         stopping: tokio_util::sync::CancellationToken,
     ) -> Self {
         FeatureStoreService {
@@ -52,6 +55,7 @@ impl FeatureStoreService {
             permits: Arc::new(Semaphore::new(concurrent_requests_max)),
             concurrent_requests_max,
             stopping,
+            load_permits: Arc::new(Semaphore::new(chunks_decided_at_once.max(1))),
         }
     }
 

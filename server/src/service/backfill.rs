@@ -195,7 +195,11 @@ impl FeatureStoreService {
         job_id: &str,
         chunk: proto::LoadChunk,
     ) -> Result<JoinHandle<Result<PreparedChunk, Error>>, Status> {
-        // A bulk load is background work: it waits for a permit rather than being refused.
+        // A bulk load is background work: it waits for permits rather than being refused.
+        let load_permit = Arc::clone(&self.load_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| status(Error::Stopping))?;
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
@@ -204,7 +208,7 @@ impl FeatureStoreService {
         let limits = self.limits;
         let job_id = job_id.to_string();
         Ok(tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = (load_permit, permit);
             let (rows, invalid) = limits.parse_load_chunk(chunk.rows)?;
             core.load_prepare(&job_id, chunk.sequence, rows, invalid)
         }))
