@@ -753,3 +753,52 @@ async fn malformed_records_are_reported_by_line_and_counted() {
         .expect_err("no job was created");
     assert_eq!(error.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn a_commit_a_crash_interrupted_is_finished_at_the_next_start() {
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.bulk_load.ingest_rows_min = 1;
+    })
+    .await;
+    server.us_adults([1]).await;
+    stage(
+        &server,
+        "job",
+        1,
+        vec![hiking(1, &["facebook_feed"], 100, 0.1)],
+    )
+    .await;
+    let staging = server.config.bulk_load.staging_dir.join("job");
+    let directory = server.stop().await;
+    // What a crash after the commit started and before it ended leaves behind.
+    {
+        let db = featurestore_tests::open_database_directly(&directory);
+        let meta = db.cf_handle("meta").expect("the meta column family");
+        let key = b"load-job/job";
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&db.get_cf(meta, key).expect("read").expect("the job record"))
+                .expect("a JSON record");
+        assert_eq!(record["state"], "open");
+        record["state"] = "committing".into();
+        db.put_cf(meta, key, serde_json::to_vec(&record).expect("JSON"))
+            .expect("write");
+    }
+    let server = TestServer::start_with(directory, |config| {
+        config.bulk_load.ingest_rows_min = 1;
+    })
+    .await;
+    let job = server.client.load_job("job").await.expect("job");
+    assert_eq!(
+        job.state(),
+        LoadJobState::Committed,
+        "the start finished the commit"
+    );
+    assert_eq!(job.files_ingested, 1);
+    assert!(!staging.exists(), "the staging is cleaned up");
+    let response = server
+        .client
+        .get_features(read(&[(1, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("read");
+    assert_eq!(float(&response, 0, "interest_hiking"), 0.1);
+}
