@@ -84,6 +84,9 @@ pub struct Core {
     bulk_load: BulkLoadConfig,
     /// Bulk-load jobs attached to a stream right now.
     attached_jobs: Mutex<std::collections::HashSet<String>>,
+    /// Held while a staging file is written, so that an erasure's purge of staged rows
+    /// never misses a chunk being made durable.
+    staging_lock: Mutex<()>,
     /// Every change of a user's state (set, erasure) holds it shared; a bulk-load commit
     /// holds it exclusively while it checks the generations its rows were decided with
     /// and applies them, so that no state changes in between.
@@ -137,6 +140,7 @@ impl Core {
             backup_dir: options.backup_dir,
             bulk_load: options.bulk_load,
             attached_jobs: Mutex::new(std::collections::HashSet::new()),
+            staging_lock: Mutex::new(()),
             state_gate: RwLock::new(()),
             state_changes: std::sync::atomic::AtomicU64::new(0),
         })
@@ -231,7 +235,9 @@ impl Core {
         self.store.compact_user(user_id)?;
         receipt.compacted_at = Some(self.clock.now().unix_micros());
         self.record(receipt)?;
-        receipt.verified = !self.store.user_has_data(user_id)?;
+        // Bulk loads still open hold their own copy of the user's staged rows.
+        self.erase_staged_user(user_id)?;
+        receipt.verified = !self.store.user_has_data(user_id)? && !self.staged_user(user_id)?;
         receipt.verified_at = Some(self.clock.now().unix_micros());
         if receipt.verified {
             self.changing_user_state(|| self.store.finish_erasure(user_id).map_err(Error::from))?;

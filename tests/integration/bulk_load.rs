@@ -802,3 +802,58 @@ async fn a_commit_a_crash_interrupted_is_finished_at_the_next_start() {
         .expect("read");
     assert_eq!(float(&response, 0, "interest_hiking"), 0.1);
 }
+
+#[tokio::test]
+async fn erasing_a_user_deletes_their_rows_staged_by_open_jobs() {
+    const ERASED: u64 = 0x5eed_c0ff_ee15_900d;
+    const KEPT: u64 = 0x5eed_c0ff_ee15_900e;
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.bulk_load.ingest_rows_min = 1;
+    })
+    .await;
+    server.us_adults([ERASED, KEPT]).await;
+    stage(
+        &server,
+        "open-job",
+        1,
+        vec![
+            hiking(ERASED, &["facebook_feed"], 100, 0.1),
+            hiking(KEPT, &["facebook_feed"], 100, 0.2),
+        ],
+    )
+    .await;
+    let staging = server.config.bulk_load.staging_dir.join("open-job");
+    assert!(
+        !featurestore_tests::files_containing(&staging, &ERASED.to_be_bytes()).is_empty(),
+        "the user's row is staged"
+    );
+
+    let receipt = server.client.erase_user(ERASED).await.expect("erase");
+    assert!(receipt.verified);
+    assert!(
+        featurestore_tests::files_containing(&staging, &ERASED.to_be_bytes()).is_empty(),
+        "no staged copy of the erased user is left"
+    );
+    assert!(
+        !featurestore_tests::files_containing(&staging, &KEPT.to_be_bytes()).is_empty(),
+        "other users' staged rows stay"
+    );
+
+    let job = commit(&server, "open-job").await;
+    let summary = job.summary.expect("summary");
+    assert_eq!(summary.rows_accepted, 1);
+    assert_eq!(reason(&summary, ReasonCode::UserErased), (1, 1));
+    let response = server
+        .client
+        .get_features(read(
+            &[(ERASED, "facebook_feed"), (KEPT, "facebook_feed")],
+            &["interest_hiking"],
+        ))
+        .await
+        .expect("read");
+    assert_eq!(
+        status(&response, 0, "interest_hiking"),
+        ValueStatus::Defaulted
+    );
+    assert_eq!(float(&response, 1, "interest_hiking"), 0.2);
+}

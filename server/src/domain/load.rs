@@ -342,12 +342,26 @@ impl Core {
             ));
         }
         let directory = self.staging_directory(job_id);
-        write_chunk(
-            &chunk_path(&directory, sequence),
-            &chunk.users,
-            &chunk.staged,
-        )
-        .map_err(|error| staging(job_id, error))?;
+        let _staging = self.staging_lock.lock();
+        // A user erased since the chunk was decided leaves no staged copy: an erasure
+        // purges the chunks already durable, and this one is written after it.
+        let users: Vec<u64> = chunk.users.iter().map(|user| user.user_id).collect();
+        let erased: HashSet<u64> = users
+            .iter()
+            .zip(self.store.read_user_states(&users)?)
+            .filter(|(_, state)| {
+                state
+                    .as_ref()
+                    .is_some_and(|state| state.erasure != ErasureState::None)
+            })
+            .map(|(user, _)| *user)
+            .collect();
+        let mut staged = chunk.staged;
+        if !erased.is_empty() {
+            staged.retain(|row| !erased.contains(&row.key.user_id));
+        }
+        write_chunk(&chunk_path(&directory, sequence), &chunk.users, &staged)
+            .map_err(|error| staging(job_id, error))?;
         job.last_durable_chunk = sequence;
         job.summary.add(&chunk.summary);
         if !job.policy_versions.contains(&chunk.policy_version) {
@@ -554,6 +568,63 @@ impl Core {
         Ok(())
     }
 
+    /// Deletes the staged rows of an erased user from every job not yet applied. The
+    /// user stays listed in the chunks, so that their commit counts the rows as refused.
+    pub(super) fn erase_staged_user(&self, user_id: u64) -> Result<(), Error> {
+        let _staging = self.staging_lock.lock();
+        for (job_id, path) in self.staged_chunks()? {
+            let purge = || -> std::io::Result<bool> {
+                let (users, _) = read_users(&path)?;
+                if users
+                    .binary_search_by_key(&user_id, |user| user.user_id)
+                    .is_err()
+                {
+                    return Ok(false);
+                }
+                let kept = chunk_rows(&path, HashSet::from([user_id]))?;
+                write_chunk(&path, &users, &kept)?;
+                Ok(true)
+            };
+            match purge() {
+                Ok(true) => {
+                    tracing::info!(job = %job_id, chunk = %path.display(), "erased a user's staged rows");
+                }
+                Ok(false) => {}
+                // A commit that just ended deleted its staging.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(staging(&job_id, error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any job not yet applied still stages rows of the user.
+    pub(super) fn staged_user(&self, user_id: u64) -> Result<bool, Error> {
+        for (job_id, path) in self.staged_chunks()? {
+            match chunk_rows(&path, HashSet::new()) {
+                Ok(rows) if rows.iter().any(|row| row.key.user_id == user_id) => return Ok(true),
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(staging(&job_id, error)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Every durable chunk file of the jobs not yet applied, with its job id.
+    fn staged_chunks(&self) -> Result<Vec<(String, PathBuf)>, Error> {
+        let mut chunks = Vec::new();
+        for job in self.load_jobs(usize::MAX)? {
+            if matches!(job.state, JobState::Open | JobState::Committing) {
+                let directory = self.staging_directory(&job.job_id);
+                for sequence in 1..=job.last_durable_chunk {
+                    chunks.push((job.job_id.clone(), chunk_path(&directory, sequence)));
+                }
+            }
+        }
+        Ok(chunks)
+    }
+
     /// Aborts an open job: nothing of it is applied, its staged rows are deleted.
     pub fn load_abort(&self, job_id: &str) -> Result<JobRecord, Error> {
         if self.attached_jobs.lock().contains(job_id) {
@@ -663,6 +734,16 @@ fn staged_rows(mut writes: Vec<crate::storage::RowWrite>) -> Vec<StagedRow> {
         });
     }
     staged
+}
+
+/// The rows of one chunk file, without those of `left_out` users.
+fn chunk_rows(path: &Path, left_out: HashSet<u64>) -> std::io::Result<Vec<StagedRow>> {
+    let mut rows = MergedRows::open(std::slice::from_ref(&path.to_path_buf()), vec![left_out])?;
+    let mut kept = Vec::new();
+    while let Some(row) = rows.next_row()? {
+        kept.push(row);
+    }
+    Ok(kept)
 }
 
 /// The merged rows of a commit as an iterator; the first staging error ends it and is
