@@ -289,7 +289,35 @@ impl Client {
     /// Opens a bulk-load stream attached to `job_id` (created when new). The returned
     /// session says where the job stands: resume after `job.last_durable_chunk`. The
     /// stream has no deadline; a broken one fails the session's next call.
+    /// Attaching is retried like a call when the job is still attached to a stream that
+    /// just ended (ABORTED) or the server is unreachable (UNAVAILABLE).
     pub async fn start_load(
+        &self,
+        job_id: &str,
+        source_fingerprint: &str,
+    ) -> Result<LoadSession, ClientError> {
+        let deadline = Instant::now() + self.options.timeout;
+        let mut backoff = self.options.initial_backoff;
+        let mut attempt = 0;
+        loop {
+            match self.attach(job_id, source_fingerprint).await {
+                Err(ClientError::Status(status))
+                    if is_retryable(status.code()) && attempt < self.options.retries =>
+                {
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    if pause.is_zero() {
+                        return Err(status.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = backoff.saturating_mul(2);
+                    attempt += 1;
+                }
+                attached => return attached,
+            }
+        }
+    }
+
+    async fn attach(
         &self,
         job_id: &str,
         source_fingerprint: &str,

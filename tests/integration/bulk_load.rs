@@ -857,3 +857,74 @@ async fn erasing_a_user_deletes_their_rows_staged_by_open_jobs() {
     );
     assert_eq!(float(&response, 1, "interest_hiking"), 0.2);
 }
+
+#[tokio::test]
+async fn a_damaged_staging_file_fails_the_commit_and_applies_nothing() {
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.bulk_load.ingest_rows_min = 1;
+    })
+    .await;
+    server.us_adults([1, 2]).await;
+    stage(
+        &server,
+        "job",
+        1,
+        vec![hiking(1, &["facebook_feed"], 100, 0.1)],
+    )
+    .await;
+    let mut session = server.client.start_load("job", "").await.expect("attach");
+    session
+        .send_chunk(
+            2,
+            vec![proto::WriteRow::from(hiking(
+                2,
+                &["facebook_feed"],
+                100,
+                0.2,
+            ))],
+        )
+        .await
+        .expect("send");
+    session.next_ack().await.expect("ack");
+    drop(session);
+    let chunk = server
+        .config
+        .bulk_load
+        .staging_dir
+        .join("job")
+        .join("chunk-0000000002.stage");
+    let mut bytes = std::fs::read(&chunk).expect("the staged chunk");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&chunk, bytes).expect("damage it");
+
+    let session = server.client.start_load("job", "").await.expect("attach");
+    let error = session.commit().await.expect_err("the damage is found");
+    assert_eq!(error.code(), Code::Unavailable, "{error}");
+    assert!(error.to_string().contains("damaged"), "{error}");
+    let job = server.client.load_job("job").await.expect("job");
+    assert_eq!(
+        job.state(),
+        LoadJobState::Open,
+        "nothing was applied: the job is open again"
+    );
+    let response = server
+        .client
+        .get_features(read(
+            &[(1, "facebook_feed"), (2, "facebook_feed")],
+            &["interest_hiking"],
+        ))
+        .await
+        .expect("read");
+    assert_eq!(
+        status(&response, 0, "interest_hiking"),
+        ValueStatus::Defaulted,
+        "not even the intact chunk"
+    );
+    assert_eq!(
+        status(&response, 1, "interest_hiking"),
+        ValueStatus::Defaulted
+    );
+    let job = server.client.abort_load("job").await.expect("abort");
+    assert_eq!(job.state(), LoadJobState::Aborted);
+}

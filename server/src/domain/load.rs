@@ -164,6 +164,12 @@ impl Core {
         };
         let job = match self.load_job(job_id) {
             Ok(job) => {
+                if job.state == JobState::Open && job.last_durable_chunk == 0 {
+                    // Made again in case it went (the directory of a new job is the only
+                    // one a job can lose harmlessly).
+                    std::fs::create_dir_all(self.staging_directory(job_id))
+                        .map_err(|error| staging(job_id, error))?;
+                }
                 if job.source_fingerprint != source_fingerprint {
                     return Err(conflict(
                         job_id,
@@ -393,7 +399,28 @@ impl Core {
         self.finish_commit(job)
     }
 
-    fn finish_commit(&self, mut job: JobRecord) -> Result<JobRecord, Error> {
+    /// Applies a job marked committing. When it fails before anything was applied, the
+    /// job is open again (its chunks intact), so the commit can be retried or the job
+    /// aborted; once applied, a failure leaves it committing, and the next start finishes
+    /// it (applying merge operands again changes nothing).
+    fn finish_commit(&self, job: JobRecord) -> Result<JobRecord, Error> {
+        let mut committed = job.clone();
+        let mut applied = false;
+        match self.apply_commit(&mut committed, &mut applied) {
+            Ok(()) => Ok(committed),
+            Err(error) if !applied => {
+                let mut reopened = job;
+                reopened.state = JobState::Open;
+                if let Err(save_error) = self.save_job(&mut reopened, &[]) {
+                    tracing::error!(job = %reopened.job_id, %save_error, "cannot reopen a job whose commit failed");
+                }
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn apply_commit(&self, job: &mut JobRecord, applied: &mut bool) -> Result<(), Error> {
         let job_id = job.job_id.clone();
         let directory = self.staging_directory(&job_id);
         let chunks: Vec<PathBuf> = (1..=job.last_durable_chunk)
@@ -479,16 +506,18 @@ impl Core {
             );
             if ingest {
                 self.store.ingest_table_files(&files)?;
-                self.save_job(&mut job, &[entry])?;
+                *applied = true;
+                self.save_job(job, &[entry])?;
             } else {
                 job.updated_at = self.clock.now().unix_micros();
                 let bytes = serde_json::to_vec(&job).expect("a job record serializes");
                 self.store
                     .merge_rows(&small, (&job_key(&job_id), &bytes), &[entry])?;
+                *applied = true;
             }
             break;
         }
-        self.revalidate_if_decided_under_other_bundles(&job, &chunk_users)?;
+        self.revalidate_if_decided_under_other_bundles(job, &chunk_users)?;
         remove_staging(&directory);
         tracing::info!(
             job = %job_id,
@@ -496,7 +525,7 @@ impl Core {
             files = job.files_ingested,
             "bulk load committed"
         );
-        Ok(job)
+        Ok(())
     }
 
     /// Per chunk, the users whose rows a commit must leave out: erased since, or whose
@@ -683,7 +712,10 @@ impl Core {
         for job in &jobs {
             if job.state == JobState::Committing {
                 tracing::warn!(job = %job.job_id, "finishing a bulk-load commit a restart interrupted");
-                self.finish_commit(job.clone())?;
+                // A job that cannot be committed must not keep the server from serving.
+                if let Err(error) = self.finish_commit(job.clone()) {
+                    tracing::error!(job = %job.job_id, %error, "cannot finish the commit of a bulk load");
+                }
             }
         }
         for job in &jobs {
