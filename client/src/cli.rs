@@ -1,6 +1,7 @@
-//! The operator CLI (`featurestore`): lists the registry, writes features from JSON, and
-//! reads features as a table or JSON. Lives in the library so that tests drive it
-//! in-process against a real server.
+//! The operator CLI (`featurestore`): lists the registry, writes features from JSON,
+//! bulk-loads and generates backfill files, runs the privacy and admin calls, and reads
+//! features as a table or JSON. Lives in the library so that tests drive it in-process
+//! against a real server.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
