@@ -928,3 +928,64 @@ async fn a_damaged_staging_file_fails_the_commit_and_applies_nothing() {
     let job = server.client.abort_load("job").await.expect("abort");
     assert_eq!(job.state(), LoadJobState::Aborted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_none_or_all_of_a_job_committed_as_many_table_files() {
+    const USERS: u64 = 2000;
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.bulk_load.ingest_rows_min = 1;
+        // A new table file after every data block: one ingestion of many files.
+        config.bulk_load.table_file_bytes_max = 1;
+    })
+    .await;
+    let rows: Vec<proto::WriteRow> = (1..=USERS)
+        .map(|user| {
+            let mut row = hiking(user, &["facebook_feed"], 100, 0.5);
+            row.provenance.source = "engagement".to_string();
+            row.user_state_generation = 0;
+            proto::WriteRow::from(row)
+        })
+        .collect();
+    let mut session = server.client.start_load("job", "").await.expect("attach");
+    session.send_chunk(1, rows).await.expect("send");
+    assert_eq!(
+        session
+            .next_ack()
+            .await
+            .expect("ack")
+            .summary
+            .expect("summary")
+            .rows_accepted,
+        USERS
+    );
+
+    let reader = server.client.clone();
+    let watching = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            let response = reader
+                .get_features(read(
+                    &[(1, "facebook_feed"), (USERS, "facebook_feed")],
+                    &["interest_hiking"],
+                ))
+                .await
+                .expect("read");
+            let first = status(&response, 0, "interest_hiking") == ValueStatus::Present;
+            let last = status(&response, 1, "interest_hiking") == ValueStatus::Present;
+            seen.push((first, last));
+            if first && last {
+                return seen;
+            }
+        }
+    });
+    let job = session.commit().await.expect("commit");
+    assert!(
+        job.files_ingested > 1,
+        "the commit wrote several table files"
+    );
+    let seen = watching.await.expect("reader");
+    assert!(
+        seen.iter().all(|(first, last)| first == last),
+        "a reader saw part of a job: {seen:?}"
+    );
+}
