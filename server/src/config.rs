@@ -199,6 +199,10 @@ pub struct BulkLoadConfig {
     /// so that staged rows of abandoned jobs do not stay on disk.
     #[serde(with = "humantime_serde")]
     pub abandoned_after: Duration,
+    /// Records of committed and aborted jobs are kept this long (a re-run of a committed
+    /// job within it sends nothing), then forgotten by the retention sweep.
+    #[serde(with = "humantime_serde")]
+    pub finished_jobs_kept: Duration,
 }
 
 impl Default for BulkLoadConfig {
@@ -209,6 +213,7 @@ impl Default for BulkLoadConfig {
             table_file_bytes_max: 256 * 1024 * 1024,
             chunks_decided_at_once: 1,
             abandoned_after: Duration::from_secs(7 * 24 * 60 * 60),
+            finished_jobs_kept: Duration::from_secs(30 * 24 * 60 * 60),
         }
     }
 }

@@ -440,7 +440,7 @@ impl Core {
     /// whatever the policy now forbids), then compacts the features so that the dropped
     /// bytes leave the files. Returns (users swept, values removed).
     pub fn sweep(&self) -> Result<(u64, u64), Error> {
-        self.abort_abandoned_loads()?;
+        self.expire_loads()?;
         let policy = self.policy();
         let (mut users_swept, mut removed) = (0u64, 0u64);
         self.for_each_user_with_rows(|user_id| {

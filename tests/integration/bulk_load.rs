@@ -989,3 +989,63 @@ async fn readers_see_none_or_all_of_a_job_committed_as_many_table_files() {
         "a reader saw part of a job: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn the_sweep_aborts_abandoned_jobs_and_forgets_finished_ones() {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let server = TestServer::start().await;
+    server.us_adults([1]).await;
+    stage(
+        &server,
+        "abandoned",
+        1,
+        vec![hiking(1, &["facebook_feed"], 100, 0.1)],
+    )
+    .await;
+    stage(
+        &server,
+        "finished",
+        1,
+        vec![hiking(1, &["facebook_feed"], 100, 0.2)],
+    )
+    .await;
+    commit(&server, "finished").await;
+
+    server.advance(8 * DAY);
+    server.client.sweep_expired().await.expect("sweep");
+    let abandoned = server.client.load_job("abandoned").await.expect("job");
+    assert_eq!(
+        abandoned.state(),
+        LoadJobState::Aborted,
+        "idle for 8 days > 7"
+    );
+    assert!(
+        !server
+            .config
+            .bulk_load
+            .staging_dir
+            .join("abandoned")
+            .exists()
+    );
+    let finished = server
+        .client
+        .load_job("finished")
+        .await
+        .expect("still known");
+    assert_eq!(finished.state(), LoadJobState::Committed);
+
+    server.advance(23 * DAY);
+    server.client.sweep_expired().await.expect("sweep");
+    let error = server
+        .client
+        .load_job("finished")
+        .await
+        .expect_err("forgotten after 30 days");
+    assert_eq!(error.code(), Code::NotFound);
+    let abandoned = server
+        .client
+        .load_job("abandoned")
+        .await
+        .expect("aborted 23 days ago");
+    assert_eq!(abandoned.state(), LoadJobState::Aborted);
+}

@@ -688,18 +688,28 @@ impl Core {
         Ok(())
     }
 
-    /// Aborts open jobs that received nothing for `abandoned_after`.
-    pub(super) fn abort_abandoned_loads(&self) -> Result<(), Error> {
-        let cutoff = self.clock.now().unix_micros().saturating_sub(
-            i64::try_from(self.bulk_load.abandoned_after.as_micros()).unwrap_or(i64::MAX),
-        );
+    /// Aborts open jobs that received nothing for `abandoned_after`, and forgets the
+    /// records of jobs that ended more than `finished_jobs_kept` ago.
+    pub(super) fn expire_loads(&self) -> Result<(), Error> {
+        let now = self.clock.now().unix_micros();
+        let before = |age: std::time::Duration| {
+            now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX))
+        };
+        let abandoned = before(self.bulk_load.abandoned_after);
+        let forgotten = before(self.bulk_load.finished_jobs_kept);
         for mut job in self.load_jobs(usize::MAX)? {
-            if job.state == JobState::Open
-                && job.updated_at < cutoff
-                && !self.attached_jobs.lock().contains(&job.job_id)
-            {
-                tracing::warn!(job = %job.job_id, "aborting an abandoned bulk load");
-                self.abort(&mut job, "retention-sweep")?;
+            match job.state {
+                JobState::Open
+                    if job.updated_at < abandoned
+                        && !self.attached_jobs.lock().contains(&job.job_id) =>
+                {
+                    tracing::warn!(job = %job.job_id, "aborting an abandoned bulk load");
+                    self.abort(&mut job, "retention-sweep")?;
+                }
+                JobState::Committed | JobState::Aborted if job.updated_at < forgotten => {
+                    self.store.delete_meta(&job_key(&job.job_id))?;
+                }
+                _ => {}
             }
         }
         Ok(())

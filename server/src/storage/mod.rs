@@ -224,6 +224,8 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError>;
 
+    fn delete_meta(&self, key: &str) -> Result<(), StorageError>;
+
     /// The secret key of a user's audit pseudonym. When missing it is created if `create`
     /// (from the system's random source), else `None` is returned: an erased user's key is
     /// gone for good.

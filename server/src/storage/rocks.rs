@@ -627,6 +627,12 @@ impl Store for RocksStore {
             .map_err(engine)
     }
 
+    fn delete_meta(&self, key: &str) -> Result<(), StorageError> {
+        self.db
+            .delete_cf_opt(self.cf(META_CF), key.as_bytes(), &self.write_options)
+            .map_err(engine)
+    }
+
     fn pseudonym_key(&self, user_id: u64, create: bool) -> Result<Option<[u8; 32]>, StorageError> {
         let key = user_id.to_be_bytes();
         let read = || -> Result<Option<[u8; 32]>, StorageError> {
