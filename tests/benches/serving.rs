@@ -1,0 +1,653 @@
+//! Serving benchmark: loads a dataset through the bulk loader, then drives the server
+//! through the Rust client over loopback with several HTTP/2 connections, next to two
+//! floors measured in the same run: raw in-process RocksDB `batched_multi_get` of the same
+//! keys (storage), and a minimal tonic server answering a response of the same bytes
+//! (transport).
+//!
+//! Run with `cargo bench -p featurestore-tests --bench serving`. Sizes through the
+//! environment: `SERVING_USERS` (default 1,000,000 users × 3 surfaces × 20 floats + a
+//! 64-float embedding), `SERVING_SECONDS` per workload (10), `SERVING_CONNECTIONS` (4),
+//! `SERVING_CONCURRENCY` requests in flight for closed loops (8). Prints a table and writes
+//! `target/serving-bench.json`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use featurestore::domain::{
+    FeatureWrite, Provenance, ReadKey, ReadRequest, Value, WriteRequest, WriteRow,
+};
+use featurestore::proto::{self, feature_store_server::FeatureStore};
+use featurestore_client::generate::{GenerateOptions, generate};
+use featurestore_client::load::formats::FileFormat;
+use featurestore_client::load::{LoadOptions, load};
+use featurestore_client::{Client, ClientOptions};
+use featurestore_server::registry::Registry;
+use featurestore_server::storage::RowKey;
+use featurestore_server::storage::keys::encode_row_key;
+use featurestore_tests::{START_TIME, TestServer};
+use hdrhistogram::Histogram;
+use tonic::{Request, Response, Status};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SURFACES: [&str; 3] = ["feed", "video", "stories"];
+const FLOATS: usize = 20;
+const EMBEDDING: usize = 64;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+fn registry_toml() -> String {
+    let mut toml = String::new();
+    for (index, surface) in SURFACES.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[surfaces]]\nname = \"{surface}\"\nid = {}\napp = \"facebook\"\npurpose = \"content\"\n",
+            index + 1
+        ));
+    }
+    toml.push_str(
+        "[[sources]]\nname = \"ai_chat\"\nid = 1\nkind = \"ai_text\"\n\
+         [[sources]]\nname = \"ai_voice\"\nid = 2\nkind = \"ai_voice\"\n\
+         [[sources]]\nname = \"engagement\"\nid = 3\nkind = \"not_ai\"\n",
+    );
+    let surfaces = "[\"feed\", \"video\", \"stories\"]";
+    for index in 0..FLOATS {
+        toml.push_str(&format!(
+            "[[features]]\nname = \"f{index:02}\"\nid = {}\ntype = \"float\"\n\
+             sources = [\"engagement\"]\nsensitivity = \"none\"\nsurfaces = {surfaces}\n\
+             ttl = \"30days\"\n",
+            index + 1
+        ));
+    }
+    toml.push_str(&format!(
+        "[[features]]\nname = \"embedding\"\nid = {}\ntype = \"float_vector\"\n\
+         dimension = {EMBEDDING}\nsources = [\"engagement\"]\nsensitivity = \"none\"\n\
+         surfaces = {surfaces}\nttl = \"30days\"\n",
+        FLOATS + 1
+    ));
+    toml
+}
+
+/// SplitMix64: the same key sequence on every run.
+struct Random(u64);
+
+impl Random {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % bound
+    }
+}
+
+/// The workloads; each builds its next request from the random source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    /// 500 random keys × the 20 floats.
+    Batch500,
+    /// One user on the 3 surfaces, every feature.
+    User3,
+    /// 3 keys at concurrency 1: pure latency.
+    Latency3,
+    /// 90 % the 500-key read, 10 % a one-row write.
+    Mixed,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Batch500 => "(a) 500 keys x 20 floats",
+            Workload::User3 => "(b) 1 user x 3 surfaces",
+            Workload::Latency3 => "(c) 3 keys, concurrency 1",
+            Workload::Mixed => "(d) 90% (a) reads, 10% writes",
+        }
+    }
+
+    fn read(self, random: &mut Random, users: u64) -> ReadRequest {
+        let key = |user_id: u64, surface: &str| ReadKey {
+            user_id,
+            surface: surface.to_string(),
+        };
+        match self {
+            Workload::Batch500 | Workload::Mixed => ReadRequest {
+                keys: (0..500)
+                    .map(|_| key(1 + random.below(users), SURFACES[random.below(3) as usize]))
+                    .collect(),
+                features: (0..FLOATS).map(|index| format!("f{index:02}")).collect(),
+                include_event_times: false,
+            },
+            Workload::User3 | Workload::Latency3 => {
+                let user = 1 + random.below(users);
+                ReadRequest {
+                    keys: SURFACES.iter().map(|surface| key(user, surface)).collect(),
+                    features: Vec::new(),
+                    include_event_times: false,
+                }
+            }
+        }
+    }
+}
+
+fn write_request(random: &mut Random, users: u64, sequence: u64) -> WriteRequest {
+    let user_id = 1 + random.below(users);
+    WriteRequest {
+        idempotency_key: format!("bench-{sequence}-{user_id}"),
+        rows: vec![WriteRow {
+            user_id,
+            target_surfaces: SURFACES.iter().map(|surface| surface.to_string()).collect(),
+            provenance: Provenance {
+                source: "engagement".to_string(),
+                origin_app: "facebook".to_string(),
+                interaction_time: START_TIME,
+                producer_id: "bench@v1".to_string(),
+                microphone_permission_granted: false,
+            },
+            features: (0..FLOATS)
+                .map(|index| FeatureWrite {
+                    name: format!("f{index:02}"),
+                    value: Value::Float(index as f32),
+                    topic: None,
+                    ttl: None,
+                })
+                .collect(),
+            user_state_generation: 0,
+        }],
+    }
+}
+
+/// CPU seconds used so far by the server's threads (its runtime and RocksDB's) and by the
+/// load generator's, from /proc.
+fn cpu_seconds() -> (f64, f64) {
+    let ticks = 100.0; // USER_HZ on Linux
+    let (mut server, mut client) = (0u64, 0u64);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return (f64::NAN, f64::NAN);
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let used = fields
+            .get(11)
+            .and_then(|utime| utime.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|stime| stime.parse::<u64>().ok())
+                .unwrap_or(0);
+        if name.starts_with("bench-client") {
+            client += used;
+        } else if name.starts_with("server") || name.starts_with("rocksdb") {
+            server += used;
+        }
+    }
+    (server as f64 / ticks, client as f64 / ticks)
+}
+
+#[derive(Debug)]
+struct Measured {
+    requests: u64,
+    keys: u64,
+    seconds: f64,
+    latency: Histogram<u64>,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
+impl Measured {
+    fn per_second(&self, count: u64) -> f64 {
+        count as f64 / self.seconds
+    }
+
+    fn micros(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64
+    }
+}
+
+/// Runs `workload` for `duration`: closed loop with `concurrency` requests in flight when
+/// `rate` is `None`, else open loop at `rate` requests per second, each latency measured
+/// from when the request was due (no coordinated omission).
+async fn drive(
+    clients: &[Client],
+    workload: Workload,
+    users: u64,
+    concurrency: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> Measured {
+    let started = Instant::now();
+    let cpu_before = cpu_seconds();
+    let deadline = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    let lanes = match rate {
+        Some(_) => concurrency.max(64),
+        None => concurrency,
+    };
+    let interval = rate.map(|rate| Duration::from_secs_f64(lanes as f64 / rate));
+    for lane in 0..lanes {
+        let client = clients[lane % clients.len()].clone();
+        tasks.spawn(async move {
+            let mut random = Random(0x5eed + lane as u64);
+            let mut latency = Histogram::<u64>::new(3).expect("histogram");
+            let (mut requests, mut keys) = (0u64, 0u64);
+            // Open loop: each lane's requests are due at fixed times, spread over lanes.
+            let mut due = Instant::now()
+                + interval.map_or(Duration::ZERO, |interval| {
+                    interval.mul_f64(lane as f64 / lanes as f64)
+                });
+            while Instant::now() < deadline {
+                if interval.is_some() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let start = if interval.is_some() {
+                    due
+                } else {
+                    Instant::now()
+                };
+                if workload == Workload::Mixed && random.below(10) == 0 {
+                    let request = write_request(&mut random, users, requests);
+                    client.write_features(request).await.expect("write");
+                } else {
+                    let request = workload.read(&mut random, users);
+                    keys += request.keys.len() as u64;
+                    client.get_features(request).await.expect("read");
+                }
+                requests += 1;
+                let _ = latency.record(start.elapsed().as_micros() as u64);
+                if let Some(interval) = interval {
+                    due += interval;
+                }
+            }
+            (requests, keys, latency)
+        });
+    }
+    let mut measured = Measured {
+        requests: 0,
+        keys: 0,
+        seconds: 0.0,
+        latency: Histogram::<u64>::new(3).expect("histogram"),
+        server_cpu: 0.0,
+        client_cpu: 0.0,
+    };
+    while let Some(lane) = tasks.join_next().await {
+        let (requests, keys, latency) = lane.expect("lane");
+        measured.requests += requests;
+        measured.keys += keys;
+        measured.latency.add(latency).expect("same precision");
+    }
+    measured.seconds = started.elapsed().as_secs_f64();
+    let cpu_after = cpu_seconds();
+    measured.server_cpu = cpu_after.0 - cpu_before.0;
+    measured.client_cpu = cpu_after.1 - cpu_before.1;
+    measured
+}
+
+/// The transport floor: a tonic server that answers every read with the same response.
+#[derive(Debug, Clone)]
+struct Echo {
+    response: Arc<std::sync::RwLock<proto::GetFeaturesResponse>>,
+}
+
+#[tonic::async_trait]
+impl FeatureStore for Echo {
+    async fn get_features(
+        &self,
+        _request: Request<proto::GetFeaturesRequest>,
+    ) -> Result<Response<proto::GetFeaturesResponse>, Status> {
+        let response = self.response.read().expect("not poisoned").clone();
+        Ok(Response::new(response))
+    }
+
+    async fn write_features(
+        &self,
+        _request: Request<proto::WriteFeaturesRequest>,
+    ) -> Result<Response<proto::WriteFeaturesResponse>, Status> {
+        Ok(Response::new(proto::WriteFeaturesResponse::default()))
+    }
+
+    async fn list_features(
+        &self,
+        _request: Request<proto::ListFeaturesRequest>,
+    ) -> Result<Response<proto::ListFeaturesResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn list_surfaces(
+        &self,
+        _request: Request<proto::ListSurfacesRequest>,
+    ) -> Result<Response<proto::ListSurfacesResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn explain_write(
+        &self,
+        _request: Request<proto::WriteFeaturesRequest>,
+    ) -> Result<Response<proto::ExplainWriteResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+/// The storage floor: raw `batched_multi_get` of the workload's keys, sorted, in process,
+/// with the server's block cache size and table options; nanoseconds per key.
+fn storage_floor(path: &std::path::Path, workload: Workload, users: u64, seconds: f64) -> f64 {
+    let mut options = rocksdb::Options::default();
+    let mut table = rocksdb::BlockBasedOptions::default();
+    let cache = rocksdb::Cache::new_lru_cache(
+        featurestore_server::config::StorageConfig::default().block_cache_bytes,
+    );
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
+    table.set_block_size(16 * 1024);
+    options.set_block_based_table_factory(&table);
+    let descriptors = featurestore_server::storage::COLUMN_FAMILIES
+        .iter()
+        .map(|name| rocksdb::ColumnFamilyDescriptor::new(*name, options.clone()));
+    let db = rocksdb::DB::open_cf_descriptors_read_only(&options, path, descriptors, false)
+        .expect("open the database read-only");
+    let features = db.cf_handle("features").expect("features");
+    let registry = Registry::from_toml(&registry_toml()).expect("registry");
+    let surface_id = |name: &str| registry.surface(name).expect("surface").id;
+    let mut random = Random(0x5eed);
+    let (mut keys, mut found) = (0u64, 0u64);
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < seconds {
+        let request = workload.read(&mut random, users);
+        let mut encoded: Vec<[u8; 10]> = request
+            .keys
+            .iter()
+            .map(|key| {
+                encode_row_key(RowKey {
+                    user_id: key.user_id,
+                    surface: surface_id(&key.surface),
+                })
+            })
+            .collect();
+        encoded.sort_unstable();
+        for value in db.batched_multi_get_cf(features, encoded.iter(), true) {
+            if matches!(value, Ok(Some(_))) {
+                found += 1;
+            }
+        }
+        keys += encoded.len() as u64;
+    }
+    assert!(found * 10 > keys * 9, "the floor reads stored rows");
+    started.elapsed().as_nanos() as f64 / keys as f64
+}
+
+fn main() {
+    let users = setting("SERVING_USERS", 1_000_000);
+    let seconds = setting("SERVING_SECONDS", 10);
+    let connections = setting("SERVING_CONNECTIONS", 4) as usize;
+    let concurrency = setting("SERVING_CONCURRENCY", 8) as usize;
+    let duration = Duration::from_secs(seconds);
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let registry_path = directory.path().join("registry.toml");
+    std::fs::write(&registry_path, registry_toml()).expect("registry");
+    let registry = Registry::from_toml(&registry_toml()).expect("registry parses");
+    let dataset = directory.path().join("dataset.parquet");
+    generate(
+        &GenerateOptions {
+            path: dataset.clone(),
+            format: FileFormat::Parquet,
+            users,
+            first_user: 1,
+            seed: 1,
+            source: "engagement".to_string(),
+            surfaces: SURFACES.iter().map(|surface| surface.to_string()).collect(),
+            features: Vec::new(),
+            producer: "bench@v1".to_string(),
+            origin_app: Some("facebook".to_string()),
+            now_unix_micros: START_TIME.unix_micros(),
+        },
+        &registry.feature_definitions(),
+    )
+    .expect("generate the dataset");
+
+    let server_runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("server")
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let server = server_runtime.block_on(TestServer::start_with(
+        tempfile::tempdir().expect("directory"),
+        |config| {
+            config.registry_path = Some(registry_path.clone());
+            config.durability = featurestore_server::config::Durability::Sync;
+            config.storage = featurestore_server::config::StorageConfig::default();
+        },
+    ));
+    let endpoint = server.endpoint.clone();
+    let data_dir = server.config.data_dir.clone();
+    let options = ClientOptions {
+        timeout: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+
+    // The transport floor: answers each workload's real response, captured below.
+    let echo = Echo {
+        response: Arc::new(std::sync::RwLock::new(proto::GetFeaturesResponse::default())),
+    };
+    let echo_stop = tokio_util::sync::CancellationToken::new();
+    let echo_endpoint = {
+        let listener = server_runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+        let service = proto::feature_store_server::FeatureStoreServer::new(echo.clone())
+            .max_encoding_message_size(64 << 20);
+        // Nagle off on accepted sockets, as the feature store does.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |accepted| {
+                let stream = accepted?;
+                stream.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(stream)
+            },
+        );
+        let stop = echo_stop.clone();
+        server_runtime.spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+        );
+        endpoint
+    };
+
+    let mut rows = BTreeMap::new();
+    let mut floors = BTreeMap::new();
+    client_runtime.block_on(async {
+        let loader = Client::connect(&endpoint, options.clone()).expect("client");
+        let loading = Instant::now();
+        let mut load_options = LoadOptions::new(&dataset, "dataset");
+        load_options.chunk_rows = 4096;
+        let report = load(&loader, &load_options)
+            .await
+            .expect("load the dataset");
+        assert_eq!(
+            report.job.summary.unwrap_or_default().rows_accepted,
+            users,
+            "every row stored"
+        );
+        // Compacted, as a store in steady state is.
+        loader.sweep_expired().await.expect("compact");
+        eprintln!(
+            "loaded {users} users x {} surfaces in {:.1} s",
+            SURFACES.len(),
+            loading.elapsed().as_secs_f64()
+        );
+        let clients: Vec<Client> = (0..connections)
+            .map(|_| Client::connect(&endpoint, options.clone()).expect("client"))
+            .collect();
+        for (workload, lanes) in [
+            (Workload::Batch500, concurrency),
+            (Workload::User3, concurrency),
+            (Workload::Latency3, 1),
+            (Workload::Mixed, concurrency),
+        ] {
+            // Warm-up, not measured.
+            drive(
+                &clients,
+                workload,
+                users,
+                lanes,
+                None,
+                Duration::from_secs(1),
+            )
+            .await;
+            let measured = drive(&clients, workload, users, lanes, None, duration).await;
+            rows.insert((workload, "closed".to_string()), measured);
+        }
+        let (_, closed) = rows
+            .iter()
+            .find(|((workload, _), _)| *workload == Workload::Batch500)
+            .expect("measured");
+        let half = closed.per_second(closed.requests) / 2.0;
+        let measured = drive(
+            &clients,
+            Workload::Batch500,
+            users,
+            concurrency,
+            Some(half),
+            duration,
+        )
+        .await;
+        rows.insert((Workload::Batch500, format!("open {half:.0}/s")), measured);
+
+        let echo_clients: Vec<Client> = (0..connections)
+            .map(|_| Client::connect(&echo_endpoint, options.clone()).expect("client"))
+            .collect();
+        for (workload, lanes) in [
+            (Workload::Batch500, concurrency),
+            (Workload::User3, concurrency),
+            (Workload::Latency3, 1),
+        ] {
+            let sample = workload.read(&mut Random(1), users);
+            *echo.response.write().expect("not poisoned") =
+                clients[0].get_features(sample).await.expect("sample");
+            drive(
+                &echo_clients,
+                workload,
+                users,
+                lanes,
+                None,
+                Duration::from_secs(1),
+            )
+            .await;
+            floors.insert(
+                workload,
+                drive(&echo_clients, workload, users, lanes, None, duration).await,
+            );
+        }
+    });
+    // Closing the load generator's connections lets the servers stop at once.
+    drop(client_runtime);
+    echo_stop.cancel();
+    let kept = server_runtime.block_on(server.stop());
+    let storage = storage_floor(&data_dir, Workload::Batch500, users, seconds as f64);
+    drop(kept);
+
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
+    println!(
+        "\nserving: {users} users x {} surfaces x ({FLOATS} floats + {EMBEDDING}-float embedding); \
+         {connections} connections, {concurrency} in flight; {cores} cores, load average {load}\n",
+        SURFACES.len()
+    );
+    println!(
+        "| workload | loop | req/s | keys/s | p50 µs | p99 µs | p99.9 µs | server CPU µs/req | client CPU µs/req | req/s ÷ echo | p50 ÷ echo |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut json = Vec::new();
+    for ((workload, mode), measured) in &rows {
+        let floor = floors.get(workload).filter(|_| mode == "closed");
+        let ratio =
+            |value: Option<f64>| value.map_or("-".to_string(), |value| format!("{value:.2}"));
+        println!(
+            "| {} | {mode} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            workload.name(),
+            measured.per_second(measured.requests),
+            measured.per_second(measured.keys),
+            measured.micros(0.5),
+            measured.micros(0.99),
+            measured.micros(0.999),
+            measured.server_cpu * 1e6 / measured.requests.max(1) as f64,
+            measured.client_cpu * 1e6 / measured.requests.max(1) as f64,
+            ratio(
+                floor.map(|floor| measured.per_second(measured.requests)
+                    / floor.per_second(floor.requests))
+            ),
+            ratio(floor.map(|floor| measured.micros(0.5) / floor.micros(0.5))),
+        );
+        json.push(serde_json::json!({
+            "workload": workload.name(),
+            "loop": mode,
+            "requests_per_second": measured.per_second(measured.requests),
+            "keys_per_second": measured.per_second(measured.keys),
+            "p50_us": measured.micros(0.5),
+            "p99_us": measured.micros(0.99),
+            "p999_us": measured.micros(0.999),
+            "server_cpu_seconds": measured.server_cpu,
+            "client_cpu_seconds": measured.client_cpu,
+            "requests": measured.requests,
+        }));
+    }
+    for (workload, floor) in &floors {
+        println!(
+            "| echo floor: {} | closed | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | - | {:.0} | 1.00 | 1.00 |",
+            workload.name(),
+            floor.per_second(floor.requests),
+            floor.per_second(floor.keys),
+            floor.micros(0.5),
+            floor.micros(0.99),
+            floor.micros(0.999),
+            floor.client_cpu * 1e6 / floor.requests.max(1) as f64,
+        );
+    }
+    let served = rows
+        .get(&(Workload::Batch500, "closed".to_string()))
+        .map(|measured| measured.server_cpu * 1e9 / measured.keys.max(1) as f64)
+        .unwrap_or(f64::NAN);
+    println!(
+        "\nstorage floor: raw batched_multi_get of (a)'s keys in process: {storage:.0} ns/key; \
+         the server's CPU per key in (a): {served:.0} ns ({:.2}x the floor)",
+        served / storage
+    );
+    let report = serde_json::json!({
+        "users": users,
+        "cores": cores,
+        "load_average": load,
+        "workloads": json,
+        "storage_floor_ns_per_key": storage,
+        "server_cpu_ns_per_key_a": served,
+    });
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/serving-bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report).expect("JSON")).expect("write JSON");
+    eprintln!("wrote {}", path.display());
+}
