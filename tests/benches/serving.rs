@@ -433,12 +433,14 @@ fn main() {
             config.registry_path = Some(registry_path.clone());
             config.durability = featurestore_server::config::Durability::Sync;
             config.storage = featurestore_server::config::StorageConfig::default();
+            // The sweep that compacts the loaded dataset runs longer than a request may.
+            config.limits.request_timeout = Duration::from_secs(3600);
         },
     ));
     let endpoint = server.endpoint.clone();
     let data_dir = server.config.data_dir.clone();
     let options = ClientOptions {
-        timeout: Duration::from_secs(30),
+        timeout: Duration::from_secs(3600),
         ..ClientOptions::default()
     };
 
