@@ -296,32 +296,11 @@ impl Client {
         job_id: &str,
         source_fingerprint: &str,
     ) -> Result<LoadSession, ClientError> {
-        let deadline = Instant::now() + self.options.timeout;
-        let mut backoff = self.options.initial_backoff;
-        let mut attempt = 0;
-        loop {
-            match self.attach(job_id, source_fingerprint).await {
-                Err(ClientError::Status(status))
-                    if is_retryable(status.code()) && attempt < self.options.retries =>
-                {
-                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                    if pause.is_zero() {
-                        return Err(status.into());
-                    }
-                    tokio::time::sleep(pause).await;
-                    backoff = backoff.saturating_mul(2);
-                    attempt += 1;
-                }
-                attached => return attached,
-            }
-        }
+        self.retrying(|_| self.attach(job_id, source_fingerprint))
+            .await
     }
 
-    async fn attach(
-        &self,
-        job_id: &str,
-        source_fingerprint: &str,
-    ) -> Result<LoadSession, ClientError> {
+    async fn attach(&self, job_id: &str, source_fingerprint: &str) -> Result<LoadSession, Status> {
         let (sender, receiver) = tokio::sync::mpsc::channel(LOAD_CHUNKS_QUEUED_MAX);
         sender
             .send(proto::BulkLoadRequest {
@@ -343,7 +322,9 @@ impl Client {
                 message: Some(proto::bulk_load_response::Message::Job(job)),
             }) => job,
             _ => {
-                return Err(Status::internal("the server did not say where the job stands").into());
+                return Err(Status::internal(
+                    "the server did not say where the job stands",
+                ));
             }
         };
         Ok(LoadSession {
@@ -537,27 +518,46 @@ impl Client {
         F: Fn(FeatureStoreClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
-        let deadline = Instant::now() + self.options.timeout;
-        let mut backoff = self.options.initial_backoff;
-        let mut attempt = 0;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
+        self.retrying(|remaining| {
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(remaining);
-            let result = tokio::time::timeout(remaining, send(self.stub.clone(), request))
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("client deadline exceeded")));
-            match result {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) if is_retryable(status.code()) && attempt < self.options.retries => {
-                    // Never sleep past the deadline: the last attempt gets what is left.
+            let sent = send(self.stub.clone(), request);
+            async move {
+                tokio::time::timeout(remaining, sent)
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("client deadline exceeded")))
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` (given the time left) until it succeeds, fails with a code that is
+    /// not retryable, runs out of retries, or the deadline passes; exponential backoff
+    /// between attempts, never sleeping past the deadline.
+    async fn retrying<T, Fut>(
+        &self,
+        mut attempt: impl FnMut(Duration) -> Fut,
+    ) -> Result<T, ClientError>
+    where
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.options.timeout;
+        let mut backoff = self.options.initial_backoff;
+        let mut retries = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match attempt(remaining).await {
+                Ok(done) => return Ok(done),
+                Err(status) if is_retryable(status.code()) && retries < self.options.retries => {
+                    // The last attempt gets what is left.
                     let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
                     if pause.is_zero() {
                         return Err(status.into());
                     }
                     tokio::time::sleep(pause).await;
                     backoff = backoff.saturating_mul(2);
-                    attempt += 1;
+                    retries += 1;
                 }
                 Err(status) => return Err(status.into()),
             }
