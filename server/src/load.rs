@@ -401,10 +401,9 @@ impl MergedRows {
         if same_key.is_empty() {
             return Ok(Some(first));
         }
-        let operands: Vec<&[u8]> = std::iter::once(first.operand.as_slice())
-            .chain(same_key.iter().map(|row| row.operand.as_slice()))
-            .collect();
-        let operand = merge_operands(&operands).map_err(|error| {
+        let operands = std::iter::once(first.operand.as_slice())
+            .chain(same_key.iter().map(|row| row.operand.as_slice()));
+        let operand = merge_operands(operands).map_err(|error| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("staged rows of one key do not merge: {error}"),

@@ -4,25 +4,20 @@
 use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
 use featurestore::domain::{UserStateUpdate, Value};
 use featurestore::proto::{self, LoadJobState, ReasonCode, ValueStatus};
-use featurestore_client::cli::{self, Args, EXIT_REFUSED};
+use featurestore_client::cli::EXIT_REFUSED;
 use featurestore_client::generate::{GenerateOptions, generate};
 use featurestore_client::load::formats::{FileFormat, Item, open};
 use featurestore_tests::{START_TIME, TestServer, at, read, row, write};
 use tonic::Code;
 
-use super::{float, status};
+use super::{featurestore, float, status};
 
-/// Runs `featurestore <arguments>` against `server`; returns the exit status and output.
-async fn featurestore(server: &TestServer, arguments: &[&str]) -> anyhow::Result<(u8, String)> {
-    let mut command = vec!["featurestore", "--endpoint", server.endpoint.as_str()];
-    command.extend_from_slice(arguments);
-    let args = Args::try_parse_from(command)?;
-    let mut out = Vec::new();
-    let code = cli::run(args, &mut out).await?;
-    Ok((code, String::from_utf8(out)?))
+/// A server on `directory` that commits every job by ingesting table files, however
+/// small, so that tests exercise the fast path.
+async fn start_ingesting(directory: tempfile::TempDir) -> TestServer {
+    TestServer::start_with(directory, |config| config.bulk_load.ingest_rows_min = 1).await
 }
 
 /// The count on the summary line `name` of a job printout.
@@ -363,10 +358,7 @@ async fn event_time_order_holds_against_online_writes_during_a_job_on_both_commi
 
 #[tokio::test]
 async fn erased_users_and_forbidden_values_are_refused_and_counted_by_reason() {
-    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
-        config.bulk_load.ingest_rows_min = 1;
-    })
-    .await;
+    let server = start_ingesting(tempfile::tempdir().expect("directory")).await;
     // 1: erased before the load; 2: objects to ads; 3: erased after its chunk was staged;
     // 4: its state changes after its chunk was staged; 5: nothing happens to it.
     server.us_adults(1..=5).await;
@@ -587,8 +579,7 @@ async fn chunks_are_idempotent_in_order_and_survive_a_restart() {
     assert_eq!(error.code(), Code::FailedPrecondition);
 
     let directory = server.stop().await;
-    let server =
-        TestServer::start_with(directory, |config| config.bulk_load.ingest_rows_min = 1).await;
+    let server = start_ingesting(directory).await;
     let mut session = server
         .client
         .start_load("job", "file-a")
@@ -756,10 +747,7 @@ async fn malformed_records_are_reported_by_line_and_counted() {
 
 #[tokio::test]
 async fn a_commit_a_crash_interrupted_is_finished_at_the_next_start() {
-    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
-        config.bulk_load.ingest_rows_min = 1;
-    })
-    .await;
+    let server = start_ingesting(tempfile::tempdir().expect("directory")).await;
     server.us_adults([1]).await;
     stage(
         &server,
@@ -783,10 +771,7 @@ async fn a_commit_a_crash_interrupted_is_finished_at_the_next_start() {
         db.put_cf(meta, key, serde_json::to_vec(&record).expect("JSON"))
             .expect("write");
     }
-    let server = TestServer::start_with(directory, |config| {
-        config.bulk_load.ingest_rows_min = 1;
-    })
-    .await;
+    let server = start_ingesting(directory).await;
     let job = server.client.load_job("job").await.expect("job");
     assert_eq!(
         job.state(),
@@ -807,10 +792,7 @@ async fn a_commit_a_crash_interrupted_is_finished_at_the_next_start() {
 async fn erasing_a_user_deletes_their_rows_staged_by_open_jobs() {
     const ERASED: u64 = 0x5eed_c0ff_ee15_900d;
     const KEPT: u64 = 0x5eed_c0ff_ee15_900e;
-    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
-        config.bulk_load.ingest_rows_min = 1;
-    })
-    .await;
+    let server = start_ingesting(tempfile::tempdir().expect("directory")).await;
     server.us_adults([ERASED, KEPT]).await;
     stage(
         &server,
@@ -860,10 +842,7 @@ async fn erasing_a_user_deletes_their_rows_staged_by_open_jobs() {
 
 #[tokio::test]
 async fn a_damaged_staging_file_fails_the_commit_and_applies_nothing() {
-    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
-        config.bulk_load.ingest_rows_min = 1;
-    })
-    .await;
+    let server = start_ingesting(tempfile::tempdir().expect("directory")).await;
     server.us_adults([1, 2]).await;
     stage(
         &server,

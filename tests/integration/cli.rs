@@ -2,19 +2,10 @@
 
 use std::time::Duration;
 
-use clap::Parser;
-use featurestore_client::cli::{self, Args, EXIT_REFUSED, EXIT_SUCCESS};
+use featurestore_client::cli::{EXIT_REFUSED, EXIT_SUCCESS};
 use featurestore_tests::TestServer;
 
-/// Runs `featurestore <arguments>` against `server`; returns the exit status and output.
-async fn featurestore(server: &TestServer, arguments: &[&str]) -> anyhow::Result<(u8, String)> {
-    let mut command = vec!["featurestore", "--endpoint", server.endpoint.as_str()];
-    command.extend_from_slice(arguments);
-    let args = Args::try_parse_from(command)?;
-    let mut out = Vec::new();
-    let code = cli::run(args, &mut out).await?;
-    Ok((code, String::from_utf8(out)?))
-}
+use super::featurestore;
 
 /// The line of `output` that starts with `prefix` (after collapsing runs of spaces).
 fn line_starting(output: &str, prefix: &str) -> String {

@@ -12,7 +12,21 @@ mod policy_changes;
 mod read_write;
 mod retention;
 
+use clap::Parser;
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};
+use featurestore_client::cli::Args;
+use featurestore_tests::TestServer;
+
+/// Runs `featurestore <arguments>` in-process against `server`; returns the exit status and
+/// output.
+async fn featurestore(server: &TestServer, arguments: &[&str]) -> anyhow::Result<(u8, String)> {
+    let mut command = vec!["featurestore", "--endpoint", server.endpoint.as_str()];
+    command.extend_from_slice(arguments);
+    let args = Args::try_parse_from(command)?;
+    let mut out = Vec::new();
+    let code = featurestore_client::cli::run(args, &mut out).await?;
+    Ok((code, String::from_utf8(out)?))
+}
 
 /// The status of `feature` in row `row` of a read response.
 fn status(response: &GetFeaturesResponse, row: usize, feature: &str) -> ValueStatus {

@@ -315,21 +315,14 @@ pub fn merge_operator(
     existing: Option<&[u8]>,
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut row = match existing {
-        Some(bytes) => decode_row(bytes).ok()?,
-        None => StoredRow::default(),
-    };
-    for operand in operands {
-        for value in decode_row(operand).ok()?.values {
-            merge_value(&mut row, value);
-        }
-    }
-    Some(encode_row(&row))
+    merge_operands(existing.into_iter().chain(operands)).ok()
 }
 
 /// Combines encoded rows into one, per feature the value that [`supersedes`] the others:
 /// the same result as applying them to the store in any order.
-pub fn merge_operands(operands: &[&[u8]]) -> Result<Vec<u8>, CodecError> {
+pub fn merge_operands<'a>(
+    operands: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, CodecError> {
     let mut row = StoredRow::default();
     for operand in operands {
         for value in decode_row(operand)?.values {
