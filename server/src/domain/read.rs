@@ -7,7 +7,8 @@ use featurestore::proto;
 use super::{Core, PolicyInForce};
 use crate::error::Error;
 use crate::registry::{Feature, Surface};
-use crate::storage::{RowKey, RowRead, StoredRow, StoredValue};
+use crate::storage::codec::{Payload, Provenance, RowView};
+use crate::storage::{RowFound, RowKey};
 
 /// One response column: a feature and where its values sit in each row.
 struct Column<'a> {
@@ -41,40 +42,53 @@ impl Core {
         let features = self.select_features(request, &surfaces)?;
         let (columns, shape) = lay_out(&features);
 
-        let known: Vec<RowKey> = request
-            .keys
-            .iter()
-            .zip(&surfaces)
-            .filter_map(|(key, surface)| {
-                surface.map(|surface| RowKey {
-                    user_id: key.user_id,
-                    surface: surface.id,
-                })
-            })
-            .collect();
-        let mut reads = self.store.read_rows(&known)?.into_iter();
+        let by_feature_id = columns_by_feature_id(&columns);
 
-        let rows = surfaces
+        let mut rows: Vec<proto::FeatureRow> = surfaces
             .iter()
-            .zip(&request.keys)
-            .map(|(surface, key)| {
+            .map(|surface| {
                 let mut row = empty_row(columns.len(), shape, request.include_event_times);
-                let Some(surface) = surface else {
+                if surface.is_none() {
                     row.status = proto::RowStatus::UnknownSurface as i32;
-                    return row;
-                };
-                let read = reads.next().expect("one read per key with a known surface");
-                match read {
-                    RowRead::Found(stored) => fill_row(&mut row, &columns, surface, Some(&stored), now, &guard),
-                    RowRead::Missing => fill_row(&mut row, &columns, surface, None, now, &guard),
-                    RowRead::Corrupt(problem) => {
-                        tracing::warn!(user_id = key.user_id, surface = %surface.name, %problem, "stored row does not decode");
-                        row.status = proto::RowStatus::DataLoss as i32;
-                    }
                 }
                 row
             })
             .collect();
+        // The keys whose surface is known, and where each one's row is in the answer.
+        let (known, positions): (Vec<RowKey>, Vec<usize>) = request
+            .keys
+            .iter()
+            .zip(&surfaces)
+            .enumerate()
+            .filter_map(|(position, (key, surface))| {
+                surface.map(|surface| {
+                    let key = RowKey {
+                        user_id: key.user_id,
+                        surface: surface.id,
+                    };
+                    (key, position)
+                })
+            })
+            .unzip();
+        let fill = Fill {
+            columns: &columns,
+            by_feature_id: &by_feature_id,
+            now,
+            guard: &guard,
+        };
+        self.store.visit_rows(&known, &mut |index, found| {
+            let position = positions[index];
+            let surface = surfaces[position].expect("only keys with a known surface are read");
+            let row = &mut rows[position];
+            match found {
+                RowFound::Row(stored) => fill.row(row, surface, Some(stored)),
+                RowFound::Missing => fill.row(row, surface, None),
+                RowFound::Corrupt(problem) => {
+                    tracing::warn!(user_id = known[index].user_id, surface = %surface.name, %problem, "stored row does not decode");
+                    row.status = proto::RowStatus::DataLoss as i32;
+                }
+            }
+        })?;
 
         Ok(proto::GetFeaturesResponse {
             columns: columns
@@ -185,64 +199,114 @@ struct ReadGuard<'a> {
 }
 
 impl ReadGuard<'_> {
-    fn allows(&self, value: &StoredValue, surface: &Surface) -> bool {
-        let Some(source) = self.core.registry.source_by_id(value.source) else {
+    fn allows(&self, provenance: &Provenance, surface: &Surface) -> bool {
+        let Some(source) = self.core.registry.source_by_id(provenance.source) else {
             return false;
         };
         self.in_force
             .served_versions
-            .contains(&value.policy_version)
-            && self
-                .in_force
-                .policy
-                .labels_allowed(source.kind, value.sensitivity, surface.purpose)
+            .contains(&provenance.policy_version)
+            && self.in_force.policy.labels_allowed(
+                source.kind,
+                provenance.sensitivity,
+                surface.purpose,
+            )
     }
 }
 
-fn fill_row(
-    row: &mut proto::FeatureRow,
-    columns: &[Column<'_>],
-    surface: &Surface,
-    stored: Option<&StoredRow>,
+/// Indices of the columns in feature id order: the order of a stored row's values.
+fn columns_by_feature_id(columns: &[Column<'_>]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..columns.len()).collect();
+    order.sort_unstable_by_key(|&index| columns[index].feature.id);
+    order
+}
+
+/// What every row of a read is filled from.
+struct Fill<'a> {
+    columns: &'a [Column<'a>],
+    by_feature_id: &'a [usize],
     now: Timestamp,
-    guard: &ReadGuard<'_>,
-) {
-    for (index, column) in columns.iter().enumerate() {
-        let feature = column.feature;
-        let status = if !feature.surfaces.contains(&surface.id) {
-            proto::ValueStatus::NotRegisteredForSurface
-        } else {
+    guard: &'a ReadGuard<'a>,
+}
+
+impl Fill<'_> {
+    /// Fills one row from its stored values: one pass over both the row and the columns,
+    /// each in feature id order.
+    fn row(&self, row: &mut proto::FeatureRow, surface: &Surface, stored: Option<RowView<'_>>) {
+        let mut values = stored.iter().flat_map(|view| view.values()).peekable();
+        for &index in self.by_feature_id {
+            let column = &self.columns[index];
+            let feature = column.feature;
+            while values.next_if(|value| value.feature < feature.id).is_some() {}
             // A value whose type no longer matches the registry cannot be served.
-            let stored = stored
-                .and_then(|row| row.value(feature.id))
-                .filter(|value| feature.accepts(&value.value));
-            match stored {
-                Some(value) if value.expires_at > now && !guard.allows(value, surface) => {
-                    proto::ValueStatus::WithheldByPolicy
-                }
-                Some(value) if value.expires_at > now => {
-                    put_value(row, column, &value.value);
-                    if let Some(event_time) = row.event_times_unix_micros.get_mut(index) {
-                        *event_time = value.event_time.unix_micros();
+            let value = values
+                .next_if(|value| value.feature == feature.id)
+                .filter(|value| accepts(feature, &value.payload));
+            let status = if !feature.surfaces.contains(&surface.id) {
+                proto::ValueStatus::NotRegisteredForSurface
+            } else {
+                let found = value
+                    .zip(stored)
+                    .map(|(value, view)| (value.payload, view.provenance(value.provenance)));
+                match found {
+                    Some((_, provenance))
+                        if provenance.expires_at > self.now
+                            && !self.guard.allows(&provenance, surface) =>
+                    {
+                        proto::ValueStatus::WithheldByPolicy
                     }
-                    proto::ValueStatus::Present
+                    Some((payload, provenance)) if provenance.expires_at > self.now => {
+                        put_payload(row, column, payload);
+                        if let Some(event_time) = row.event_times_unix_micros.get_mut(index) {
+                            *event_time = provenance.event_time.unix_micros();
+                        }
+                        proto::ValueStatus::Present
+                    }
+                    _ if feature.default.is_some() => {
+                        put_value(
+                            row,
+                            column,
+                            feature.default.as_ref().expect("checked just above"),
+                        );
+                        proto::ValueStatus::Defaulted
+                    }
+                    Some(_) => proto::ValueStatus::Expired,
+                    None => proto::ValueStatus::NotFound,
                 }
-                _ if feature.default.is_some() => {
-                    put_value(
-                        row,
-                        column,
-                        feature.default.as_ref().expect("checked just above"),
-                    );
-                    proto::ValueStatus::Defaulted
-                }
-                Some(_) => proto::ValueStatus::Expired,
-                None => proto::ValueStatus::NotFound,
-            }
-        };
-        row.statuses[index] = status as i32;
+            };
+            row.statuses[index] = status as i32;
+        }
     }
 }
 
+/// Whether a stored value still has the type (and dimension) its feature is registered with.
+fn accepts(feature: &Feature, payload: &Payload<'_>) -> bool {
+    match payload {
+        Payload::FloatVector(elements) => {
+            feature.value_type == ValueType::FloatVector
+                && elements.len() == feature.dimension as usize
+        }
+        other => other.value_type() == feature.value_type,
+    }
+}
+
+fn put_payload(row: &mut proto::FeatureRow, column: &Column<'_>, payload: Payload<'_>) {
+    match payload {
+        Payload::Float(number) => row.float_values[column.offset] = number,
+        Payload::FloatVector(elements) => {
+            elements.copy_to(&mut row.float_values[column.offset..column.offset + elements.len()]);
+        }
+        Payload::Int64(number) => row.int64_values[column.offset] = number,
+        Payload::String(text) => text.clone_into(&mut row.string_values[column.offset]),
+        Payload::Sparse(entries) => {
+            let sparse = &mut row.sparse_values[column.offset];
+            sparse.topics = entries.iter().map(|(topic, _)| topic.to_owned()).collect();
+            sparse.weights = entries.iter().map(|(_, weight)| weight).collect();
+        }
+    }
+}
+
+/// Puts a feature's registered default.
 fn put_value(row: &mut proto::FeatureRow, column: &Column<'_>, value: &Value) {
     match value {
         Value::Float(number) => row.float_values[column.offset] = *number,

@@ -74,6 +74,15 @@ pub enum RowRead {
     Corrupt(String),
 }
 
+/// What reading one key found, read in place (see [`Store::visit_rows`]).
+#[derive(Clone, Copy, Debug)]
+pub enum RowFound<'a> {
+    Row(codec::RowView<'a>),
+    Missing,
+    /// The stored bytes do not decode; the string says how.
+    Corrupt(&'a str),
+}
+
 /// Values to merge into one row.
 #[derive(Clone, Debug)]
 pub struct RowWrite {
@@ -160,6 +169,15 @@ pub type AnswerBuilder<'a> = &'a mut dyn FnMut(&[Vec<ValueOutcome>]) -> Vec<u8>;
 pub trait Store: Send + Sync + Debug + 'static {
     /// Reads the rows of `keys`, one answer per key, in order.
     fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError>;
+
+    /// Reads the rows of `keys` in one batch and shows each to `visit` in place, with its
+    /// index in `keys`: every key exactly once, in no particular order. Nothing is copied
+    /// or decoded beyond the check of each row; this is the read path.
+    fn visit_rows(
+        &self,
+        keys: &[RowKey],
+        visit: &mut dyn FnMut(usize, RowFound<'_>),
+    ) -> Result<(), StorageError>;
 
     /// Merges `rows` into the store (per feature, the latest event time wins) together with
     /// the idempotency record, all or nothing. When a record with the same key created at

@@ -25,12 +25,12 @@ use crate::audit::{
 };
 
 use super::codec::{
-    self, decode_row, decode_user_state, encode_row, encode_user_state, merge_value,
+    self, RowView, decode_row, decode_user_state, encode_row, encode_user_state, merge_value,
 };
 use super::keys::{decode_row_key, encode_row_key, user_range};
 use super::{
-    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowKey, RowRead, RowWrite,
-    StorageError, Store, StoredRow, UserState,
+    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowFound, RowKey, RowRead,
+    RowWrite, StorageError, Store, StoredRow, UserState,
 };
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
@@ -142,10 +142,13 @@ impl RocksStore {
             "featurestore.expired_rows",
             move |_level, _key, value: &[u8]| {
                 let now = expiry_clock.now();
-                match decode_row(value) {
-                    Ok(row) if row.values.iter().all(|value| value.expires_at <= now) => {
-                        Decision::Remove
-                    }
+                let expired = |view: RowView<'_>| {
+                    view.values()
+                        .all(|value| view.provenance(value.provenance).expires_at <= now)
+                };
+                match codec::current_format(value).and_then(|row| RowView::parse(&row).map(expired))
+                {
+                    Ok(true) => Decision::Remove,
                     _ => Decision::Keep,
                 }
             },
@@ -351,6 +354,22 @@ fn idempotency_created_at(record: &[u8]) -> Option<Timestamp> {
 
 impl Store for RocksStore {
     fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
+        let mut reads = vec![RowRead::Missing; keys.len()];
+        self.visit_rows(keys, &mut |index, found| {
+            reads[index] = match found {
+                RowFound::Row(view) => RowRead::Found(view.to_row()),
+                RowFound::Missing => RowRead::Missing,
+                RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
+            };
+        })?;
+        Ok(reads)
+    }
+
+    fn visit_rows(
+        &self,
+        keys: &[RowKey],
+        visit: &mut dyn FnMut(usize, RowFound<'_>),
+    ) -> Result<(), StorageError> {
         // Sorted input lets RocksDB walk each file once for the whole batch.
         let mut order: Vec<usize> = (0..keys.len()).collect();
         order.sort_unstable_by_key(|&index| keys[index]);
@@ -361,22 +380,24 @@ impl Store for RocksStore {
         let results = self
             .db
             .batched_multi_get_cf(self.cf(FEATURES_CF), encoded.iter(), true);
-        let mut reads = vec![RowRead::Missing; keys.len()];
         for (&index, result) in order.iter().zip(results) {
-            reads[index] = match result {
-                Ok(Some(bytes)) => match decode_row(&bytes) {
-                    Ok(row) => RowRead::Found(row),
-                    Err(error) => RowRead::Corrupt(error.to_string()),
+            match result {
+                Ok(Some(bytes)) => match codec::current_format(&bytes) {
+                    Ok(current) => match RowView::parse(&current) {
+                        Ok(view) => visit(index, RowFound::Row(view)),
+                        Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
+                    },
+                    Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
                 },
-                Ok(None) => RowRead::Missing,
+                Ok(None) => visit(index, RowFound::Missing),
                 // A merge over undecodable operands surfaces as corruption of that key.
                 Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
-                    RowRead::Corrupt(error.into_string())
+                    visit(index, RowFound::Corrupt(&error.into_string()));
                 }
                 Err(error) => return Err(engine(error)),
-            };
+            }
         }
-        Ok(reads)
+        Ok(())
     }
 
     fn apply_write(
