@@ -1,6 +1,8 @@
 //! Test support: starts the real server on a loopback port with a temporary RocksDB
 //! directory and a manual clock, and hands out a real client connected to it.
 
+pub mod workload;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -111,6 +111,23 @@ pub struct CoreOptions {
     pub bulk_load: BulkLoadConfig,
 }
 
+impl CoreOptions {
+    /// The embedded default policy, a one-hour idempotency window, and the ledger,
+    /// backups and bulk-load staging all kept under `directory`.
+    pub fn under(directory: &std::path::Path) -> CoreOptions {
+        CoreOptions {
+            policy_path: None,
+            idempotency_window: Duration::from_secs(3600),
+            ledger_path: directory.join("erasures.jsonl"),
+            backup_dir: directory.join("backups"),
+            bulk_load: BulkLoadConfig {
+                staging_dir: directory.join("staging"),
+                ..BulkLoadConfig::default()
+            },
+        }
+    }
+}
+
 impl Core {
     pub fn new(
         registry: Arc<Registry>,

@@ -6,7 +6,8 @@
 //!
 //! Run with `cargo bench -p featurestore-tests --bench serving`. Sizes through the
 //! environment: `SERVING_USERS` (default 1,000,000 users × 3 surfaces × 20 floats + a
-//! 64-float embedding), `SERVING_SECONDS` per workload (10), `SERVING_CONNECTIONS` (4),
+//! 64-float embedding; workload (e) bulk-loads half as many other users), `SERVING_SECONDS`
+//! per workload (10), `SERVING_CONNECTIONS` (4),
 //! `SERVING_CONCURRENCY` requests in flight for closed loops (8). Prints a table and writes
 //! `target/serving-bench.json`.
 
@@ -14,9 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use featurestore::domain::{
-    FeatureWrite, Provenance, ReadKey, ReadRequest, Value, WriteRequest, WriteRow,
-};
+use featurestore::domain::{ReadKey, ReadRequest, WriteRequest};
 use featurestore::proto::{self, feature_store_server::FeatureStore};
 use featurestore_client::generate::{GenerateOptions, generate};
 use featurestore_client::load::formats::FileFormat;
@@ -25,6 +24,9 @@ use featurestore_client::{Client, ClientOptions};
 use featurestore_server::registry::Registry;
 use featurestore_server::storage::RowKey;
 use featurestore_server::storage::keys::encode_row_key;
+use featurestore_tests::workload::{
+    EMBEDDING, FLOATS, Random, SURFACES, random_read, registry_toml, user_write,
+};
 use featurestore_tests::{START_TIME, TestServer};
 use hdrhistogram::Histogram;
 use tonic::{Request, Response, Status};
@@ -32,59 +34,11 @@ use tonic::{Request, Response, Status};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SURFACES: [&str; 3] = ["feed", "video", "stories"];
-const FLOATS: usize = 20;
-const EMBEDDING: usize = 64;
-
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(default)
-}
-
-fn registry_toml() -> String {
-    let mut toml = String::new();
-    for (index, surface) in SURFACES.iter().enumerate() {
-        toml.push_str(&format!(
-            "[[surfaces]]\nname = \"{surface}\"\nid = {}\napp = \"facebook\"\npurpose = \"content\"\n",
-            index + 1
-        ));
-    }
-    toml.push_str(
-        "[[sources]]\nname = \"ai_chat\"\nid = 1\nkind = \"ai_text\"\n\
-         [[sources]]\nname = \"ai_voice\"\nid = 2\nkind = \"ai_voice\"\n\
-         [[sources]]\nname = \"engagement\"\nid = 3\nkind = \"not_ai\"\n",
-    );
-    let surfaces = "[\"feed\", \"video\", \"stories\"]";
-    for index in 0..FLOATS {
-        toml.push_str(&format!(
-            "[[features]]\nname = \"f{index:02}\"\nid = {}\ntype = \"float\"\n\
-             sources = [\"engagement\"]\nsensitivity = \"none\"\nsurfaces = {surfaces}\n\
-             ttl = \"30days\"\n",
-            index + 1
-        ));
-    }
-    toml.push_str(&format!(
-        "[[features]]\nname = \"embedding\"\nid = {}\ntype = \"float_vector\"\n\
-         dimension = {EMBEDDING}\nsources = [\"engagement\"]\nsensitivity = \"none\"\n\
-         surfaces = {surfaces}\nttl = \"30days\"\n",
-        FLOATS + 1
-    ));
-    toml
-}
-
-/// SplitMix64: the same key sequence on every run.
-struct Random(u64);
-
-impl Random {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % bound
-    }
 }
 
 /// The workloads; each builds its next request from the random source.
@@ -98,6 +52,8 @@ enum Workload {
     Latency3,
     /// 90 % the 500-key read, 10 % a one-row write.
     Mixed,
+    /// The 500-key read while a bulk load of other users runs.
+    DuringLoad,
 }
 
 impl Workload {
@@ -107,26 +63,25 @@ impl Workload {
             Workload::User3 => "(b) 1 user x 3 surfaces",
             Workload::Latency3 => "(c) 3 keys, concurrency 1",
             Workload::Mixed => "(d) 90% (a) reads, 10% writes",
+            Workload::DuringLoad => "(e) (a) during a bulk load",
         }
     }
 
     fn read(self, random: &mut Random, users: u64) -> ReadRequest {
-        let key = |user_id: u64, surface: &str| ReadKey {
-            user_id,
-            surface: surface.to_string(),
-        };
         match self {
-            Workload::Batch500 | Workload::Mixed => ReadRequest {
-                keys: (0..500)
-                    .map(|_| key(1 + random.below(users), SURFACES[random.below(3) as usize]))
-                    .collect(),
-                features: (0..FLOATS).map(|index| format!("f{index:02}")).collect(),
-                include_event_times: false,
-            },
+            Workload::Batch500 | Workload::Mixed | Workload::DuringLoad => {
+                random_read(random, users, 500)
+            }
             Workload::User3 | Workload::Latency3 => {
-                let user = 1 + random.below(users);
+                let user_id = 1 + random.below(users);
                 ReadRequest {
-                    keys: SURFACES.iter().map(|surface| key(user, surface)).collect(),
+                    keys: SURFACES
+                        .iter()
+                        .map(|surface| ReadKey {
+                            user_id,
+                            surface: surface.to_string(),
+                        })
+                        .collect(),
                     features: Vec::new(),
                     include_event_times: false,
                 }
@@ -139,26 +94,7 @@ fn write_request(random: &mut Random, users: u64, sequence: u64) -> WriteRequest
     let user_id = 1 + random.below(users);
     WriteRequest {
         idempotency_key: format!("bench-{sequence}-{user_id}"),
-        rows: vec![WriteRow {
-            user_id,
-            target_surfaces: SURFACES.iter().map(|surface| surface.to_string()).collect(),
-            provenance: Provenance {
-                source: "engagement".to_string(),
-                origin_app: "facebook".to_string(),
-                interaction_time: START_TIME,
-                producer_id: "bench@v1".to_string(),
-                microphone_permission_granted: false,
-            },
-            features: (0..FLOATS)
-                .map(|index| FeatureWrite {
-                    name: format!("f{index:02}"),
-                    value: Value::Float(index as f32),
-                    topic: None,
-                    ttl: None,
-                })
-                .collect(),
-            user_state_generation: 0,
-        }],
+        rows: vec![user_write(user_id, "bench@v1")],
     }
 }
 
@@ -342,22 +278,11 @@ impl FeatureStore for Echo {
 /// The storage floor: raw `batched_multi_get` of the workload's keys, sorted, in process,
 /// with the server's block cache size and table options; nanoseconds per key.
 fn storage_floor(path: &std::path::Path, workload: Workload, users: u64, seconds: f64) -> f64 {
-    let mut options = rocksdb::Options::default();
-    let mut table = rocksdb::BlockBasedOptions::default();
-    let cache = rocksdb::Cache::new_lru_cache(
-        featurestore_server::config::StorageConfig::default().block_cache_bytes,
-    );
-    table.set_block_cache(&cache);
-    table.set_bloom_filter(10.0, false);
-    table.set_cache_index_and_filter_blocks(true);
-    table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
-    table.set_block_size(16 * 1024);
-    options.set_block_based_table_factory(&table);
-    let descriptors = featurestore_server::storage::COLUMN_FAMILIES
-        .iter()
-        .map(|name| rocksdb::ColumnFamilyDescriptor::new(*name, options.clone()));
-    let db = rocksdb::DB::open_cf_descriptors_read_only(&options, path, descriptors, false)
-        .expect("open the database read-only");
+    let db = featurestore_server::storage::RocksStore::open_engine_read_only(
+        path,
+        &featurestore_server::config::StorageConfig::default(),
+    )
+    .expect("open the database read-only");
     let features = db.cf_handle("features").expect("features");
     let registry = Registry::from_toml(&registry_toml()).expect("registry");
     let surface_id = |name: &str| registry.surface(name).expect("surface").id;
@@ -398,24 +323,31 @@ fn main() {
     let registry_path = directory.path().join("registry.toml");
     std::fs::write(&registry_path, registry_toml()).expect("registry");
     let registry = Registry::from_toml(&registry_toml()).expect("registry parses");
+    let generate_users = |path: &std::path::Path, first_user: u64, users: u64| {
+        generate(
+            &GenerateOptions {
+                path: path.to_path_buf(),
+                format: FileFormat::Parquet,
+                users,
+                first_user,
+                seed: first_user,
+                source: "engagement".to_string(),
+                surfaces: SURFACES.iter().map(|surface| surface.to_string()).collect(),
+                features: Vec::new(),
+                producer: "bench@v1".to_string(),
+                origin_app: Some("facebook".to_string()),
+                now_unix_micros: START_TIME.unix_micros(),
+            },
+            &registry.feature_definitions(),
+        )
+        .expect("generate a dataset");
+    };
     let dataset = directory.path().join("dataset.parquet");
-    generate(
-        &GenerateOptions {
-            path: dataset.clone(),
-            format: FileFormat::Parquet,
-            users,
-            first_user: 1,
-            seed: 1,
-            source: "engagement".to_string(),
-            surfaces: SURFACES.iter().map(|surface| surface.to_string()).collect(),
-            features: Vec::new(),
-            producer: "bench@v1".to_string(),
-            origin_app: Some("facebook".to_string()),
-            now_unix_micros: START_TIME.unix_micros(),
-        },
-        &registry.feature_definitions(),
-    )
-    .expect("generate the dataset");
+    generate_users(&dataset, 1, users);
+    // Loaded while (e) reads: other users, so that (e) reads what (a) reads.
+    let backfill = directory.path().join("backfill.parquet");
+    let backfill_users = (users / 2).max(1);
+    generate_users(&backfill, users + 1, backfill_users);
 
     let server_runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("server")
@@ -476,6 +408,8 @@ fn main() {
 
     let mut rows = BTreeMap::new();
     let mut floors = BTreeMap::new();
+    let mut load_note = String::new();
+    let mut backfill_note = String::new();
     client_runtime.block_on(async {
         let loader = Client::connect(&endpoint, options.clone()).expect("client");
         let loading = Instant::now();
@@ -491,11 +425,12 @@ fn main() {
         );
         // Compacted, as a store in steady state is.
         loader.sweep_expired().await.expect("compact");
-        eprintln!(
-            "loaded {users} users x {} surfaces in {:.1} s",
+        load_note = format!(
+            "dataset: {users} users x {} surfaces bulk-loaded and compacted in {:.1} s",
             SURFACES.len(),
             loading.elapsed().as_secs_f64()
         );
+        eprintln!("{load_note}");
         let clients: Vec<Client> = (0..connections)
             .map(|_| Client::connect(&endpoint, options.clone()).expect("client"))
             .collect();
@@ -518,6 +453,44 @@ fn main() {
             let measured = drive(&clients, workload, users, lanes, None, duration).await;
             rows.insert((workload, "closed".to_string()), measured);
         }
+        // (e): the same reads while a bulk load streams, decides, stages and commits.
+        let backfill_client = Client::connect(&endpoint, options.clone()).expect("client");
+        let mut backfill_options = LoadOptions::new(&backfill, "backfill");
+        backfill_options.chunk_rows = 4096;
+        let backfilling = tokio::spawn(async move {
+            let started = Instant::now();
+            let report = load(&backfill_client, &backfill_options)
+                .await
+                .expect("load during reads");
+            (report, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let measured = drive(
+            &clients,
+            Workload::DuringLoad,
+            users,
+            concurrency,
+            None,
+            duration,
+        )
+        .await;
+        let overlapped = !backfilling.is_finished();
+        rows.insert((Workload::DuringLoad, "closed".to_string()), measured);
+        let (report, took) = backfilling.await.expect("bulk load task");
+        let stored = report.job.summary.unwrap_or_default().rows_accepted;
+        assert_eq!(stored, backfill_users, "every backfilled row stored");
+        backfill_note = format!(
+            "(e)'s bulk load: {stored} users x {} surfaces in {:.1} s ({:.0} rows/s){}",
+            SURFACES.len(),
+            took.as_secs_f64(),
+            stored as f64 / took.as_secs_f64(),
+            if overlapped {
+                ", running during the whole measurement"
+            } else {
+                "; it ended before the measurement did: raise SERVING_USERS"
+            }
+        );
+
         let (_, closed) = rows
             .iter()
             .find(|((workload, _), _)| *workload == Workload::Batch500)
@@ -640,6 +613,7 @@ fn main() {
          the server's CPU per key in (a): {served:.0} ns ({:.2}x the floor)",
         served / storage
     );
+    println!("{load_note}; {backfill_note}");
     let report = serde_json::json!({
         "users": users,
         "cores": cores,
@@ -647,6 +621,8 @@ fn main() {
         "workloads": json,
         "storage_floor_ns_per_key": storage,
         "server_cpu_ns_per_key_a": served,
+        "dataset": load_note,
+        "bulk_load_during_e": backfill_note,
     });
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/serving-bench.json");

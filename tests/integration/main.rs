@@ -9,6 +9,7 @@ mod erasure;
 mod lifecycle;
 mod policy;
 mod policy_changes;
+mod read_instructions;
 mod read_write;
 mod retention;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use featurestore::domain::{AgeBand, UserStateUpdate};
 use featurestore_server::clock::Clock;
-use featurestore_server::config::{BulkLoadConfig, Durability, StorageConfig};
+use featurestore_server::config::{Durability, StorageConfig};
 use featurestore_server::domain::{Core, CoreOptions};
 use featurestore_server::policy::Policy;
 use featurestore_server::registry::Registry;
@@ -30,16 +30,7 @@ pub fn open_core(
         )
         .expect("open store"),
     );
-    let options = CoreOptions {
-        policy_path: None,
-        idempotency_window: Duration::from_secs(3600),
-        ledger_path: directory.join("erasures.jsonl"),
-        backup_dir: directory.join("backups"),
-        bulk_load: BulkLoadConfig {
-            staging_dir: directory.join("staging"),
-            ..BulkLoadConfig::default()
-        },
-    };
+    let options = CoreOptions::under(directory);
     Core::new(registry, policy, store, clock, options).expect("core")
 }
 

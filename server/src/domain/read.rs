@@ -7,7 +7,7 @@ use featurestore::proto;
 use super::{Core, PolicyInForce};
 use crate::error::Error;
 use crate::registry::{Feature, Surface};
-use crate::storage::codec::{Payload, Provenance, RowView};
+use crate::storage::codec::{CodecError, Payload, Provenance, RowView};
 use crate::storage::{RowFound, RowKey};
 
 /// One response column: a feature and where its values sit in each row.
@@ -80,13 +80,16 @@ impl Core {
             let position = positions[index];
             let surface = surfaces[position].expect("only keys with a known surface are read");
             let row = &mut rows[position];
-            match found {
-                RowFound::Row(stored) => fill.row(row, surface, Some(stored)),
-                RowFound::Missing => fill.row(row, surface, None),
-                RowFound::Corrupt(problem) => {
-                    tracing::warn!(user_id = known[index].user_id, surface = %surface.name, %problem, "stored row does not decode");
-                    row.status = proto::RowStatus::DataLoss as i32;
-                }
+            let filled = match found {
+                RowFound::Row(stored) => fill.row(row, surface, Some(stored)).map_err(|error| error.to_string()),
+                RowFound::Missing => fill.row(row, surface, None).map_err(|error| error.to_string()),
+                RowFound::Corrupt(problem) => Err(problem.to_owned()),
+            };
+            if let Err(problem) = filled {
+                tracing::warn!(user_id = known[index].user_id, surface = %surface.name, %problem, "stored row does not decode");
+                // Nothing of a damaged row is served.
+                *row = empty_row(columns.len(), shape, request.include_event_times);
+                row.status = proto::RowStatus::DataLoss as i32;
             }
         })?;
 
@@ -231,31 +234,55 @@ struct Fill<'a> {
 
 impl Fill<'_> {
     /// Fills one row from its stored values: one pass over both the row and the columns,
-    /// each in feature id order.
-    fn row(&self, row: &mut proto::FeatureRow, surface: &Surface, stored: Option<RowView<'_>>) {
-        let mut values = stored.iter().flat_map(|view| view.values()).peekable();
+    /// each in feature id order. Values after the last column asked for are not read (the
+    /// row's checksum was checked whole).
+    fn row(
+        &self,
+        row: &mut proto::FeatureRow,
+        surface: &Surface,
+        stored: Option<RowView<'_>>,
+    ) -> Result<(), CodecError> {
+        let mut values = stored.map(|view| view.values());
+        let mut next = || values.as_mut().and_then(Iterator::next).transpose();
+        let mut current = next()?;
+        let mut shared: Option<(u16, Provenance, bool)> = None;
         for &index in self.by_feature_id {
             let column = &self.columns[index];
             let feature = column.feature;
-            while values.next_if(|value| value.feature < feature.id).is_some() {}
+            while let Some(value) = current.filter(|value| value.feature < feature.id) {
+                debug_assert!(value.feature < feature.id);
+                current = next()?;
+            }
             // A value whose type no longer matches the registry cannot be served.
-            let value = values
-                .next_if(|value| value.feature == feature.id)
-                .filter(|value| accepts(feature, &value.payload));
+            let found = current
+                .filter(|value| value.feature == feature.id && accepts(feature, &value.payload))
+                .zip(stored)
+                .map(|(value, view)| {
+                    // Values written together share their provenance record: it is read
+                    // and judged once for all of them.
+                    let (provenance, allowed) = match shared {
+                        Some((index, provenance, allowed)) if index == value.provenance => {
+                            (provenance, allowed)
+                        }
+                        _ => {
+                            let provenance = view.provenance(value.provenance);
+                            let allowed = self.guard.allows(&provenance, surface);
+                            shared = Some((value.provenance, provenance, allowed));
+                            (provenance, allowed)
+                        }
+                    };
+                    (value.payload, provenance, allowed)
+                });
             let status = if !feature.surfaces.contains(&surface.id) {
                 proto::ValueStatus::NotRegisteredForSurface
             } else {
-                let found = value
-                    .zip(stored)
-                    .map(|(value, view)| (value.payload, view.provenance(value.provenance)));
                 match found {
-                    Some((_, provenance))
-                        if provenance.expires_at > self.now
-                            && !self.guard.allows(&provenance, surface) =>
+                    Some((_, provenance, allowed))
+                        if provenance.expires_at > self.now && !allowed =>
                     {
                         proto::ValueStatus::WithheldByPolicy
                     }
-                    Some((payload, provenance)) if provenance.expires_at > self.now => {
+                    Some((payload, provenance, _)) if provenance.expires_at > self.now => {
                         put_payload(row, column, payload);
                         if let Some(event_time) = row.event_times_unix_micros.get_mut(index) {
                             *event_time = provenance.event_time.unix_micros();
@@ -276,6 +303,7 @@ impl Fill<'_> {
             };
             row.statuses[index] = status as i32;
         }
+        Ok(())
     }
 }
 

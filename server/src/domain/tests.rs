@@ -13,7 +13,7 @@ use proptest::prelude::*;
 
 use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
-use crate::config::{BulkLoadConfig, Durability, StorageConfig};
+use crate::config::{Durability, StorageConfig};
 use crate::policy::reference::reference_reasons;
 use crate::policy::{Confidence, DecisionInput, JurisdictionGroup, Policy};
 use crate::registry::{Purpose, Registry, Sensitivity, SourceKind};
@@ -165,16 +165,7 @@ proptest! {
             .expect("open store");
         let registry = Arc::new(Registry::embedded_default());
         let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
-        let options = CoreOptions {
-            policy_path: None,
-            idempotency_window: Duration::from_secs(60),
-            ledger_path: directory.path().join("erasures.jsonl"),
-            backup_dir: directory.path().join("backups"),
-            bulk_load: BulkLoadConfig {
-                staging_dir: directory.path().join("staging"),
-                ..BulkLoadConfig::default()
-            },
-        };
+        let options = CoreOptions { idempotency_window: Duration::from_secs(60), ..CoreOptions::under(directory.path()) };
         let core = Core::new(registry, policy, Arc::new(store), clock, options).expect("core");
 
         for (index, case) in cases.iter().enumerate() {

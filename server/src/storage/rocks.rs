@@ -56,6 +56,9 @@ pub const COLUMN_FAMILIES: [&str; 7] = [
 /// Lock stripes serializing read-modify-write of a user's rows and state, and of
 /// idempotency keys.
 const WRITE_LOCK_STRIPES: usize = 1024;
+/// Data block size: small, because a read wants one row of a few hundred bytes and every
+/// block it misses in the cache is read and decompressed whole.
+const BLOCK_BYTES: usize = 16 * 1024;
 const IDEMPOTENCY_RECORD_VERSION: u8 = 1;
 /// version:u8 created_at:i64 fingerprint:u64
 const IDEMPOTENCY_HEADER_LEN: usize = 17;
@@ -90,7 +93,54 @@ fn engine(error: rocksdb::Error) -> StorageError {
     StorageError::Engine(error.into_string())
 }
 
+/// Block-based table options of every column family holding data, on a shared cache.
+fn table_options(cache: &Cache) -> BlockBasedOptions {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    // Point lookups dominate: a whole-key bloom filter skips files without the key and
+    // a hash index inside each data block avoids the binary search.
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
+    table.set_block_size(BLOCK_BYTES);
+    table
+}
+
+/// Options that decide how the `features` column family's files are laid out and read:
+/// shared by the column family, the table files a bulk load writes, and the raw engine
+/// handle the benchmarks measure.
+fn features_format(table: &BlockBasedOptions) -> Options {
+    let mut options = Options::default();
+    options.set_block_based_table_factory(table);
+    options.set_compression_type(DBCompressionType::Lz4);
+    options.set_merge_operator_associative(
+        "featurestore.last_event_time_wins.v1",
+        codec::merge_operator,
+    );
+    options
+}
+
 impl RocksStore {
+    /// The database in `path` opened read-only with the options the store reads its rows
+    /// with (table format, block cache of `config`'s size, merge operator), for measuring
+    /// the engine on its own. Rows are in the `features` column family under
+    /// [`super::keys::encode_row_key`].
+    pub fn open_engine_read_only(path: &Path, config: &StorageConfig) -> Result<DB, StorageError> {
+        let table = table_options(&Cache::new_lru_cache(config.block_cache_bytes));
+        let descriptors = COLUMN_FAMILIES.iter().map(|&name| {
+            let options = if name == FEATURES_CF {
+                features_format(&table)
+            } else {
+                Options::default()
+            };
+            ColumnFamilyDescriptor::new(name, options)
+        });
+        DB::open_cf_descriptors_read_only(&Options::default(), path, descriptors, false)
+            .map_err(engine)
+    }
+
     /// Opens (creating when missing) the database in `path`. Idempotency records older
     /// than `idempotency_window` by `clock` are dropped when compaction meets them.
     pub fn open(
@@ -110,30 +160,9 @@ impl RocksStore {
         // record are never split across a crash.
         db_options.set_atomic_flush(true);
 
-        let cache = Cache::new_lru_cache(config.block_cache_bytes);
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&cache);
-        // Point lookups dominate: a whole-key bloom filter skips files without the key and
-        // a hash index inside each data block avoids the binary search.
-        table.set_bloom_filter(10.0, false);
-        table.set_whole_key_filtering(true);
-        table.set_cache_index_and_filter_blocks(true);
-        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-        table.set_data_block_index_type(DataBlockIndexType::BinaryAndHash);
-        table.set_block_size(16 * 1024);
-
-        let features_format = |options: &mut Options| {
-            options.set_block_based_table_factory(&table);
-            options.set_compression_type(DBCompressionType::Lz4);
-            options.set_merge_operator_associative(
-                "featurestore.last_event_time_wins.v1",
-                codec::merge_operator,
-            );
-        };
-        let mut table_file_options = Options::default();
-        features_format(&mut table_file_options);
-        let mut features = Options::default();
-        features_format(&mut features);
+        let table = table_options(&Cache::new_lru_cache(config.block_cache_bytes));
+        let table_file_options = features_format(&table);
+        let mut features = features_format(&table);
         features.set_write_buffer_size(config.write_buffer_bytes);
         // Rows whose every value has expired are dropped whenever compaction meets them;
         // rows with some expired values are rewritten by the retention sweep.
@@ -143,10 +172,13 @@ impl RocksStore {
             move |_level, _key, value: &[u8]| {
                 let now = expiry_clock.now();
                 let expired = |view: RowView<'_>| {
-                    view.values()
-                        .all(|value| view.provenance(value.provenance).expires_at <= now)
+                    view.values().try_fold(true, |expired, value| {
+                        let value = value?;
+                        Ok(expired && view.provenance(value.provenance).expires_at <= now)
+                    })
                 };
-                match codec::current_format(value).and_then(|row| RowView::parse(&row).map(expired))
+                match codec::current_format(value)
+                    .and_then(|row| RowView::parse(&row).and_then(expired))
                 {
                     Ok(true) => Decision::Remove,
                     _ => Decision::Keep,
@@ -357,7 +389,10 @@ impl Store for RocksStore {
         let mut reads = vec![RowRead::Missing; keys.len()];
         self.visit_rows(keys, &mut |index, found| {
             reads[index] = match found {
-                RowFound::Row(view) => RowRead::Found(view.to_row()),
+                RowFound::Row(view) => match view.to_row() {
+                    Ok(row) => RowRead::Found(row),
+                    Err(error) => RowRead::Corrupt(error.to_string()),
+                },
                 RowFound::Missing => RowRead::Missing,
                 RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
             };

@@ -1,5 +1,5 @@
 //! Reading a stored row in place: the read path's view of the current format, which
-//! copies nothing and allocates nothing.
+//! copies nothing, allocates nothing, and reads each value once.
 
 use featurestore::domain::{Timestamp, Value, ValueType};
 
@@ -10,8 +10,8 @@ use super::{
 use crate::registry::{FeatureId, Sensitivity, SourceId};
 use crate::storage::{StoredRow, StoredValue};
 
-/// A row in the current format whose checksum, lengths, order and indices were checked
-/// once, when it was parsed; reading it afterwards cannot fail.
+/// A row in the current format whose checksum, header and provenance records were checked
+/// when it was parsed; its values are checked as they are read, in one pass.
 #[derive(Clone, Copy, Debug)]
 pub struct RowView<'a> {
     provenances: &'a [u8],
@@ -22,7 +22,7 @@ pub struct RowView<'a> {
 
 impl<'a> RowView<'a> {
     /// Checks a row in the current format (version 2; see [`super::current_format`] for
-    /// older ones).
+    /// older ones) up to its values.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, CodecError> {
         let body = checked_body(bytes)?;
         let mut reader = Reader { bytes: body };
@@ -41,48 +41,41 @@ impl<'a> RowView<'a> {
             reader.short_text()?;
         }
         let labels = &labels_start[..labels_start.len() - reader.bytes.len()];
-        let values = reader.bytes;
-        let mut previous = None;
-        for _ in 0..value_count {
-            let value = read_value(&mut reader)?;
-            if previous.is_some_and(|previous| previous >= value.feature) {
-                return Err(CodecError("feature ids out of order"));
-            }
-            if value.provenance >= provenance_count {
-                return Err(CodecError("provenance index out of range"));
-            }
-            previous = Some(value.feature);
-        }
-        if !reader.bytes.is_empty() {
-            return Err(CodecError("trailing bytes"));
-        }
         Ok(RowView {
             provenances,
             labels,
-            values,
+            values: reader.bytes,
             value_count,
         })
     }
 
-    /// The values, in feature id order.
+    /// The values, in feature id order, each checked as it is read: a damaged one ends
+    /// the iteration with an error.
     pub fn values(&self) -> Values<'a> {
         Values {
             reader: Reader { bytes: self.values },
             remaining: self.value_count,
+            provenance_count: self.provenance_count(),
+            previous: None,
         }
     }
 
-    /// The provenance record a value refers to.
+    fn provenance_count(&self) -> u16 {
+        u16::try_from(self.provenances.len() / PROVENANCE_LEN)
+            .expect("the count was read from a u16")
+    }
+
+    /// The provenance record of a value [`RowView::values`] returned.
     pub fn provenance(&self, index: u16) -> Provenance {
         let start = usize::from(index) * PROVENANCE_LEN;
         Provenance::read(&self.provenances[start..start + PROVENANCE_LEN])
             .expect("provenance records were checked when the row was parsed")
     }
 
-    /// The owned row, labels and all.
-    pub fn to_row(&self) -> StoredRow {
+    /// The owned row, labels and all, every value checked.
+    pub fn to_row(&self) -> Result<StoredRow, CodecError> {
         let mut reader = Reader { bytes: self.labels };
-        let labels: Vec<(&str, &str)> = (0..self.provenances.len() / PROVENANCE_LEN)
+        let labels: Vec<(&str, &str)> = (0..self.provenance_count())
             .map(|_| {
                 let origin_app = reader.short_text().expect("labels were checked");
                 let topic_id = reader.short_text().expect("labels were checked");
@@ -92,9 +85,10 @@ impl<'a> RowView<'a> {
         let values = self
             .values()
             .map(|value| {
+                let value = value?;
                 let provenance = self.provenance(value.provenance);
                 let (origin_app, topic_id) = labels[usize::from(value.provenance)];
-                StoredValue {
+                Ok(StoredValue {
                     feature: value.feature,
                     event_time: provenance.event_time,
                     write_time: provenance.write_time,
@@ -107,38 +101,69 @@ impl<'a> RowView<'a> {
                     microphone_permission: provenance.microphone_permission,
                     topic_confidence: provenance.topic_confidence,
                     value: value.payload.to_value(),
-                }
+                })
             })
-            .collect();
-        StoredRow { values }
+            .collect::<Result<_, CodecError>>()?;
+        Ok(StoredRow { values })
     }
 }
 
-fn read_value<'a>(reader: &mut Reader<'a>) -> Result<ValueRef<'a>, CodecError> {
-    let feature = FeatureId(reader.u16()?);
-    let type_tag = reader.u8()?;
-    let provenance = reader.u16()?;
-    let payload = reader.payload(type_tag)?;
-    Ok(ValueRef {
-        feature,
-        provenance,
-        payload,
-    })
-}
-
-/// The values of a [`RowView`], in feature id order.
+/// The values of a [`RowView`], in feature id order, each checked: its bytes, its order
+/// after the previous one, its provenance index; bytes left after the last value are an
+/// error too. After an error the iteration ends.
 #[derive(Debug)]
 pub struct Values<'a> {
     reader: Reader<'a>,
     remaining: u16,
+    provenance_count: u16,
+    previous: Option<FeatureId>,
+}
+
+impl<'a> Values<'a> {
+    fn read(&mut self) -> Result<ValueRef<'a>, CodecError> {
+        // The fixed part in one bounds check: feature:u16 type:u8 provenance:u16.
+        let [
+            feature_low,
+            feature_high,
+            type_tag,
+            provenance_low,
+            provenance_high,
+        ] = self.reader.array::<5>()?;
+        let feature = FeatureId(u16::from_le_bytes([feature_low, feature_high]));
+        let provenance = u16::from_le_bytes([provenance_low, provenance_high]);
+        let payload = self.reader.payload(type_tag)?;
+        if self.previous.is_some_and(|previous| previous >= feature) {
+            return Err(CodecError("feature ids out of order"));
+        }
+        if provenance >= self.provenance_count {
+            return Err(CodecError("provenance index out of range"));
+        }
+        self.previous = Some(feature);
+        Ok(ValueRef {
+            feature,
+            provenance,
+            payload,
+        })
+    }
 }
 
 impl<'a> Iterator for Values<'a> {
-    type Item = ValueRef<'a>;
+    type Item = Result<ValueRef<'a>, CodecError>;
 
-    fn next(&mut self) -> Option<ValueRef<'a>> {
-        self.remaining = self.remaining.checked_sub(1)?;
-        Some(read_value(&mut self.reader).expect("values were checked when the row was parsed"))
+    fn next(&mut self) -> Option<Self::Item> {
+        let read = match self.remaining.checked_sub(1) {
+            Some(remaining) => {
+                self.remaining = remaining;
+                self.read()
+            }
+            None if self.reader.bytes.is_empty() => return None,
+            None => Err(CodecError("trailing bytes")),
+        };
+        if read.is_err() {
+            self.remaining = 0;
+            self.reader.bytes = &[];
+        }
+        Some(read)
     }
 }
 
