@@ -159,6 +159,7 @@ pub async fn run_with_clock(
         core,
         limits.request_limits(),
         limits.concurrent_requests_max,
+        limits.inline_read_keys_max,
         config.bulk_load.chunks_decided_at_once,
         background.clone(),
     );

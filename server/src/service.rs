@@ -12,7 +12,7 @@ use featurestore::proto::{
 };
 use featurestore::{InvalidRequest, RequestLimits};
 use prost::Message;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -35,6 +35,8 @@ pub struct FeatureStoreService {
     permits: Arc<Semaphore>,
     /// Size of `permits`, for the error message.
     concurrent_requests_max: usize,
+    /// Reads of at most this many keys run on the request's task (see `Limits`).
+    inline_read_keys_max: usize,
     /// Cancelled when the server stops: long-lived streams end then.
     stopping: tokio_util::sync::CancellationToken,
     /// Permits for deciding bulk-load chunks, shared by every load.
@@ -46,6 +48,7 @@ impl FeatureStoreService {
         core: Arc<Core>,
         limits: RequestLimits,
         concurrent_requests_max: usize,
+        inline_read_keys_max: usize,
         chunks_decided_at_once: usize,
         stopping: tokio_util::sync::CancellationToken,
     ) -> Self {
@@ -54,9 +57,19 @@ impl FeatureStoreService {
             limits,
             permits: Arc::new(Semaphore::new(concurrent_requests_max)),
             concurrent_requests_max,
+            inline_read_keys_max,
             stopping,
             load_permits: Arc::new(Semaphore::new(chunks_decided_at_once.max(1))),
         }
+    }
+
+    /// A permit to do work, or the refusal of an overloaded server.
+    fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded {
+                limit: self.concurrent_requests_max,
+            })
     }
 
     /// Runs blocking domain work on the blocking pool, under a concurrency permit.
@@ -64,12 +77,7 @@ impl FeatureStoreService {
         &self,
         work: impl FnOnce(&Core) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let permit =
-            Arc::clone(&self.permits)
-                .try_acquire_owned()
-                .map_err(|_| Error::Overloaded {
-                    limit: self.concurrent_requests_max,
-                })?;
+        let permit = self.permit()?;
         let core = Arc::clone(&self.core);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -90,11 +98,14 @@ impl FeatureStore for FeatureStoreService {
             .limits
             .parse_read(request.into_inner())
             .map_err(|error| status(error.into()))?;
-        let response = self
-            .run_blocking(move |core| core.read(&request))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(response))
+        let response = if request.keys.len() <= self.inline_read_keys_max {
+            // Tens of microseconds: less than handing the work to another thread and back.
+            let _permit = self.permit().map_err(status)?;
+            self.core.read(&request)
+        } else {
+            self.run_blocking(move |core| core.read(&request)).await
+        };
+        Ok(Response::new(response.map_err(status)?))
     }
 
     async fn write_features(

@@ -98,38 +98,40 @@ fn write_request(random: &mut Random, users: u64, sequence: u64) -> WriteRequest
     }
 }
 
-/// CPU seconds used so far by the server's threads (its runtime and RocksDB's) and by the
-/// load generator's, from /proc.
+/// CPU seconds used so far by the server (its runtime and RocksDB's threads) and by the
+/// load generator's runtime, from /proc. The server's share is the process's total minus
+/// every other live thread, so that blocking-pool threads that have exited still count.
 fn cpu_seconds() -> (f64, f64) {
     let ticks = 100.0; // USER_HZ on Linux
-    let (mut server, mut client) = (0u64, 0u64);
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    // (name, user + system ticks) of a /proc stat file.
+    let read = |path: std::path::PathBuf| -> Option<(String, u64)> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let used = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((stat[open + 1..close].to_string(), used))
+    };
+    let Some((_, total)) = read("/proc/self/stat".into()) else {
         return (f64::NAN, f64::NAN);
     };
-    for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = &stat[open + 1..close];
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let used = fields
-            .get(11)
-            .and_then(|utime| utime.parse::<u64>().ok())
-            .unwrap_or(0)
-            + fields
-                .get(12)
-                .and_then(|stime| stime.parse::<u64>().ok())
-                .unwrap_or(0);
-        if name.starts_with("bench-client") {
-            client += used;
-        } else if name.starts_with("server") || name.starts_with("rocksdb") {
-            server += used;
+    let (mut client, mut others) = (0u64, 0u64);
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let Some((name, used)) = read(task.path().join("stat")) else {
+                continue;
+            };
+            if name.starts_with("bench-client") {
+                client += used;
+            }
+            if !(name.starts_with("server") || name.starts_with("rocksdb")) {
+                others += used;
+            }
         }
     }
-    (server as f64 / ticks, client as f64 / ticks)
+    (
+        total.saturating_sub(others) as f64 / ticks,
+        client as f64 / ticks,
+    )
 }
 
 #[derive(Debug)]

@@ -58,7 +58,7 @@ pub const COLUMN_FAMILIES: [&str; 7] = [
 const WRITE_LOCK_STRIPES: usize = 1024;
 /// Data block size: small, because a read wants one row of a few hundred bytes and every
 /// block it misses in the cache is read and decompressed whole.
-const BLOCK_BYTES: usize = 16 * 1024;
+const BLOCK_BYTES: usize = 4 * 1024;
 const IDEMPOTENCY_RECORD_VERSION: u8 = 1;
 /// version:u8 created_at:i64 fingerprint:u64
 const IDEMPOTENCY_HEADER_LEN: usize = 17;
