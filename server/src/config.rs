@@ -111,6 +111,12 @@ pub struct Limits {
     pub inline_read_keys_max: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub concurrent_streams_per_connection_max: u32,
+    /// Streams a client may open and reset before the server accepts them, per
+    /// connection; more close the connection (the "rapid reset" flood).
+    pub pending_accept_reset_streams_max: usize,
+    /// Streams the server may have to reset because of a client's protocol errors, per
+    /// connection; more close the connection.
+    pub local_error_reset_streams_max: usize,
     /// Longest a request may run; a caller's shorter gRPC deadline wins.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -139,6 +145,8 @@ impl Default for Limits {
             concurrent_requests_max: 256,
             inline_read_keys_max: 8,
             concurrent_streams_per_connection_max: 256,
+            pending_accept_reset_streams_max: 20,
+            local_error_reset_streams_max: 1024,
             request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),

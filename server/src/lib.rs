@@ -201,6 +201,9 @@ pub async fn run_with_clock(
     let server = tonic::transport::Server::builder()
         .timeout(limits.request_timeout)
         .max_concurrent_streams(Some(limits.concurrent_streams_per_connection_max))
+        // Both flood limits are set explicitly: left unset, tonic turns the second off.
+        .http2_max_pending_accept_reset_streams(Some(limits.pending_accept_reset_streams_max))
+        .http2_max_local_error_reset_streams(Some(limits.local_error_reset_streams_max))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)

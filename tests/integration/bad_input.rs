@@ -265,3 +265,60 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
         .expect_err("refused");
     assert_eq!(error.code(), Code::DataLoss, "{error}");
 }
+
+#[tokio::test]
+async fn a_row_damaged_past_its_checksum_is_served_not_at_all() {
+    let server = TestServer::start().await;
+    server.us_adults([1]).await;
+    server
+        .client
+        .write_features(write(
+            "two-values",
+            vec![row(
+                1,
+                &["facebook_feed"],
+                at(-1),
+                vec![
+                    ("interest_hiking", Value::Float(0.25)),
+                    ("interest_cooking", Value::Float(0.75)),
+                ],
+            )],
+        ))
+        .await
+        .expect("write");
+    let data_dir = server.stop().await;
+
+    // Give the row's last value (interest_cooking, a float: feature:u16 type:u8
+    // provenance:u16 f32, then the checksum) an unknown type, and a checksum that matches:
+    // the damage an encoder bug would leave, which only reading the value can find.
+    {
+        let db = featurestore_tests::open_database_directly(&data_dir);
+        let features = db.cf_handle("features").expect("features column family");
+        let key = encode_row_key(RowKey {
+            user_id: 1,
+            surface: SurfaceId(1),
+        });
+        let mut bytes = db.get_cf(features, key).expect("get").expect("stored");
+        let body_len = bytes.len() - 4;
+        bytes[body_len - 4 - 2 - 1] = 99;
+        let checksum = crc32fast::hash(&bytes[..body_len]);
+        bytes[body_len..].copy_from_slice(&checksum.to_le_bytes());
+        db.put_cf(features, key, bytes).expect("put");
+    }
+
+    let server = TestServer::start_with(data_dir, |_| {}).await;
+    let response = server
+        .client
+        .get_features(read(
+            &[(1, "facebook_feed")],
+            &["interest_hiking", "interest_cooking"],
+        ))
+        .await
+        .expect("a damaged row fails only itself");
+    assert_eq!(response.rows[0].status, RowStatus::DataLoss as i32);
+    assert_eq!(
+        response.rows[0].float_values,
+        vec![0.0, 0.0],
+        "not even the value read before the damage is served"
+    );
+}

@@ -1,6 +1,8 @@
 //! The read path: resolve the columns once, read every key in one batched lookup, and lay
 //! each row's values out by column offset straight into the wire response.
 
+use std::fmt::Display;
+
 use featurestore::domain::{ReadRequest, Timestamp, Value, ValueType};
 use featurestore::proto;
 
@@ -44,10 +46,18 @@ impl Core {
 
         let by_feature_id = columns_by_feature_id(&columns);
 
+        let fill = Fill {
+            columns: &columns,
+            by_feature_id: &by_feature_id,
+            shape,
+            include_event_times: request.include_event_times,
+            now,
+            guard: &guard,
+        };
         let mut rows: Vec<proto::FeatureRow> = surfaces
             .iter()
             .map(|surface| {
-                let mut row = empty_row(columns.len(), shape, request.include_event_times);
+                let mut row = fill.empty();
                 if surface.is_none() {
                     row.status = proto::RowStatus::UnknownSurface as i32;
                 }
@@ -70,26 +80,22 @@ impl Core {
                 })
             })
             .unzip();
-        let fill = Fill {
-            columns: &columns,
-            by_feature_id: &by_feature_id,
-            now,
-            guard: &guard,
-        };
         self.store.visit_rows(&known, &mut |index, found| {
             let position = positions[index];
             let surface = surfaces[position].expect("only keys with a known surface are read");
             let row = &mut rows[position];
-            let filled = match found {
-                RowFound::Row(stored) => fill.row(row, surface, Some(stored)).map_err(|error| error.to_string()),
-                RowFound::Missing => fill.row(row, surface, None).map_err(|error| error.to_string()),
-                RowFound::Corrupt(problem) => Err(problem.to_owned()),
-            };
-            if let Err(problem) = filled {
-                tracing::warn!(user_id = known[index].user_id, surface = %surface.name, %problem, "stored row does not decode");
-                // Nothing of a damaged row is served.
-                *row = empty_row(columns.len(), shape, request.include_event_times);
-                row.status = proto::RowStatus::DataLoss as i32;
+            match found {
+                RowFound::Row(stored) => {
+                    if let Err(error) = fill.row(row, surface, Some(stored)) {
+                        fill.damaged(row, known[index].user_id, surface, &error);
+                    }
+                }
+                RowFound::Missing => fill
+                    .row(row, surface, None)
+                    .expect("a missing row has no value to find damaged"),
+                RowFound::Corrupt(problem) => {
+                    fill.damaged(row, known[index].user_id, surface, &problem);
+                }
             }
         })?;
 
@@ -228,11 +234,31 @@ fn columns_by_feature_id(columns: &[Column<'_>]) -> Vec<usize> {
 struct Fill<'a> {
     columns: &'a [Column<'a>],
     by_feature_id: &'a [usize],
+    shape: RowShape,
+    include_event_times: bool,
     now: Timestamp,
     guard: &'a ReadGuard<'a>,
 }
 
 impl Fill<'_> {
+    /// A row with every value zero and no status yet.
+    fn empty(&self) -> proto::FeatureRow {
+        empty_row(self.columns.len(), self.shape, self.include_event_times)
+    }
+
+    /// Marks a row whose stored bytes are damaged: nothing of it is served.
+    fn damaged(
+        &self,
+        row: &mut proto::FeatureRow,
+        user_id: u64,
+        surface: &Surface,
+        problem: &dyn Display,
+    ) {
+        tracing::warn!(user_id, surface = %surface.name, %problem, "stored row does not decode");
+        *row = self.empty();
+        row.status = proto::RowStatus::DataLoss as i32;
+    }
+
     /// Fills one row from its stored values: one pass over both the row and the columns,
     /// each in feature id order. Values after the last column asked for are not read (the
     /// row's checksum was checked whole).
