@@ -41,6 +41,24 @@ async fn refused_write(
     }
 }
 
+/// Rewrites the stored bytes of `user_id`'s `facebook_feed` row (empty when none) in the
+/// database of a stopped server, behind its back.
+fn rewrite_stored_row(
+    data_dir: &tempfile::TempDir,
+    user_id: u64,
+    change: impl FnOnce(&mut Vec<u8>),
+) {
+    let db = featurestore_tests::open_database_directly(data_dir);
+    let features = db.cf_handle("features").expect("features column family");
+    let key = encode_row_key(RowKey {
+        user_id,
+        surface: SurfaceId(1),
+    });
+    let mut bytes = db.get_cf(features, key).expect("get").unwrap_or_default();
+    change(&mut bytes);
+    db.put_cf(features, key, bytes).expect("put");
+}
+
 #[tokio::test]
 async fn malformed_writes_are_refused_whole_naming_the_field() {
     let server = TestServer::start().await;
@@ -220,16 +238,9 @@ async fn corrupt_stored_bytes_fail_only_their_row() {
     let data_dir = server.stop().await;
 
     // Damage user 1's row behind the server's back.
-    {
-        let db = featurestore_tests::open_database_directly(&data_dir);
-        let features = db.cf_handle("features").expect("features column family");
-        let key = encode_row_key(RowKey {
-            user_id: 1,
-            surface: SurfaceId(1),
-        });
-        db.put_cf(features, key, b"\x01garbage that is not a row")
-            .expect("put");
-    }
+    rewrite_stored_row(&data_dir, 1, |bytes| {
+        *bytes = b"\x01garbage that is not a row".to_vec();
+    });
 
     let server = TestServer::start_with(data_dir, |_| {}).await;
     let response = server
@@ -291,20 +302,12 @@ async fn a_row_damaged_past_its_checksum_is_served_not_at_all() {
     // Give the row's last value (interest_cooking, a float: feature:u16 type:u8
     // provenance:u16 f32, then the checksum) an unknown type, and a checksum that matches:
     // the damage an encoder bug would leave, which only reading the value can find.
-    {
-        let db = featurestore_tests::open_database_directly(&data_dir);
-        let features = db.cf_handle("features").expect("features column family");
-        let key = encode_row_key(RowKey {
-            user_id: 1,
-            surface: SurfaceId(1),
-        });
-        let mut bytes = db.get_cf(features, key).expect("get").expect("stored");
+    rewrite_stored_row(&data_dir, 1, |bytes| {
         let body_len = bytes.len() - 4;
         bytes[body_len - 4 - 2 - 1] = 99;
         let checksum = crc32fast::hash(&bytes[..body_len]);
         bytes[body_len..].copy_from_slice(&checksum.to_le_bytes());
-        db.put_cf(features, key, bytes).expect("put");
-    }
+    });
 
     let server = TestServer::start_with(data_dir, |_| {}).await;
     let response = server
