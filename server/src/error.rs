@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Aborted,
     /// The server is at a limit right now; retry later with backoff.
     Overloaded,
+    /// The caller's deadline passed before the work started; nothing was done.
+    DeadlineExceeded,
     /// The store cannot serve now; retry later.
     Unavailable,
     /// Stored data is damaged.
@@ -52,6 +54,8 @@ pub enum Error {
     IdempotencyKeyReused { key: String },
     #[error("the server is at its limit of {limit} concurrent requests")]
     Overloaded { limit: usize },
+    #[error("the request's deadline passed before its work started; nothing was done")]
+    DeadlinePassed,
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("the stored answer of an earlier write does not decode: {0}")]
@@ -94,6 +98,7 @@ impl Error {
             | Error::Storage(StorageError::GenerationChanged { .. }) => ErrorKind::Conflict,
             Error::WriteRaced { .. } | Error::LoadJobBusy { .. } => ErrorKind::Aborted,
             Error::Overloaded { .. } => ErrorKind::Overloaded,
+            Error::DeadlinePassed => ErrorKind::DeadlineExceeded,
             Error::Storage(StorageError::Engine(_)) => ErrorKind::Unavailable,
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {
                 ErrorKind::DataLoss

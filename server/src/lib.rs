@@ -207,6 +207,7 @@ pub async fn run_with_clock(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
+        .layer(service::deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             oversized_request_is_resource_exhausted,
         ))

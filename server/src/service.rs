@@ -2,9 +2,11 @@
 //! blocking pool, and encode the answer. The only place that builds a `tonic::Status`.
 
 mod backfill;
+pub(crate) mod deadline;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use featurestore::domain::UserStateUpdate;
 use featurestore::proto::{
@@ -63,8 +65,10 @@ impl FeatureStoreService {
         }
     }
 
-    /// A permit to do work, or the refusal of an overloaded server.
+    /// A permit to do work, or the refusal of an overloaded server, or of a request whose
+    /// deadline has passed.
     fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        deadline::check()?;
         Arc::clone(&self.permits)
             .try_acquire_owned()
             .map_err(|_| Error::Overloaded {
@@ -79,8 +83,13 @@ impl FeatureStoreService {
     ) -> Result<T, Error> {
         let permit = self.permit()?;
         let core = Arc::clone(&self.core);
+        let deadline = deadline::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            // The wait for a blocking thread may have taken the rest of the time.
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Err(Error::DeadlinePassed);
+            }
             work(&core)
         })
         .await
@@ -425,6 +434,7 @@ fn status(error: Error) -> Status {
         ErrorKind::Conflict => Status::failed_precondition(message),
         ErrorKind::Aborted => Status::aborted(message),
         ErrorKind::Overloaded => Status::resource_exhausted(message),
+        ErrorKind::DeadlineExceeded => Status::deadline_exceeded(message),
         ErrorKind::Unavailable => {
             tracing::error!(error = %message, "storage unavailable");
             Status::unavailable(message)
