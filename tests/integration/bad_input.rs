@@ -325,3 +325,44 @@ async fn a_row_damaged_past_its_checksum_is_served_not_at_all() {
         "not even the value read before the damage is served"
     );
 }
+
+#[tokio::test]
+async fn a_server_at_its_request_limit_refuses_at_once_rather_than_queueing() {
+    let server = TestServer::start_with(tempfile::tempdir().expect("temp dir"), |config| {
+        config.limits.concurrent_requests_max = 1;
+    })
+    .await;
+    // 64 reads of 1,000 keys at once: each holds the server's only permit for a while.
+    let keys: Vec<(u64, &str)> = (1..=1000).map(|user| (user, "facebook_feed")).collect();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let client = server.client.clone();
+        let request = read(&keys, &[]);
+        calls.spawn(async move { client.get_features(request).await });
+    }
+    let (mut served, mut refused) = (0, 0);
+    while let Some(answer) = calls.join_next().await {
+        match answer.expect("call task") {
+            Ok(_) => served += 1,
+            Err(error) => {
+                refused += 1;
+                assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
+                assert!(
+                    error.to_string().contains("limit of 1 concurrent requests"),
+                    "{error}"
+                );
+            }
+        }
+    }
+    assert!(served >= 1, "the first call is served");
+    assert!(
+        refused >= 1,
+        "calls beyond the limit are refused, not queued"
+    );
+    // Once the burst is over, the server serves again.
+    server
+        .client
+        .get_features(read(&keys[..10], &[]))
+        .await
+        .expect("served after the burst");
+}
