@@ -366,3 +366,48 @@ async fn a_server_at_its_request_limit_refuses_at_once_rather_than_queueing() {
         .await
         .expect("served after the burst");
 }
+
+#[tokio::test]
+async fn a_rapid_reset_flood_closes_its_connection_and_nothing_else() {
+    let server = TestServer::start_with(tempfile::tempdir().expect("temp dir"), |config| {
+        config.limits.pending_accept_reset_streams_max = 20;
+    })
+    .await;
+    let address = server.endpoint.trim_start_matches("http://").to_string();
+    let socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let (mut client, connection) = h2::client::handshake(socket).await.expect("handshake");
+    let connection = tokio::spawn(connection);
+    // Open streams and reset them at once, many more than the limit allows.
+    let mut sent = 0;
+    for _ in 0..1000 {
+        let request = http::Request::post(format!(
+            "http://{address}/featurestore.v1.FeatureStore/GetFeatures"
+        ))
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("request");
+        let Ok((_, mut stream)) = client.send_request(request, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), connection)
+        .await
+        .expect("the server closes the flooding connection")
+        .expect("connection task");
+    let error = closed.expect_err("closed by the server, with an error");
+    // A GOAWAY saying why, or, when the client was still writing, the closed socket.
+    assert!(
+        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_io(),
+        "{error} after {sent} streams"
+    );
+    // Other callers are served as before.
+    server
+        .client
+        .get_features(read(&[(1, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("served");
+}
