@@ -29,6 +29,9 @@ fn baseline_path() -> &'static Path {
     ))
 }
 
+// Not a test on its own: the process that callgrind measures. The check below runs this
+// binary again under valgrind with `--ignored --exact` naming this function, so that only
+// the workload's instructions are counted; run directly it would measure nothing.
 #[test]
 #[ignore = "the workload callgrind measures; run by read_path_instructions_hold_to_the_baseline"]
 fn read_path_workload() {
