@@ -300,14 +300,6 @@ impl<'a> SparseEntries<'a> {
         SparseEntries { count, bytes }
     }
 
-    pub fn len(&self) -> usize {
-        usize::from(self.count)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, f32)> + 'a {
         let mut reader = Reader { bytes: self.bytes };
         (0..self.count).map(move |_| {
