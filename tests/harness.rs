@@ -1,6 +1,7 @@
 //! Test support: starts the real server on a loopback port with a temporary RocksDB
 //! directory and a manual clock, and hands out a real client connected to it.
 
+pub mod pki;
 pub mod workload;
 
 use std::sync::Arc;
@@ -46,8 +47,23 @@ impl TestServer {
         .await
     }
 
-    /// Starts a server on `data_dir` after `configure` adjusts the default test config.
+    /// Starts a server on `data_dir` after `configure` adjusts the default test config, and
+    /// waits until it serves.
     pub async fn start_with(data_dir: TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
+        let server = Self::launch(data_dir, configure);
+        until_serving(&server.endpoint, || server.task.is_finished()).await;
+        server
+    }
+
+    /// Starts a server with default settings and returns at once, while it starts.
+    pub fn launch_default() -> TestServer {
+        Self::launch(
+            tempfile::tempdir().expect("create a temporary directory"),
+            |_| {},
+        )
+    }
+
+    fn launch(data_dir: TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             data_dir: data_dir.path().join("db"),
             erasure_ledger_path: data_dir.path().join("erasures.jsonl"),
@@ -55,12 +71,16 @@ impl TestServer {
             durability: Durability::Buffered,
             ..Config::default()
         };
+        // Most tests are about other things than authentication; `auth.rs` turns it on.
+        config.auth.mode = featurestore_server::config::AuthMode::Disabled;
         config.storage.block_cache_bytes = 8 * 1024 * 1024;
         config.bulk_load.staging_dir = data_dir.path().join("staging");
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
         let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
         let clock = Arc::new(ManualClock::new(START_TIME));
         let shutdown = CancellationToken::new();
@@ -146,6 +166,35 @@ impl TestServer {
 
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
+    }
+}
+
+/// Waits until the server at `endpoint` says SERVING in its health check (the port
+/// answers from the start, NOT_SERVING while the database opens), or `ended` says the
+/// server is gone (the test sees why when it stops it), or a minute passed. Over TLS a
+/// plaintext check learns nothing, and returns at once.
+pub async fn until_serving(endpoint: &str, mut ended: impl FnMut() -> bool) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let started = std::time::Instant::now();
+    while !ended() && started.elapsed() < Duration::from_secs(60) {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(endpoint.to_string()) else {
+            return;
+        };
+        let answer = match endpoint.connect().await {
+            Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|answer| answer.into_inner().status()),
+            Err(_) => return,
+        };
+        match answer {
+            Ok(ServingStatus::Serving) => return,
+            // Plaintext to a TLS server: nothing to learn here.
+            Err(status) if status.code() == tonic::Code::Unknown => return,
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     }
 }
 

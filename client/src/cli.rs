@@ -34,6 +34,37 @@ pub struct Args {
     /// Deadline of each call, e.g. 500ms or 5s.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+    /// Bearer token of the caller's principal.
+    #[arg(
+        long,
+        env = "FEATURESTORE_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+    /// Certificate authority (PEM) that signed the server's certificate; needed for an
+    /// https:// endpoint.
+    #[arg(long, env = "FEATURESTORE_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The client's certificate (PEM), for mutual TLS; with --tls-key.
+    #[arg(
+        long,
+        env = "FEATURESTORE_TLS_CERT",
+        global = true,
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client's private key (PEM), for mutual TLS; with --tls-cert.
+    #[arg(
+        long,
+        env = "FEATURESTORE_TLS_KEY",
+        global = true,
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must hold, when not the endpoint's host.
+    #[arg(long, env = "FEATURESTORE_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -227,8 +258,19 @@ pub const EXIT_AUDIT_BROKEN: u8 = 4;
 
 /// Runs one CLI command, printing its answer to `out`; returns the exit status.
 pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let tls = if args.tls_ca.is_some() || args.tls_cert.is_some() {
+        Some(crate::ClientTls::from_files(
+            args.tls_ca.as_deref(),
+            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+            args.tls_domain.clone(),
+        )?)
+    } else {
+        None
+    };
     let options = ClientOptions {
         timeout: args.timeout,
+        token: args.token.clone().map(crate::BearerToken),
+        tls,
         ..ClientOptions::default()
     };
     let client = Client::connect(&args.endpoint, options)?;

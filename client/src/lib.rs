@@ -12,7 +12,9 @@ use featurestore::proto::admin_client::AdminClient;
 use featurestore::proto::backfill_client::BackfillClient;
 use featurestore::proto::feature_store_client::FeatureStoreClient;
 use featurestore::proto::privacy_client::PrivacyClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 pub use featurestore;
@@ -36,7 +38,90 @@ pub struct ClientOptions {
     pub decode_message_bytes_max: usize,
     /// Largest request the client encodes, in bytes.
     pub encode_message_bytes_max: usize,
+    /// Bearer token sent with every call, for servers that authenticate by token.
+    pub token: Option<BearerToken>,
+    /// TLS settings, for `https://` endpoints.
+    pub tls: Option<ClientTls>,
 }
+
+/// A bearer token; never shown in full by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("BearerToken(<redacted>)")
+    }
+}
+
+/// How a client checks the server's certificate, and its own certificate for mutual TLS.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// The certificate authority (PEM) that signed the server's certificate.
+    pub ca_certificate_pem: Option<Vec<u8>>,
+    /// The client's certificate chain and private key (PEM), for mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must hold; the endpoint's host when absent.
+    pub domain_name: Option<String>,
+}
+
+impl ClientTls {
+    /// Reads the PEM files of a TLS setup: the authority to trust, and optionally the
+    /// client's certificate and key.
+    pub fn from_files(
+        ca_certificate: Option<&std::path::Path>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+        domain_name: Option<String>,
+    ) -> std::io::Result<ClientTls> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|error| {
+                std::io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+            })
+        };
+        Ok(ClientTls {
+            ca_certificate_pem: ca_certificate.map(read).transpose()?,
+            identity_pem: identity
+                .map(|(certificate, key)| Ok::<_, std::io::Error>((read(certificate)?, read(key)?)))
+                .transpose()?,
+            domain_name,
+        })
+    }
+
+    /// The same as tonic's TLS settings, for other channels to the server.
+    pub fn tonic_config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca_certificate_pem {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((certificate, key)) = &self.identity_pem {
+            config = config.identity(Identity::from_pem(certificate, key));
+        }
+        if let Some(domain) = &self.domain_name {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The channel every stub of a [`Client`] shares, with its credentials.
+pub type Transport = InterceptedService<Channel, Credentials>;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -47,6 +132,8 @@ impl Default for ClientOptions {
             initial_backoff: Duration::from_millis(50),
             decode_message_bytes_max: 64 * 1024 * 1024,
             encode_message_bytes_max: 16 * 1024 * 1024,
+            token: None,
+            tls: None,
         }
     }
 }
@@ -59,6 +146,8 @@ pub enum ClientError {
         endpoint: String,
         source: tonic::transport::Error,
     },
+    #[error("{0}")]
+    Options(String),
     #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] Status),
 }
@@ -78,7 +167,7 @@ impl ClientError {
     /// The gRPC code of the failure (INVALID_ARGUMENT for a bad endpoint).
     pub fn code(&self) -> Code {
         match self {
-            ClientError::Endpoint { .. } => Code::InvalidArgument,
+            ClientError::Endpoint { .. } | ClientError::Options(_) => Code::InvalidArgument,
             ClientError::Status(status) => status.code(),
         }
     }
@@ -179,13 +268,13 @@ impl LoadSession {
 #[derive(Clone, Debug)]
 pub struct Client {
     /// The generated stub over the shared channel.
-    stub: FeatureStoreClient<Channel>,
+    stub: FeatureStoreClient<Transport>,
     /// The privacy service's stub over the same channel.
-    privacy: PrivacyClient<Channel>,
+    privacy: PrivacyClient<Transport>,
     /// The admin service's stub over the same channel.
-    admin: AdminClient<Channel>,
+    admin: AdminClient<Transport>,
     /// The backfill service's stub over the same channel.
-    backfill: BackfillClient<Channel>,
+    backfill: BackfillClient<Transport>,
     options: ClientOptions,
 }
 
@@ -193,14 +282,34 @@ impl Client {
     /// A client of the server at `endpoint` (e.g. `http://127.0.0.1:50051`). The connection
     /// is made on the first call, so this succeeds while the server is still starting.
     pub fn connect(endpoint: &str, options: ClientOptions) -> Result<Client, ClientError> {
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|source| ClientError::Endpoint {
-                endpoint: endpoint.to_string(),
-                source,
-            })?
+        let invalid = |source| ClientError::Endpoint {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        let mut channel = Endpoint::from_shared(endpoint.to_string())
+            .map_err(invalid)?
             .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = &options.tls {
+            channel = channel.tls_config(tls.tonic_config()).map_err(invalid)?;
+        } else if endpoint.starts_with("https:") {
+            return Err(ClientError::Options(format!(
+                "{endpoint} is a TLS endpoint: give the certificate authority that signed the server's certificate"
+            )));
+        }
+        let authorization = match &options.token {
+            None => None,
+            Some(BearerToken(token)) => {
+                let mut value: MetadataValue<Ascii> =
+                    format!("Bearer {token}").parse().map_err(|_| {
+                        ClientError::Options("the bearer token must be printable ASCII".to_string())
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let channel =
+            InterceptedService::new(channel.connect_lazy(), Credentials { authorization });
         let stub = FeatureStoreClient::new(channel.clone())
             .max_decoding_message_size(options.decode_message_bytes_max)
             .max_encoding_message_size(options.encode_message_bytes_max);
@@ -515,7 +624,7 @@ impl Client {
     async fn call<M, R, F, Fut>(&self, message: M, send: F) -> Result<R, ClientError>
     where
         M: Clone,
-        F: Fn(FeatureStoreClient<Channel>, tonic::Request<M>) -> Fut,
+        F: Fn(FeatureStoreClient<Transport>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, Status>>,
     {
         self.retrying(|remaining| {

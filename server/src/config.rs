@@ -8,6 +8,8 @@ use std::time::Duration;
 use featurestore::RequestLimits;
 use serde::Deserialize;
 
+pub use crate::auth::{AuthConfig, AuthMode, PrincipalConfig};
+
 /// Everything the server needs to run.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -33,6 +35,10 @@ pub struct Config {
     /// How long a write's idempotency key is remembered.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
+    /// Who may call, and with which roles.
+    pub auth: AuthConfig,
+    /// TLS, and mutual TLS when `client_ca_path` is set; plaintext when absent.
+    pub tls: Option<TlsConfig>,
     pub limits: Limits,
     pub storage: StorageConfig,
     pub bulk_load: BulkLoadConfig,
@@ -50,6 +56,8 @@ impl Default for Config {
             backup_dir: PathBuf::from("featurestore-backups"),
             retention_sweep_interval: Duration::from_secs(24 * 60 * 60),
             idempotency_window: Duration::from_secs(24 * 60 * 60),
+            auth: AuthConfig::default(),
+            tls: None,
             limits: Limits::default(),
             storage: StorageConfig::default(),
             bulk_load: BulkLoadConfig::default(),
@@ -82,6 +90,32 @@ pub enum Durability {
     /// The write-ahead log is written but not synced: an acknowledged write survives a
     /// process crash but may be lost with the machine.
     Buffered,
+}
+
+/// The server's TLS certificate, and the authority its clients' certificates must be
+/// signed by for mutual TLS.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub certificate_path: PathBuf,
+    /// The server's private key (PEM).
+    pub key_path: PathBuf,
+    /// Certificate authority (PEM) of client certificates. When set, clients must present
+    /// a certificate it signed (mutual TLS), which can also identify their principal.
+    #[serde(default)]
+    pub client_ca_path: Option<PathBuf>,
+    /// With `client_ca_path`: let clients without a certificate connect too (they then
+    /// authenticate with a bearer token).
+    #[serde(default)]
+    pub client_certificate_optional: bool,
+    /// Longest a TLS handshake may take.
+    #[serde(with = "humantime_serde", default = "default_handshake_timeout")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Limits on requests and on the server's work. Every one has a default.
@@ -180,6 +214,10 @@ pub struct StorageConfig {
     pub max_open_files: i32,
     /// Background flush and compaction threads.
     pub background_jobs: i32,
+    /// How often the health service probes the storage engine (a small write and its
+    /// read-back); while the probe fails the server reports NOT_SERVING.
+    #[serde(with = "humantime_serde")]
+    pub health_probe_interval: Duration,
 }
 
 impl Default for StorageConfig {
@@ -189,6 +227,7 @@ impl Default for StorageConfig {
             write_buffer_bytes: 64 * 1024 * 1024,
             max_open_files: 4096,
             background_jobs: 2,
+            health_probe_interval: Duration::from_secs(5),
         }
     }
 }

@@ -321,6 +321,8 @@ impl Core {
     /// under the bundle in force; when not (the server restarted with another bundle),
     /// starts a purge. Runs before the server serves.
     pub fn start(self: &Arc<Self>) -> Result<(), Error> {
+        // Stands for a long recovery in the tests of what the server says meanwhile.
+        fail::fail_point!("core-start");
         self.reapply_erasures()?;
         self.recover_loads()?;
         let hash = self.policy().hash.clone();

@@ -18,6 +18,9 @@ pub enum ErrorKind {
     /// The request conflicts with the current state (an idempotency key reused, a user
     /// state changed since the caller read it).
     Conflict,
+    /// The caller's principal may not do this (a surface it may not read, a source it
+    /// may not write).
+    PermissionDenied,
     /// The request lost a race; retrying it is safe and will likely succeed.
     Aborted,
     /// The server is at a limit right now; retry later with backoff.
@@ -54,6 +57,8 @@ pub enum Error {
     IdempotencyKeyReused { key: String },
     #[error("the server is at its limit of {limit} concurrent requests")]
     Overloaded { limit: usize },
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     #[error("the request's deadline passed before its work started; nothing was done")]
     DeadlinePassed,
     #[error(transparent)]
@@ -99,6 +104,7 @@ impl Error {
             Error::WriteRaced { .. } | Error::LoadJobBusy { .. } => ErrorKind::Aborted,
             Error::Overloaded { .. } => ErrorKind::Overloaded,
             Error::DeadlinePassed => ErrorKind::DeadlineExceeded,
+            Error::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Error::Storage(StorageError::Engine(_)) => ErrorKind::Unavailable,
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {
                 ErrorKind::DataLoss

@@ -2,11 +2,13 @@
 //! core and the gRPC service, assembled by [`run`].
 
 pub mod audit;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod erasure;
 pub mod error;
+pub mod health;
 pub mod load;
 pub mod policy;
 pub mod registry;
@@ -80,6 +82,31 @@ pub async fn run_with_clock(
         features = registry.features().len(),
         "feature registry loaded"
     );
+    let authenticator = Arc::new(auth::Authenticator::new(
+        &config.auth,
+        &registry,
+        config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca_path.is_some()),
+    )?);
+    if authenticator.mode() == auth::AuthMode::Disabled {
+        tracing::warn!(
+            "authentication is DISABLED (auth.mode = \"disabled\"): every caller may read, \
+             write, erase users and administer the server. Use this on a development machine only"
+        );
+    } else {
+        tracing::info!(
+            principals = config.auth.principals.len(),
+            "authentication required"
+        );
+    }
+    let tls = config.tls.as_ref().map(server_tls).transpose()?;
+    // From here until the core is ready the port answers health checks (NOT_SERVING) and
+    // refuses every other call with UNAVAILABLE, rather than leaving callers hanging.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
+    let (listener, starting) = serve_while_starting(listener, tls.clone(), health_service.clone())?;
     let policy = match &config.policy_bundle_path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -176,16 +203,6 @@ pub async fn run_with_clock(
         .max_decoding_message_size(limits.decode_message_bytes_max)
         .max_encoding_message_size(limits.encode_message_bytes_max);
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<FeatureStoreServer<FeatureStoreService>>()
-        .await;
-    health_reporter
-        .set_serving::<PrivacyServer<FeatureStoreService>>()
-        .await;
-    health_reporter
-        .set_serving::<BackfillServer<FeatureStoreService>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(featurestore::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -195,10 +212,23 @@ pub async fn run_with_clock(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    background_tasks.spawn(health::watch_storage(
+        Arc::clone(&store),
+        health_reporter.clone(),
+        config.storage.health_probe_interval,
+        background.clone(),
+    ));
     let address = listener.local_addr()?;
-    tracing::info!(%address, data_dir = %config.data_dir.display(), durability = ?config.durability, "serving");
+    // The starting server stops accepting; the one below takes the port over.
+    drop(starting);
+    health::set_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
+    tracing::info!(%address, tls = config.tls.is_some(), data_dir = %config.data_dir.display(), durability = ?config.durability, "serving");
     let stop_accepting = shutdown.clone();
-    let server = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("TLS configuration")?;
+    }
+    let server = server
         .timeout(limits.request_timeout)
         .max_concurrent_streams(Some(limits.concurrent_streams_per_connection_max))
         // Both flood limits are set explicitly: left unset, tonic turns the second off.
@@ -207,6 +237,7 @@ pub async fn run_with_clock(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
+        .layer(auth::AuthLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             oversized_request_is_resource_exhausted,
@@ -221,18 +252,7 @@ pub async fn run_with_clock(
         .serve_with_incoming_shutdown(without_nagle(listener), async move {
             stop_accepting.cancelled().await;
             tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
-            health_reporter
-                .set_not_serving::<FeatureStoreServer<FeatureStoreService>>()
-                .await;
-            health_reporter
-                .set_not_serving::<PrivacyServer<FeatureStoreService>>()
-                .await;
-            health_reporter
-                .set_not_serving::<BackfillServer<FeatureStoreService>>()
-                .await;
-            health_reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
         });
     let grace = limits.shutdown_grace;
     let served = tokio::select! {
@@ -251,6 +271,65 @@ pub async fn run_with_clock(
         .context("cannot flush the database at shutdown")?;
     tracing::info!("stopped; database flushed");
     Ok(())
+}
+
+/// Serves health checks (and UNAVAILABLE to every other call) on a second handle of
+/// `listener` until the returned guard is dropped; returns the handle the real server
+/// serves on once it is ready.
+fn serve_while_starting(
+    listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<(TcpListener, tokio_util::sync::DropGuard)> {
+    let listener = listener.into_std()?;
+    let starting_listener = TcpListener::from_std(listener.try_clone()?)?;
+    let listener = TcpListener::from_std(listener)?;
+    let ready = CancellationToken::new();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("TLS configuration")?;
+    }
+    let server = server
+        .layer(health::StartingLayer)
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            without_nagle(starting_listener),
+            ready.clone().cancelled_owned(),
+        );
+    // Connections made while starting are told to go away once it ends (HTTP/2 GOAWAY) and
+    // reconnect to the real server; the task ends when the last of them closes.
+    tokio::spawn(async move {
+        if let Err(error) = server.await {
+            tracing::warn!(%error, "the server answering while starting failed");
+        }
+    });
+    Ok((listener, ready.drop_guard()))
+}
+
+/// The server's TLS settings, from the files the config names.
+fn server_tls(config: &config::TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read(&config.certificate_path, "certificate")?,
+        read(&config.key_path, "key")?,
+    );
+    let mut tls = tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(config.handshake_timeout);
+    if let Some(path) = &config.client_ca_path {
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                path,
+                "client certificate authority",
+            )?))
+            .client_auth_optional(config.client_certificate_optional);
+    }
+    Ok(tls)
 }
 
 /// Runs the retention sweep every `interval` until shutdown.

@@ -42,6 +42,57 @@ struct Args {
     /// Whether writes are synced to disk before they are acknowledged.
     #[arg(long, env = "FEATURESTORE_DURABILITY", value_parser = parse_durability)]
     durability: Option<Durability>,
+    /// Serve without authentication: every caller may do everything. For a development
+    /// machine only (the same as `auth.mode = "disabled"` in the config file).
+    #[arg(long)]
+    auth_disabled: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a new random bearer token and the config lines of a principal holding it
+    /// (only the token's SHA-256 goes into the config).
+    NewToken {
+        /// The principal's name.
+        #[arg(long, default_value = "new-principal")]
+        name: String,
+    },
+    /// Print the SHA-256 of a bearer token read from standard input, for token_sha256.
+    HashToken,
+}
+
+/// Runs a subcommand that prints something and exits.
+fn run_command(command: Command) -> anyhow::Result<()> {
+    use featurestore_server::auth::{hash_token, new_token};
+    match command {
+        Command::NewToken { name } => {
+            let token = new_token()?;
+            println!(
+                "# The token, for the client only (FEATURESTORE_TOKEN or --token); keep it secret:"
+            );
+            println!("# {token}");
+            println!("[[auth.principals]]");
+            println!("name = {name:?}");
+            println!("token_sha256 = [\"{}\"]", hash_token(&token));
+            println!("# Grant roles, e.g.:");
+            println!("# read_surfaces = [\"instagram_reels\"]");
+            println!("# write_sources = [\"engagement\"]");
+            println!("# privacy = true");
+            println!("# admin = true");
+        }
+        Command::HashToken => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .context("cannot read the token from standard input")?;
+            let token = token.trim();
+            anyhow::ensure!(!token.is_empty(), "no token on standard input");
+            println!("{}", hash_token(token));
+        }
+    }
+    Ok(())
 }
 
 fn parse_durability(text: &str) -> Result<Durability, String> {
@@ -61,6 +112,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(command) = args.command {
+        return run_command(command);
+    }
     let mut config = match &args.config {
         Some(path) => Config::from_toml_file(path)?,
         None => Config::default(),
@@ -79,6 +133,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(durability) = args.durability {
         config.durability = durability;
+    }
+    if args.auth_disabled {
+        config.auth.mode = featurestore_server::config::AuthMode::Disabled;
     }
 
     if let Some(backup) = &args.restore_from {

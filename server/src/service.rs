@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::AuditRecord;
+use crate::auth::principal_of;
 use crate::domain::Core;
 use crate::erasure::Receipt;
 use crate::error::{Error, ErrorKind};
@@ -103,10 +104,12 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<proto::GetFeaturesRequest>,
     ) -> Result<Response<proto::GetFeaturesResponse>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let request = self
             .limits
             .parse_read(request.into_inner())
             .map_err(|error| status(error.into()))?;
+        principal.check_read(&request).map_err(status)?;
         let response = if request.keys.len() <= self.inline_read_keys_max {
             // Tens of microseconds: less than handing the work to another thread and back.
             let _permit = self.permit().map_err(status)?;
@@ -121,12 +124,16 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<proto::WriteFeaturesRequest>,
     ) -> Result<Response<proto::WriteFeaturesResponse>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let request = request.into_inner();
         let fingerprint = xxhash_rust::xxh3::xxh3_64(&request.encode_to_vec());
         let request = self
             .limits
             .parse_write(request)
             .map_err(|error| status(error.into()))?;
+        principal
+            .check_write(request.rows.iter().enumerate())
+            .map_err(status)?;
         let response = self
             .run_blocking(move |core| core.write(&request, fingerprint))
             .await
@@ -138,10 +145,14 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<proto::WriteFeaturesRequest>,
     ) -> Result<Response<proto::ExplainWriteResponse>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let request = self
             .limits
             .parse_write(request.into_inner())
             .map_err(|error| status(error.into()))?;
+        principal
+            .check_write(request.rows.iter().enumerate())
+            .map_err(status)?;
         let response = self
             .run_blocking(move |core| core.explain(&request))
             .await
@@ -432,6 +443,7 @@ fn status(error: Error) -> Status {
             )
         }
         ErrorKind::Conflict => Status::failed_precondition(message),
+        ErrorKind::PermissionDenied => Status::permission_denied(message),
         ErrorKind::Aborted => Status::aborted(message),
         ErrorKind::Overloaded => Status::resource_exhausted(message),
         ErrorKind::DeadlineExceeded => Status::deadline_exceeded(message),

@@ -9,7 +9,7 @@ use featurestore_server::storage::keys::encode_row_key;
 use featurestore_tests::{TestServer, at, read, row, write};
 use tonic::Code;
 
-use crate::status;
+use crate::{raw_grpc_call, status};
 
 /// Turns a valid row into a malformed one.
 type Damage = Box<dyn FnOnce(&mut proto::WriteRow)>;
@@ -429,44 +429,14 @@ async fn a_call_whose_deadline_has_passed_changes_nothing() {
     };
     // A raw HTTP/2 call (the tonic client would enforce the deadline itself and cancel
     // first) whose deadline, 1 ns, passes before the server can start the work.
-    let address = server.endpoint.trim_start_matches("http://").to_string();
-    let socket = tokio::net::TcpStream::connect(&address)
-        .await
-        .expect("connect");
-    let (client, connection) = h2::client::handshake(socket).await.expect("handshake");
-    tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
-    let request = http::Request::post(format!(
-        "http://{address}/featurestore.v1.FeatureStore/WriteFeatures"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .header("grpc-timeout", "1n")
-    .body(())
-    .expect("request");
     let message = prost::Message::encode_to_vec(&proto::WriteFeaturesRequest::from(late()));
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    frame.extend_from_slice(&message);
-    let (response, mut body) = client.send_request(request, false).expect("send");
-    body.send_data(frame.into(), true)
-        .expect("send the message");
-    let response = response.await.expect("response");
-    let grpc_status = match response.headers().get("grpc-status") {
-        Some(status) => status.clone(),
-        None => {
-            let mut body = response.into_body();
-            while let Some(data) = body.data().await {
-                data.expect("data");
-            }
-            body.trailers()
-                .await
-                .expect("trailers")
-                .and_then(|trailers| trailers.get("grpc-status").cloned())
-                .expect("a grpc-status")
-        }
-    };
-    let code = Code::from_bytes(grpc_status.as_bytes());
+    let code = raw_grpc_call(
+        &server,
+        "/featurestore.v1.FeatureStore/WriteFeatures",
+        &[("grpc-timeout", "1n")],
+        &message,
+    )
+    .await;
     assert!(
         matches!(code, Code::DeadlineExceeded | Code::Cancelled),
         "{code:?}"

@@ -2,10 +2,13 @@
 //! through the real client.
 
 mod audit;
+mod auth;
 mod bad_input;
 mod bulk_load;
 mod cli;
+mod crash;
 mod erasure;
+mod faults;
 mod lifecycle;
 mod policy;
 mod policy_changes;
@@ -69,4 +72,51 @@ fn outcomes(verdict: &proto::FeatureVerdict) -> Vec<(String, proto::Outcome)> {
             )
         })
         .collect()
+}
+
+/// Sends one gRPC message (`message`, already encoded) to `path` over a raw HTTP/2
+/// connection, with `headers`, and returns the status code answered: for calls the tonic
+/// client would not send as they are.
+async fn raw_grpc_call(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &[u8],
+) -> tonic::Code {
+    let address = server.endpoint.trim_start_matches("http://").to_string();
+    let socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(socket).await.expect("handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let mut request = http::Request::post(format!("http://{address}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).expect("request");
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    frame.extend_from_slice(message);
+    let (response, mut body) = client.send_request(request, false).expect("send");
+    body.send_data(frame.into(), true)
+        .expect("send the message");
+    let response = response.await.expect("response");
+    let grpc_status = match response.headers().get("grpc-status") {
+        Some(status) => status.clone(),
+        None => {
+            let mut body = response.into_body();
+            while let Some(data) = body.data().await {
+                data.expect("data");
+            }
+            body.trailers()
+                .await
+                .expect("trailers")
+                .and_then(|trailers| trailers.get("grpc-status").cloned())
+                .expect("a grpc-status")
+        }
+    };
+    tonic::Code::from_bytes(grpc_status.as_bytes())
 }

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{FeatureStoreService, status};
+use crate::auth::{Principal, principal_of};
 use crate::domain::{ChunkOutcome, Core, LoadAttachment, PreparedChunk};
 use crate::error::Error;
 use crate::load::{JobRecord, JobState, Summary};
@@ -32,6 +33,7 @@ impl Backfill for FeatureStoreService {
         &self,
         request: Request<Streaming<proto::BulkLoadRequest>>,
     ) -> Result<Response<Self::BulkLoadStream>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let mut inbound = request.into_inner();
         let start = match inbound.message().await? {
             Some(proto::BulkLoadRequest {
@@ -65,7 +67,7 @@ impl Backfill for FeatureStoreService {
         let service = self.clone();
         tokio::spawn(async move {
             service
-                .drive_load(Arc::new(attachment), inbound, answers)
+                .drive_load(Arc::new(attachment), principal, inbound, answers)
                 .await;
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -132,6 +134,7 @@ impl FeatureStoreService {
     async fn drive_load(
         &self,
         attachment: Arc<LoadAttachment>,
+        principal: Arc<Principal>,
         mut inbound: Streaming<proto::BulkLoadRequest>,
         answers: Answers,
     ) {
@@ -161,7 +164,7 @@ impl FeatureStoreService {
             };
             let (step, last) = match message.message {
                 Some(bulk_load_request::Message::Chunk(chunk)) => {
-                    match self.prepare_chunk(&job_id, chunk).await {
+                    match self.prepare_chunk(&job_id, &principal, chunk).await {
                         Ok(prepared) => (Step::Chunk(prepared), false),
                         Err(status) => (Step::Fail(status), true),
                     }
@@ -193,6 +196,7 @@ impl FeatureStoreService {
     async fn prepare_chunk(
         &self,
         job_id: &str,
+        principal: &Arc<Principal>,
         chunk: proto::LoadChunk,
     ) -> Result<JoinHandle<Result<PreparedChunk, Error>>, Status> {
         // A bulk load is background work: it waits for permits rather than being refused.
@@ -207,9 +211,11 @@ impl FeatureStoreService {
         let core = Arc::clone(&self.core);
         let limits = self.limits;
         let job_id = job_id.to_string();
+        let principal = Arc::clone(principal);
         Ok(tokio::task::spawn_blocking(move || {
             let _permits = (load_permit, permit);
             let (rows, invalid) = limits.parse_load_chunk(chunk.rows)?;
+            principal.check_write(rows.iter().map(|(index, row)| (*index, row)))?;
             core.load_prepare(&job_id, chunk.sequence, rows, invalid)
         }))
     }

@@ -93,6 +93,12 @@ fn engine(error: rocksdb::Error) -> StorageError {
     StorageError::Engine(error.into_string())
 }
 
+/// What the engine answers when its disk is full; the `engine-write` failpoint injects it.
+#[cfg(feature = "failpoints")]
+fn disk_full() -> StorageError {
+    StorageError::Engine("IO error: No space left on device (failpoint engine-write)".to_string())
+}
+
 /// Block-based table options of every column family holding data, on a shared cache.
 fn table_options(cache: &Cache) -> BlockBasedOptions {
     let mut table = BlockBasedOptions::default();
@@ -303,6 +309,9 @@ impl RocksStore {
         let mut tail = self.audit_tail.lock();
         let (mut sequence, mut previous) = *tail;
         for entry in entries {
+            fail::fail_point!("audit-append", |_| Err(StorageError::Engine(
+                "the audit log cannot be appended to (failpoint audit-append)".to_string()
+            )));
             let record = chain(sequence, entry.clone(), previous);
             batch.put_cf(
                 self.cf(AUDIT_CF),
@@ -321,6 +330,7 @@ impl RocksStore {
         if batch.is_empty() {
             return Ok(());
         }
+        fail::fail_point!("engine-write", |_| Err(disk_full()));
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(engine)?;
@@ -678,6 +688,7 @@ impl Store for RocksStore {
     }
 
     fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        fail::fail_point!("engine-write", |_| Err(disk_full()));
         self.db
             .put_cf_opt(self.cf(META_CF), key.as_bytes(), value, &self.write_options)
             .map_err(engine)

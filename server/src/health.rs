@@ -1,0 +1,144 @@
+//! What the standard health service (`grpc.health.v1.Health`) says: NOT_SERVING while the
+//! server starts (it answers on its port from the first moment, every other call with
+//! UNAVAILABLE), while the storage engine fails its probe, and once shutdown begins;
+//! SERVING otherwise.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use featurestore::proto::admin_server::AdminServer;
+use featurestore::proto::backfill_server::BackfillServer;
+use featurestore::proto::feature_store_server::FeatureStoreServer;
+use featurestore::proto::privacy_server::PrivacyServer;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::service::FeatureStoreService;
+use crate::storage::Store;
+
+/// The services whose status is reported, and "" for the server as a whole.
+const SERVICES: [&str; 5] = [
+    "",
+    <FeatureStoreServer<FeatureStoreService> as NamedService>::NAME,
+    <PrivacyServer<FeatureStoreService> as NamedService>::NAME,
+    <BackfillServer<FeatureStoreService> as NamedService>::NAME,
+    <AdminServer<FeatureStoreService> as NamedService>::NAME,
+];
+
+/// Sets every service's status at once.
+pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for service in SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Probes the storage engine every `interval` (a small write and its read-back), and
+/// reports NOT_SERVING while the probe fails, SERVING again once it succeeds, until
+/// `shutdown`.
+pub async fn watch_storage(
+    store: Arc<dyn Store>,
+    reporter: HealthReporter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut healthy = true;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let store = Arc::clone(&store);
+        let probed = tokio::task::spawn_blocking(move || {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros()
+                .to_le_bytes();
+            store.write_meta(PROBE_KEY, &stamp)?;
+            match store.read_meta(PROBE_KEY)? {
+                Some(read) if read == stamp => Ok(()),
+                _ => Err(crate::storage::StorageError::Engine(
+                    "the health probe did not read back what it wrote".to_string(),
+                )),
+            }
+        })
+        .await;
+        let problem = match probed {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(error) => Some(error.to_string()),
+        };
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match problem {
+            Some(problem) if healthy => {
+                tracing::error!(%problem, "the storage engine fails its probe: NOT_SERVING");
+                set_all(&reporter, ServingStatus::NotServing).await;
+                healthy = false;
+            }
+            None if !healthy => {
+                tracing::info!("the storage engine passes its probe again: SERVING");
+                set_all(&reporter, ServingStatus::Serving).await;
+                healthy = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `meta` key the storage probe writes.
+const PROBE_KEY: &str = "health-probe";
+
+/// Answers every call but health checks with UNAVAILABLE ("starting"): the layer of the
+/// server that holds the port while the database opens.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartingLayer;
+
+impl<S> tower::Layer<S> for StartingLayer {
+    type Service = Starting<S>;
+
+    fn layer(&self, inner: S) -> Starting<S> {
+        Starting { inner }
+    }
+}
+
+/// See [`StartingLayer`].
+#[derive(Clone, Debug)]
+pub struct Starting<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for Starting<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path().starts_with("/grpc.health.v1.Health/") {
+            Box::pin(self.inner.call(request))
+        } else {
+            let status = tonic::Status::unavailable("the server is starting; retry shortly");
+            Box::pin(std::future::ready(Ok(status.into_http())))
+        }
+    }
+}
