@@ -218,3 +218,48 @@ async fn cli_errors_are_clear() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_cli_authenticates_with_its_token() {
+    use featurestore_server::config::{AuthMode, PrincipalConfig};
+    let token = featurestore_server::auth::new_token().expect("a token");
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.auth.mode = AuthMode::Required;
+        config.auth.principals = vec![PrincipalConfig {
+            name: "operators".to_string(),
+            token_sha256: vec![featurestore_server::auth::hash_token(&token)],
+            certificate_names: Vec::new(),
+            read_surfaces: Vec::new(),
+            write_sources: Vec::new(),
+            write_producers: Vec::new(),
+            privacy: false,
+            admin: true,
+        }];
+    })
+    .await;
+    let error = featurestore(&server, &["policy"])
+        .await
+        .expect_err("no token");
+    assert!(error.to_string().contains("Unauthenticated"), "{error}");
+    let (code, output) = featurestore(&server, &["--token", &token, "policy"])
+        .await
+        .expect("the operators' token");
+    assert_eq!(code, EXIT_SUCCESS);
+    assert!(output.contains("version"), "{output}");
+    let error = featurestore(
+        &server,
+        &[
+            "--token",
+            &token,
+            "set-user",
+            "1",
+            "--jurisdiction",
+            "US",
+            "--age",
+            "adult",
+        ],
+    )
+    .await
+    .expect_err("the operators do not hold the privacy role");
+    assert!(error.to_string().contains("PermissionDenied"), "{error}");
+}
