@@ -20,6 +20,8 @@ use crate::registry::Registry;
 use crate::storage::{RowKey, Store, StoredRow, UserState};
 
 mod load;
+#[cfg(test)]
+mod model;
 mod read;
 #[cfg(test)]
 mod tests;
