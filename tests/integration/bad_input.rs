@@ -457,3 +457,76 @@ async fn a_call_whose_deadline_has_passed_changes_nothing() {
         ValueStatus::Present
     );
 }
+
+/// An HTTP/2 frame: length, type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len())
+        .expect("a small frame")
+        .to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn a_flood_of_malformed_streams_closes_its_connection_and_nothing_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HEADERS: u8 = 0x1;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let server = TestServer::start_with(tempfile::tempdir().expect("temp dir"), |config| {
+        config.limits.local_error_reset_streams_max = 10;
+    })
+    .await;
+    let address = server.endpoint.trim_start_matches("http://").to_string();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(frame(SETTINGS, 0, 0, &[]));
+    // Requests an HTTP/2 server must refuse stream by stream: each carries a
+    // connection-specific header, which HTTP/2 forbids (HPACK: :method POST, :scheme http,
+    // :path /, then the literal `connection: close`).
+    let mut block = vec![0x83, 0x86, 0x84, 0x00, 10];
+    block.extend_from_slice(b"connection");
+    block.push(5);
+    block.extend_from_slice(b"close");
+    for stream in 0..100u32 {
+        flood.extend(frame(HEADERS, 0x4 | 0x1, 2 * stream + 1, &block));
+    }
+    // The server may close the connection before it has read everything.
+    let _ = socket.write_all(&flood).await;
+    let mut received = Vec::new();
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        socket.read_to_end(&mut received),
+    )
+    .await
+    .expect("the server closes the connection");
+    // A reset connection is an answer too; otherwise the GOAWAY must say why.
+    if ended.is_ok() {
+        let mut goaway = None;
+        let mut rest = received.as_slice();
+        while rest.len() >= 9 {
+            let length =
+                usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let Some(payload) = rest.get(9..9 + length) else {
+                break;
+            };
+            if rest[3] == GOAWAY && payload.len() >= 8 {
+                goaway = Some(u32::from_be_bytes(
+                    payload[4..8].try_into().expect("4 bytes"),
+                ));
+            }
+            rest = &rest[9 + length..];
+        }
+        assert_eq!(goaway, Some(ENHANCE_YOUR_CALM), "{received:?}");
+    }
+    server
+        .client
+        .get_features(read(&[(1, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("other callers are served");
+}
