@@ -1,5 +1,7 @@
 //! The server as a process: restarts on the same directory, health, reflection, shutdown.
 
+use std::time::Duration;
+
 use featurestore::domain::Value;
 use featurestore::proto::ValueStatus;
 use featurestore_tests::{TestServer, at, read, row, write};
@@ -161,4 +163,39 @@ async fn a_stopped_server_refuses_new_calls() {
         .await
         .expect_err("server is gone");
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+}
+
+#[tokio::test]
+async fn shutdown_turns_health_not_serving_and_ends_within_its_grace() {
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.limits.shutdown_grace = Duration::from_secs(1);
+    })
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    // A stream that never ends by itself: it would hold a graceful shutdown forever.
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "featurestore.v1.FeatureStore".to_string(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("a status").expect("a message");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let stopping = tokio::spawn(server.stop());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watcher hears of the shutdown")
+        .expect("a status")
+        .expect("a message");
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("the server stops once its one-second grace is over, open stream or not")
+        .expect("the stopping task");
 }
