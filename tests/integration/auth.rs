@@ -77,6 +77,7 @@ fn client(server: &TestServer, token: Option<&str>) -> Client {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Call {
     ListFeatures,
+    ListSurfaces,
     ReadReels,
     ReadFacebookAds,
     WriteEngagement,
@@ -90,13 +91,17 @@ enum Call {
     GetUserState,
     GetAuditTrail,
     EraseUser,
+    GetErasureStatus,
     GetPolicyStatus,
     ReloadPolicy,
     VerifyAuditLog,
+    SweepExpired,
+    CreateBackup,
 }
 
-const CALLS: [Call; 17] = [
+const CALLS: [Call; 21] = [
     Call::ListFeatures,
+    Call::ListSurfaces,
     Call::ReadReels,
     Call::ReadFacebookAds,
     Call::WriteEngagement,
@@ -110,9 +115,12 @@ const CALLS: [Call; 17] = [
     Call::GetUserState,
     Call::GetAuditTrail,
     Call::EraseUser,
+    Call::GetErasureStatus,
     Call::GetPolicyStatus,
     Call::ReloadPolicy,
     Call::VerifyAuditLog,
+    Call::SweepExpired,
+    Call::CreateBackup,
 ];
 
 /// The user every call is about (a US adult, set up by the privacy system).
@@ -139,8 +147,8 @@ fn hiking_row(source: &str, producer: &str) -> featurestore::domain::WriteRow {
 }
 
 /// Makes `call` as `client`; its code (OK when it succeeded). `nonce` keeps idempotency
-/// keys, job ids and erased users apart between callers.
-async fn make(client: &Client, call: Call, nonce: usize) -> Code {
+/// keys, job ids and erased users apart between callers; `receipt` is an erasure's.
+async fn make(client: &Client, call: Call, nonce: usize, receipt: &str) -> Code {
     let code = |result: Result<(), featurestore_client::ClientError>| match result {
         Ok(()) => Code::Ok,
         Err(error) => error.code(),
@@ -148,6 +156,7 @@ async fn make(client: &Client, call: Call, nonce: usize) -> Code {
     let key = format!("{call:?}-{nonce}");
     match call {
         Call::ListFeatures => code(client.list_features().await.map(drop)),
+        Call::ListSurfaces => code(client.list_surfaces().await.map(drop)),
         Call::ReadReels => code(
             client
                 .get_features(read(&[(USER, "instagram_reels")], &["interest_hiking"]))
@@ -220,7 +229,10 @@ async fn make(client: &Client, call: Call, nonce: usize) -> Code {
         Call::GetUserState => code(client.get_user_state(USER).await.map(drop)),
         Call::GetAuditTrail => code(client.audit_trail(USER, 10).await.map(drop)),
         Call::EraseUser => code(client.erase_user(2000 + nonce as u64).await.map(drop)),
+        Call::GetErasureStatus => code(client.erasure_status(receipt).await.map(drop)),
         Call::GetPolicyStatus => code(client.policy_status().await.map(drop)),
+        Call::SweepExpired => code(client.sweep_expired().await.map(drop)),
+        Call::CreateBackup => code(client.create_backup().await.map(drop)),
         Call::ReloadPolicy => code(client.reload_policy().await.map(drop)),
         Call::VerifyAuditLog => code(client.verify_audit_log().await.map(drop)),
     }
@@ -242,19 +254,19 @@ fn expected(caller: &str, call: Call) -> Code {
     use Call::*;
     let allowed = match caller {
         "no credentials" | "unknown token" => return Code::Unauthenticated,
-        "reader" => matches!(call, ListFeatures | ReadReels),
-        "reader (next token)" => matches!(call, ListFeatures | ReadReels),
+        _ if matches!(call, ListFeatures | ListSurfaces) => true,
+        "reader" | "reader (next token)" => call == ReadReels,
         "writer" => matches!(
             call,
-            ListFeatures | WriteEngagement | ExplainEngagement | BulkLoadEngagement | ListLoadJobs
+            WriteEngagement | ExplainEngagement | BulkLoadEngagement | ListLoadJobs
         ),
         "privacy" => matches!(
             call,
-            ListFeatures | SetUserState | GetUserState | GetAuditTrail | EraseUser
+            SetUserState | GetUserState | GetAuditTrail | EraseUser | GetErasureStatus
         ),
         "admin" => matches!(
             call,
-            ListFeatures | GetPolicyStatus | ReloadPolicy | VerifyAuditLog
+            GetPolicyStatus | ReloadPolicy | VerifyAuditLog | SweepExpired | CreateBackup
         ),
         other => panic!("unknown caller {other}"),
     };
@@ -268,10 +280,16 @@ fn expected(caller: &str, call: Call) -> Code {
 #[tokio::test]
 async fn each_principal_may_make_its_calls_and_no_others() {
     let server = server_with_auth().await;
-    client(&server, Some(PRIVACY))
+    let privacy = client(&server, Some(PRIVACY));
+    privacy
         .set_user_state(us_adult(USER))
         .await
         .expect("the privacy system sets the user's state");
+    let receipt = privacy
+        .erase_user(999)
+        .await
+        .expect("an erasure")
+        .receipt_id;
     let callers = [
         ("no credentials", None),
         ("unknown token", Some("not-a-configured-token")),
@@ -290,7 +308,7 @@ async fn each_principal_may_make_its_calls_and_no_others() {
     for call in CALLS {
         write!(table, "| {call:?} |").expect("write to a string");
         for (nonce, (caller, token)) in callers.iter().enumerate() {
-            let got = make(&client(&server, *token), call, nonce).await;
+            let got = make(&client(&server, *token), call, nonce, &receipt).await;
             let want = expected(caller, call);
             if got != want {
                 mismatches.push(format!("{caller} {call:?}: got {got:?}, expected {want:?}"));
