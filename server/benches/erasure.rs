@@ -76,7 +76,7 @@ fn main() {
     let load_started = Instant::now();
     let mut key = 0;
     for user_id in 1..=OTHER_USERS + ERASED_USERS {
-        core.set_user_state(&support::us_adult(user_id))
+        core.set_user_state(&support::us_adult(user_id), "bench")
             .expect("state");
     }
     // Other users: 4 rows each. Erased users: one row on each of the 1,000 surfaces.
@@ -114,7 +114,7 @@ fn main() {
     let mut steps = Vec::new();
     for user_id in 1..=ERASED_USERS {
         let started = Instant::now();
-        let receipt = core.erase_user(user_id).expect("erase");
+        let receipt = core.erase_user(user_id, "bench").expect("erase");
         totals.push(started.elapsed());
         assert!(receipt.verified);
         let fence = receipt.deleted_at.unwrap_or(0) - receipt.requested_at;

@@ -106,7 +106,7 @@ fn main() {
         clock,
     );
     let user = core
-        .set_user_state(&support::us_adult(7))
+        .set_user_state(&support::us_adult(7), "bench")
         .expect("user state");
     let source = registry.source("ai_chat").expect("registered");
     let surfaces: Vec<_> = SURFACES

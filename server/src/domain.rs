@@ -217,7 +217,8 @@ impl Core {
     /// Erases a user: fences every later write, deletes every row in one range delete and
     /// destroys the pseudonym key (one atomic write), compacts the bytes out of the data
     /// files, and verifies that nothing is left. Each step is recorded in the ledger first.
-    pub fn erase_user(&self, user_id: u64) -> Result<Receipt, Error> {
+    /// `caller` (the authenticated principal) is recorded in the audit log.
+    pub fn erase_user(&self, user_id: u64, caller: &str) -> Result<Receipt, Error> {
         let mut id = [0u8; 8];
         getrandom::fill(&mut id)
             .map_err(|error| Error::Ledger(format!("no randomness for a receipt id: {error}")))?;
@@ -233,7 +234,7 @@ impl Core {
             ..Receipt::default()
         };
         self.record(&receipt)?;
-        self.run_erasure(&mut receipt, "privacy")?;
+        self.run_erasure(&mut receipt, caller)?;
         Ok(receipt)
     }
 
@@ -301,8 +302,9 @@ impl Core {
         Ok(())
     }
 
-    /// Writes a consistent backup of the database; returns its directory.
-    pub fn backup(&self) -> Result<PathBuf, Error> {
+    /// Writes a consistent backup of the database; returns its directory. `caller` is
+    /// recorded in the audit log.
+    pub fn backup(&self, caller: &str) -> Result<PathBuf, Error> {
         std::fs::create_dir_all(&self.backup_dir).map_err(|error| {
             Error::Backup(format!(
                 "cannot create {}: {error}",
@@ -313,7 +315,7 @@ impl Core {
             .backup_dir
             .join(format!("backup-{}", self.clock.now().unix_micros()));
         self.store.checkpoint(&directory)?;
-        let mut entry = self.audit_entry(AuditAction::BackupCreated, "admin", None)?;
+        let mut entry = self.audit_entry(AuditAction::BackupCreated, caller, None)?;
         entry.subject = directory.display().to_string();
         self.store.append_audit(&[entry])?;
         Ok(directory)
@@ -358,7 +360,8 @@ impl Core {
     /// Loads the bundle again from where it came from. An invalid bundle is refused and the
     /// old one stays in force. A different bundle is swapped in atomically (requests in
     /// flight finish on the old one) and a purge re-validates every stored value.
-    pub fn reload_policy(self: &Arc<Self>) -> Result<PolicyInForce, Error> {
+    /// `caller` is recorded in the audit log.
+    pub fn reload_policy(self: &Arc<Self>, caller: &str) -> Result<PolicyInForce, Error> {
         let new = match &self.policy_path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|error| {
@@ -392,7 +395,7 @@ impl Core {
                 loaded_at: self.clock.now(),
             };
         }
-        let mut entry = self.audit_entry(AuditAction::PolicyLoaded, "admin", None)?;
+        let mut entry = self.audit_entry(AuditAction::PolicyLoaded, caller, None)?;
         entry.subject.clone_from(&new.version);
         self.store.append_audit(&[entry])?;
         Arc::clone(self).spawn_purge();
@@ -561,11 +564,16 @@ impl Core {
 
     /// Creates or replaces a user's state; the user's stored values that the new state
     /// forbids are removed in the same atomic write.
-    pub fn set_user_state(&self, update: &UserStateUpdate) -> Result<UserState, Error> {
+    /// `caller` (the authenticated principal) is recorded in the audit log.
+    pub fn set_user_state(
+        &self,
+        update: &UserStateUpdate,
+        caller: &str,
+    ) -> Result<UserState, Error> {
         let policy = self.policy();
         let now = self.clock.now();
         let mut entry =
-            self.audit_entry(AuditAction::UserStateSet, "privacy", Some(update.user_id))?;
+            self.audit_entry(AuditAction::UserStateSet, caller, Some(update.user_id))?;
         entry.bundle_hash.clone_from(&policy.hash);
         self.changing_user_state(|| {
             Ok(self.store.set_user_state(

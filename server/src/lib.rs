@@ -370,7 +370,7 @@ async fn reload_on_hangup(core: Arc<Core>, shutdown: CancellationToken) {
             received = hangups.recv() => if received.is_none() { return },
         }
         let core = Arc::clone(&core);
-        match tokio::task::spawn_blocking(move || core.reload_policy()).await {
+        match tokio::task::spawn_blocking(move || core.reload_policy("SIGHUP")).await {
             Ok(Ok(in_force)) => {
                 tracing::info!(hash = %in_force.policy.hash, "SIGHUP: policy bundle in force")
             }

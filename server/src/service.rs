@@ -185,10 +185,11 @@ impl Privacy for FeatureStoreService {
         &self,
         request: Request<proto::SetUserStateRequest>,
     ) -> Result<Response<proto::UserState>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let update = UserStateUpdate::try_from(request.into_inner())
             .map_err(|error| status(error.into()))?;
         let state = self
-            .run_blocking(move |core| core.set_user_state(&update))
+            .run_blocking(move |core| core.set_user_state(&update, &principal.name))
             .await
             .map_err(status)?;
         Ok(Response::new(self.user_state_to_proto(state)))
@@ -225,6 +226,7 @@ impl Privacy for FeatureStoreService {
         &self,
         request: Request<proto::EraseUserRequest>,
     ) -> Result<Response<proto::ErasureReceipt>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let user_id = request.into_inner().user_id;
         if user_id == 0 {
             return Err(status(
@@ -232,7 +234,7 @@ impl Privacy for FeatureStoreService {
             ));
         }
         let receipt = self
-            .run_blocking(move |core| core.erase_user(user_id))
+            .run_blocking(move |core| core.erase_user(user_id, &principal.name))
             .await
             .map_err(status)?;
         Ok(Response::new(receipt_to_proto(receipt)))
@@ -311,11 +313,12 @@ fn audit_record_to_proto(record: AuditRecord) -> proto::AuditRecord {
 impl Admin for FeatureStoreService {
     async fn create_backup(
         &self,
-        _request: Request<proto::CreateBackupRequest>,
+        request: Request<proto::CreateBackupRequest>,
     ) -> Result<Response<proto::BackupInfo>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let core = Arc::clone(&self.core);
         let taken_at = self.core.clock.now();
-        let path = tokio::task::spawn_blocking(move || core.backup())
+        let path = tokio::task::spawn_blocking(move || core.backup(&principal.name))
             .await
             .map_err(|error| status(Error::Task(error.to_string())))?
             .map_err(status)?;
@@ -359,10 +362,11 @@ impl Admin for FeatureStoreService {
 
     async fn reload_policy(
         &self,
-        _request: Request<proto::ReloadPolicyRequest>,
+        request: Request<proto::ReloadPolicyRequest>,
     ) -> Result<Response<proto::PolicyStatus>, Status> {
+        let principal = principal_of(&request).map_err(status)?;
         let core = Arc::clone(&self.core);
-        tokio::task::spawn_blocking(move || core.reload_policy())
+        tokio::task::spawn_blocking(move || core.reload_policy(&principal.name))
             .await
             .map_err(|error| status(Error::Task(error.to_string())))?
             .map_err(status)?;

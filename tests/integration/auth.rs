@@ -327,6 +327,14 @@ async fn each_principal_may_make_its_calls_and_no_others() {
         .await
         .expect("read");
     assert_eq!(crate::float(&response, 0, "interest_hiking"), 0.75);
+    // The audit log names the principal that changed the user's state.
+    let trail = privacy.audit_trail(USER, 100).await.expect("audit trail");
+    let state_set = trail
+        .records
+        .iter()
+        .find(|record| record.action == "user_state_set")
+        .expect("the state change is audited");
+    assert_eq!(state_set.caller, "privacy-system");
 }
 
 #[tokio::test]

@@ -279,7 +279,7 @@ impl StateMachineTest for StoreAgainstModel {
         for user in 1..=USERS {
             system
                 .core()
-                .set_user_state(&System::state(user))
+                .set_user_state(&System::state(user), "model")
                 .expect("set the user's state");
         }
         system
@@ -331,12 +331,12 @@ impl StateMachineTest for StoreAgainstModel {
             Operation::SetState { user } => {
                 let state = system
                     .core()
-                    .set_user_state(&System::state(user))
+                    .set_user_state(&System::state(user), "model")
                     .expect("set the user's state");
                 assert_eq!(state.generation, model.generation[&user]);
                 true
             }
-            Operation::Erase { user } => system.core().erase_user(user).is_ok(),
+            Operation::Erase { user } => system.core().erase_user(user, "model").is_ok(),
             Operation::Read => true,
             Operation::Restart => {
                 let core = system.core.take().expect("the core is open");

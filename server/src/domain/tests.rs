@@ -179,7 +179,7 @@ proptest! {
                         linked_apps: linked_apps.clone(),
                         ads_objection: *ads_objection,
                         expected_generation: None,
-                    })
+                    }, "tests")
                     .expect("set state")
                     .generation,
                 None => 0,
