@@ -424,10 +424,13 @@ impl Authenticator {
 
     fn authenticate<B>(&self, request: &http::Request<B>) -> Result<Arc<Principal>, Refusal> {
         if let Some(value) = request.headers().get(http::header::AUTHORIZATION) {
+            // The scheme's name is case-insensitive (RFC 6750).
             let token = value
                 .to_str()
                 .ok()
-                .and_then(|value| value.strip_prefix("Bearer "))
+                .and_then(|value| value.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token)
                 .ok_or_else(|| {
                     Refusal::Unauthenticated(
                         "the authorization header must be `Bearer <token>`".to_string(),

@@ -354,6 +354,12 @@ async fn credentials_are_checked_before_the_request_is_decoded() {
         Code::PermissionDenied,
         "a reader's write is refused for its role, before its body is read"
     );
+    let lowercase = format!("bearer {READER}");
+    assert_eq!(
+        raw_grpc_call(&server, path, &[("authorization", &lowercase)], &garbage).await,
+        Code::PermissionDenied,
+        "the scheme's name is case-insensitive: the reader is recognised, and refused a write"
+    );
     let basic = "Basic cmVhZGVyOnNlY3JldA==";
     assert_eq!(
         raw_grpc_call(&server, path, &[("authorization", basic)], &garbage).await,
