@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use featurestore::domain::{ReadRequest, WriteRow};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::error::Error;
 use crate::registry::Registry;
@@ -444,8 +443,8 @@ impl Authenticator {
         }
         let certificates = request
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs);
+            .get::<crate::tls::ConnectionInfo>()
+            .and_then(|connection| connection.peer_certificates.clone());
         let Some(certificates) = certificates else {
             return Err(Refusal::Unauthenticated(
                 "no credentials: send `authorization: Bearer <token>` or a client certificate"

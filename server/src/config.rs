@@ -112,10 +112,19 @@ pub struct TlsConfig {
     /// Longest a TLS handshake may take.
     #[serde(with = "humantime_serde", default = "default_handshake_timeout")]
     pub handshake_timeout: Duration,
+    /// How often the certificate, key and client authority files are checked for a change;
+    /// a changed set that loads is used for every later connection, without a restart.
+    /// Zero turns the check off.
+    #[serde(with = "humantime_serde", default = "default_reload_interval")]
+    pub reload_interval: Duration,
 }
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Limits on requests and on the server's work. Every one has a default.

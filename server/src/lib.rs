@@ -14,6 +14,7 @@ pub mod policy;
 pub mod registry;
 pub mod service;
 pub mod storage;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -23,7 +24,6 @@ use featurestore::proto::backfill_server::BackfillServer;
 use featurestore::proto::feature_store_server::FeatureStoreServer;
 use featurestore::proto::privacy_server::PrivacyServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
@@ -33,20 +33,6 @@ use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::service::FeatureStoreService;
 use crate::storage::{RocksStore, Store};
-
-/// The connections accepted on `listener`, with Nagle's algorithm off: tonic's
-/// `tcp_nodelay` applies only to listeners it binds itself, and with Nagle on, a small
-/// response waits for the client's delayed acknowledgement (tens of milliseconds).
-fn without_nagle(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
 
 /// Serves on `listener` until `shutdown` is cancelled, with the system clock.
 pub async fn run(
@@ -101,7 +87,7 @@ pub async fn run_with_clock(
             "authentication required"
         );
     }
-    let tls = config.tls.as_ref().map(server_tls).transpose()?;
+    let tls = config.tls.as_ref().map(tls::Tls::load).transpose()?;
     // From here until the core is ready the port answers health checks (NOT_SERVING) and
     // refuses every other call with UNAVAILABLE, rather than leaving callers hanging.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -223,12 +209,14 @@ pub async fn run_with_clock(
     drop(starting);
     health::set_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
     tracing::info!(%address, tls = config.tls.is_some(), data_dir = %config.data_dir.display(), durability = ?config.durability, "serving");
-    let stop_accepting = shutdown.clone();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("TLS configuration")?;
+    if let Some(tls) = &tls {
+        background_tasks.spawn(tls::reload_periodically(
+            Arc::clone(tls),
+            background.clone(),
+        ));
     }
-    let server = server
+    let stop_accepting = shutdown.clone();
+    let server = tonic::transport::Server::builder()
         .timeout(limits.request_timeout)
         .max_concurrent_streams(Some(limits.concurrent_streams_per_connection_max))
         // Both flood limits are set explicitly: left unset, tonic turns the second off.
@@ -249,7 +237,7 @@ pub async fn run_with_clock(
         .add_service(privacy)
         .add_service(backfill)
         .add_service(admin)
-        .serve_with_incoming_shutdown(without_nagle(listener), async move {
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls), async move {
             stop_accepting.cancelled().await;
             tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
             health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
@@ -278,7 +266,7 @@ pub async fn run_with_clock(
 /// serves on once it is ready.
 fn serve_while_starting(
     listener: TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<tls::Tls>>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -287,15 +275,11 @@ fn serve_while_starting(
     let starting_listener = TcpListener::from_std(listener.try_clone()?)?;
     let listener = TcpListener::from_std(listener)?;
     let ready = CancellationToken::new();
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("TLS configuration")?;
-    }
-    let server = server
+    let server = tonic::transport::Server::builder()
         .layer(health::StartingLayer)
         .add_service(health)
         .serve_with_incoming_shutdown(
-            without_nagle(starting_listener),
+            tls::incoming(starting_listener, tls),
             ready.clone().cancelled_owned(),
         );
     // Connections made while starting are told to go away once it ends (HTTP/2 GOAWAY) and
@@ -306,30 +290,6 @@ fn serve_while_starting(
         }
     });
     Ok((listener, ready.drop_guard()))
-}
-
-/// The server's TLS settings, from the files the config names.
-fn server_tls(config: &config::TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path)
-            .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
-    };
-    let identity = tonic::transport::Identity::from_pem(
-        read(&config.certificate_path, "certificate")?,
-        read(&config.key_path, "key")?,
-    );
-    let mut tls = tonic::transport::ServerTlsConfig::new()
-        .identity(identity)
-        .timeout(config.handshake_timeout);
-    if let Some(path) = &config.client_ca_path {
-        tls = tls
-            .client_ca_root(tonic::transport::Certificate::from_pem(read(
-                path,
-                "client certificate authority",
-            )?))
-            .client_auth_optional(config.client_certificate_optional);
-    }
-    Ok(tls)
 }
 
 /// Runs the retention sweep every `interval` until shutdown.

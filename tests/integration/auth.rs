@@ -436,6 +436,7 @@ async fn server_with_tls(
         client_ca_path: client_ca,
         client_certificate_optional: false,
         handshake_timeout: std::time::Duration::from_secs(5),
+        reload_interval: std::time::Duration::from_millis(50),
     };
     TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
         config.auth.mode = AuthMode::Required;
@@ -606,4 +607,50 @@ async fn over_mutual_tls_the_client_certificate_is_the_principal() {
 
     // The server keeps serving the good client after all of that.
     ranker.get_features(reels(1)).await.expect("still served");
+}
+
+#[tokio::test]
+async fn renewed_certificates_are_put_in_force_without_a_restart() {
+    let directory = tempfile::tempdir().expect("directory");
+    let old = TestAuthority::new(directory.path(), "old-ca");
+    let files = old.server();
+    let server = server_with_tls(&files, None, principals()).await;
+    wait_until_serving(&server, &old).await;
+    tls_client(&server, &old, None, Some(READER))
+        .get_features(reels(1))
+        .await
+        .expect("served with the first certificate");
+
+    // The renewal: another authority's certificate and key written over the files in
+    // force, one after the other, as a renewal job would.
+    let new = TestAuthority::new(directory.path(), "new-ca");
+    let renewed = new.server();
+    std::fs::copy(&renewed.certificate, &files.certificate).expect("renew the certificate");
+    std::fs::copy(&renewed.key, &files.key).expect("renew the key");
+    let started = std::time::Instant::now();
+    while let Err(error) = tls_client(&server, &new, None, Some(READER))
+        .get_features(reels(1))
+        .await
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the renewed certificate was never put in force: {error}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let error = tls_client(&server, &old, None, Some(READER))
+        .get_features(reels(1))
+        .await
+        .expect_err("new connections see the new certificate");
+    assert_not_connected(&error);
+
+    // A broken renewal (a key that is not the certificate's) is refused, and the
+    // certificate in force stays.
+    let stranger = old.client("stranger");
+    std::fs::copy(&stranger.key, &files.key).expect("write a mismatched key");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tls_client(&server, &new, None, Some(READER))
+        .get_features(reels(1))
+        .await
+        .expect("still served with the renewed certificate");
 }
