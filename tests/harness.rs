@@ -147,14 +147,7 @@ impl TestServer {
         for user_id in users {
             let state = self
                 .client
-                .set_user_state(UserStateUpdate {
-                    user_id,
-                    jurisdiction: "US".to_string(),
-                    age_band: AgeBand::Adult,
-                    linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
-                    ads_objection: false,
-                    expected_generation: None,
-                })
+                .set_user_state(us_adult(user_id))
                 .await
                 .expect("set the user state");
             assert_eq!(
@@ -195,6 +188,19 @@ pub async fn until_serving(endpoint: &str, mut ended: impl FnMut() -> bool) {
             Err(status) if status.code() == tonic::Code::Unknown => return,
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
+    }
+}
+
+/// An adult in the US (outside every excluded region) whose Facebook and Instagram
+/// accounts are linked: a person the policy lets every signal through for.
+pub fn us_adult(user_id: u64) -> UserStateUpdate {
+    UserStateUpdate {
+        user_id,
+        jurisdiction: "US".to_string(),
+        age_band: AgeBand::Adult,
+        linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
+        ads_objection: false,
+        expected_generation: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Who is calling, and what they may do.
 //!
-//! Every call is authenticated by [`AuthLayer`] before its body is decoded: a bearer token
+//! Every call is authenticated by the [`Gate`] of [`Authenticator`] before its body is decoded: a bearer token
 //! (the `authorization: Bearer <token>` header, matched by its SHA-256 against the
 //! configured principals, so the config never holds a usable token) or, over mutual TLS,
 //! the client certificate's names. The layer then checks that the principal holds the
@@ -10,16 +10,14 @@
 //! ([`Principal::check_write`]). Anything no rule allows is refused.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use featurestore::domain::{ReadRequest, WriteRow};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;
+use crate::gate::Gate;
 use crate::registry::Registry;
 
 /// How callers are authenticated.
@@ -72,6 +70,22 @@ pub struct PrincipalConfig {
     /// Admin role: policy reload, audit-log verification, sweep, backup.
     #[serde(default)]
     pub admin: bool,
+}
+
+impl PrincipalConfig {
+    /// A principal with no credential and no role yet.
+    pub fn named(name: &str) -> PrincipalConfig {
+        PrincipalConfig {
+            name: name.to_string(),
+            token_sha256: Vec::new(),
+            certificate_names: Vec::new(),
+            read_surfaces: Vec::new(),
+            write_sources: Vec::new(),
+            write_producers: Vec::new(),
+            privacy: false,
+            admin: false,
+        }
+    }
 }
 
 /// A set of names, or all of them.
@@ -247,7 +261,7 @@ impl Principal {
     }
 }
 
-/// The principal a handler's request was authenticated as: set by [`AuthLayer`] on every
+/// The principal a handler's request was authenticated as: set by the authenticator on every
 /// call it lets through, so its absence is a server bug and refused as such.
 pub fn principal_of<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, Error> {
     request
@@ -501,74 +515,24 @@ fn certificate_names(der: &[u8]) -> Vec<String> {
     names
 }
 
-/// Authenticates every call and checks its role before anything else runs; see the
-/// module's documentation.
-#[derive(Clone, Debug)]
-pub struct AuthLayer {
-    authenticator: Arc<Authenticator>,
-}
-
-impl AuthLayer {
-    pub fn new(authenticator: Arc<Authenticator>) -> AuthLayer {
-        AuthLayer { authenticator }
-    }
-}
-
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-
-    fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            authenticator: Arc::clone(&self.authenticator),
-        }
-    }
-}
-
-/// See [`AuthLayer`].
-#[derive(Clone, Debug)]
-pub struct Auth<S> {
-    inner: S,
-    authenticator: Arc<Authenticator>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, ResBody> tower::Service<http::Request<B>> for Auth<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match self.authenticator.authorize(&request) {
+/// Authenticates every call and checks its role before anything else runs (see the
+/// module's documentation); the principal goes into the request's extensions.
+impl Gate for Arc<Authenticator> {
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
+        match self.authorize(request) {
             Ok(principal) => {
                 if let Some(principal) = principal {
                     request.extensions_mut().insert(principal);
                 }
-                Box::pin(self.inner.call(request))
+                Ok(())
             }
-            Err(refusal) => {
-                let status = match refusal {
-                    Refusal::Unauthenticated(message) => {
-                        tracing::debug!(path = request.uri().path(), %message, "unauthenticated call refused");
-                        tonic::Status::unauthenticated(message)
-                    }
-                    Refusal::PermissionDenied(message) => {
-                        tracing::debug!(path = request.uri().path(), %message, "call refused");
-                        tonic::Status::permission_denied(message)
-                    }
-                };
-                Box::pin(std::future::ready(Ok(status.into_http())))
+            Err(Refusal::Unauthenticated(message)) => {
+                tracing::debug!(path = request.uri().path(), %message, "unauthenticated call refused");
+                Err(tonic::Status::unauthenticated(message))
+            }
+            Err(Refusal::PermissionDenied(message)) => {
+                tracing::debug!(path = request.uri().path(), %message, "call refused");
+                Err(tonic::Status::permission_denied(message))
             }
         }
     }
@@ -622,14 +586,8 @@ mod tests {
 
     fn principal(configure: impl FnOnce(&mut PrincipalConfig)) -> PrincipalConfig {
         let mut config = PrincipalConfig {
-            name: "p".to_string(),
             token_sha256: vec![hash_token("t")],
-            certificate_names: Vec::new(),
-            read_surfaces: Vec::new(),
-            write_sources: Vec::new(),
-            write_producers: Vec::new(),
-            privacy: false,
-            admin: false,
+            ..PrincipalConfig::named("p")
         };
         configure(&mut config);
         config

@@ -3,10 +3,7 @@
 //! UNAVAILABLE), while the storage engine fails its probe, and once shutdown begins;
 //! SERVING otherwise.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use featurestore::proto::admin_server::AdminServer;
@@ -18,6 +15,7 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::gate::Gate;
 use crate::service::FeatureStoreService;
 use crate::storage::Store;
 
@@ -46,14 +44,9 @@ pub async fn watch_storage(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = crate::Ticker::new(interval, shutdown.clone());
     let mut healthy = true;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    while ticker.tick().await {
         let store = Arc::clone(&store);
         let probed = tokio::task::spawn_blocking(move || {
             let stamp = std::time::SystemTime::now()
@@ -97,48 +90,19 @@ pub async fn watch_storage(
 /// The `meta` key the storage probe writes.
 const PROBE_KEY: &str = "health-probe";
 
-/// Answers every call but health checks with UNAVAILABLE ("starting"): the layer of the
+/// Answers every call but health checks with UNAVAILABLE ("starting"): the gate of the
 /// server that holds the port while the database opens.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct StartingLayer;
+pub struct Starting;
 
-impl<S> tower::Layer<S> for StartingLayer {
-    type Service = Starting<S>;
-
-    fn layer(&self, inner: S) -> Starting<S> {
-        Starting { inner }
-    }
-}
-
-/// See [`StartingLayer`].
-#[derive(Clone, Debug)]
-pub struct Starting<S> {
-    inner: S,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, ResBody> tower::Service<http::Request<B>> for Starting<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+impl Gate for Starting {
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
         if request.uri().path().starts_with("/grpc.health.v1.Health/") {
-            Box::pin(self.inner.call(request))
+            Ok(())
         } else {
-            let status = tonic::Status::unavailable("the server is starting; retry shortly");
-            Box::pin(std::future::ready(Ok(status.into_http())))
+            Err(tonic::Status::unavailable(
+                "the server is starting; retry shortly",
+            ))
         }
     }
 }

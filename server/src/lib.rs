@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod erasure;
 pub mod error;
+pub mod gate;
 pub mod health;
 pub mod load;
 pub mod policy;
@@ -225,7 +226,7 @@ pub async fn run_with_clock(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
-        .layer(auth::AuthLayer::new(authenticator))
+        .layer(gate::GateLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             oversized_request_is_resource_exhausted,
@@ -276,7 +277,7 @@ fn serve_while_starting(
     let listener = TcpListener::from_std(listener)?;
     let ready = CancellationToken::new();
     let server = tonic::transport::Server::builder()
-        .layer(health::StartingLayer)
+        .layer(gate::GateLayer::new(health::Starting))
         .add_service(health)
         .serve_with_incoming_shutdown(
             tls::incoming(starting_listener, tls),
@@ -292,19 +293,37 @@ fn serve_while_starting(
     Ok((listener, ready.drop_guard()))
 }
 
+/// Ticks every `interval`, the first after one interval, until shutdown; a tick missed
+/// while the work of the last one ran is not made up for.
+pub(crate) struct Ticker {
+    ticks: tokio::time::Interval,
+    shutdown: CancellationToken,
+}
+
+impl Ticker {
+    pub(crate) fn new(interval: std::time::Duration, shutdown: CancellationToken) -> Ticker {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker { ticks, shutdown }
+    }
+
+    /// Waits for the next tick; false once shutdown begins.
+    pub(crate) async fn tick(&mut self) -> bool {
+        tokio::select! {
+            () = self.shutdown.cancelled() => false,
+            _ = self.ticks.tick() => true,
+        }
+    }
+}
+
 /// Runs the retention sweep every `interval` until shutdown.
 async fn sweep_periodically(
     core: Arc<Core>,
     interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticker = Ticker::new(interval, shutdown);
+    while ticker.tick().await {
         let core = Arc::clone(&core);
         match tokio::task::spawn_blocking(move || core.sweep()).await {
             Ok(Ok(_)) => {}

@@ -223,13 +223,8 @@ pub async fn reload_periodically(tls: Arc<Tls>, shutdown: CancellationToken) {
     if interval.is_zero() {
         return;
     }
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    let mut ticker = crate::Ticker::new(interval, shutdown);
+    while ticker.tick().await {
         match tls.reload_if_changed() {
             Ok(true) => tracing::info!("TLS certificates reloaded"),
             Ok(false) => {}

@@ -3,13 +3,13 @@
 
 use std::fmt::Write as _;
 
-use featurestore::domain::{AgeBand, UserStateUpdate, Value};
+use featurestore::domain::Value;
 use featurestore::proto;
 use featurestore_client::{BearerToken, Client, ClientOptions, ClientTls};
 use featurestore_server::auth::hash_token;
 use featurestore_server::config::{AuthMode, PrincipalConfig, TlsConfig};
 use featurestore_tests::pki::{CertificateFiles, TestAuthority};
-use featurestore_tests::{TestServer, at, read, row, write};
+use featurestore_tests::{TestServer, at, read, row, us_adult, write};
 use tonic::Code;
 
 use crate::raw_grpc_call;
@@ -23,14 +23,8 @@ const READER_NEXT: &str = "reader-token-next-11e2";
 
 fn principal(name: &str, tokens: &[&str]) -> PrincipalConfig {
     PrincipalConfig {
-        name: name.to_string(),
         token_sha256: tokens.iter().map(|token| hash_token(token)).collect(),
-        certificate_names: Vec::new(),
-        read_surfaces: Vec::new(),
-        write_sources: Vec::new(),
-        write_producers: Vec::new(),
-        privacy: false,
-        admin: false,
+        ..PrincipalConfig::named(name)
     }
 }
 
@@ -235,17 +229,6 @@ async fn make(client: &Client, call: Call, nonce: usize, receipt: &str) -> Code 
         Call::CreateBackup => code(client.create_backup().await.map(drop)),
         Call::ReloadPolicy => code(client.reload_policy().await.map(drop)),
         Call::VerifyAuditLog => code(client.verify_audit_log().await.map(drop)),
-    }
-}
-
-fn us_adult(user_id: u64) -> UserStateUpdate {
-    UserStateUpdate {
-        user_id,
-        jurisdiction: "US".to_string(),
-        age_band: AgeBand::Adult,
-        linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
-        ads_objection: false,
-        expected_generation: None,
     }
 }
 

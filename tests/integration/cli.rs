@@ -226,14 +226,9 @@ async fn the_cli_authenticates_with_its_token() {
     let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
         config.auth.mode = AuthMode::Required;
         config.auth.principals = vec![PrincipalConfig {
-            name: "operators".to_string(),
             token_sha256: vec![featurestore_server::auth::hash_token(&token)],
-            certificate_names: Vec::new(),
-            read_surfaces: Vec::new(),
-            write_sources: Vec::new(),
-            write_producers: Vec::new(),
-            privacy: false,
             admin: true,
+            ..PrincipalConfig::named("operators")
         }];
     })
     .await;

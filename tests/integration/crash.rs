@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
+use featurestore::domain::{Timestamp, Value};
 use featurestore_client::{Client, ClientOptions};
 use featurestore_tests::{read, row, write};
 
@@ -244,14 +244,7 @@ async fn acknowledged_writes_survive_kill_9() {
             for writer in 0..WRITERS {
                 for index in 0..USERS_PER_WRITER {
                     client
-                        .set_user_state(UserStateUpdate {
-                            user_id: user(writer, index),
-                            jurisdiction: "US".to_string(),
-                            age_band: AgeBand::Adult,
-                            linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
-                            ads_objection: false,
-                            expected_generation: None,
-                        })
+                        .set_user_state(featurestore_tests::us_adult(user(writer, index)))
                         .await
                         .expect("set the user state");
                 }
