@@ -10,7 +10,7 @@ use featurestore_server::registry::{FeatureId, Sensitivity, SourceId, SurfaceId}
 use featurestore_server::storage::codec::encode_row;
 use featurestore_server::storage::keys::encode_row_key;
 use featurestore_server::storage::{RowKey, StoredRow, StoredValue};
-use featurestore_tests::{TestServer, at, read, row, write};
+use featurestore_tests::{TestServer, at, read, row, us_adult, write};
 use tonic::Code;
 
 use crate::status;
@@ -21,17 +21,6 @@ const ALL_SURFACES: [&str; 4] = [
     "instagram_reels",
     "instagram_ads",
 ];
-
-fn us_adult(user_id: u64) -> UserStateUpdate {
-    UserStateUpdate {
-        user_id,
-        jurisdiction: "US".to_string(),
-        age_band: AgeBand::Adult,
-        linked_apps: vec!["facebook".to_string(), "instagram".to_string()],
-        ads_objection: false,
-        expected_generation: None,
-    }
-}
 
 /// Stores interest_hiking for `user_id` on every surface, from a Facebook chat.
 async fn store_everywhere(server: &TestServer, user_id: u64) {
