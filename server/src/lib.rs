@@ -78,6 +78,12 @@ pub async fn run_with_clock(
             .is_some_and(|tls| tls.client_ca_path.is_some()),
     )?);
     if authenticator.mode() == auth::AuthMode::Disabled {
+        let address = listener.local_addr()?;
+        anyhow::ensure!(
+            address.ip().is_loopback(),
+            "authentication is disabled, so the server listens only on a loopback address, not \
+             {address}: configure [auth] principals to serve other machines"
+        );
         tracing::warn!(
             "authentication is DISABLED (auth.mode = \"disabled\"): every caller may read, \
              write, erase users and administer the server. Use this on a development machine only"

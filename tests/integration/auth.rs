@@ -406,6 +406,24 @@ async fn a_server_requiring_authentication_without_principals_does_not_start() {
     );
 }
 
+#[tokio::test]
+async fn without_authentication_the_server_listens_on_loopback_only() {
+    let directory = tempfile::tempdir().expect("directory");
+    let mut config = featurestore_server::config::Config {
+        data_dir: directory.path().join("db"),
+        ..featurestore_server::config::Config::default()
+    };
+    config.auth.mode = AuthMode::Disabled;
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let error =
+        featurestore_server::run(listener, config, tokio_util::sync::CancellationToken::new())
+            .await
+            .expect_err("an open server on every interface is refused");
+    assert!(error.to_string().contains("loopback"), "{error:#}");
+}
+
 /// A server over TLS with `server_certificate`; with `client_ca`, clients need a
 /// certificate it signed.
 async fn server_with_tls(
