@@ -273,10 +273,13 @@ pub fn principal_of<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, Er
 
 /// The SHA-256 of a token, in lowercase hex: what the config holds.
 pub fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for byte in Sha256::digest(token.as_bytes()) {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    hex
 }
 
 /// A new random bearer token: 32 bytes from the operating system, in hex.
