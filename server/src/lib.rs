@@ -231,7 +231,6 @@ pub async fn run_with_clock(
         .http2_max_local_error_reset_streams(Some(limits.local_error_reset_streams_max))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .tcp_nodelay(true)
         .layer(gate::GateLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
