@@ -381,21 +381,27 @@ async fn credentials_are_checked_before_the_request_is_decoded() {
     );
 }
 
+/// Why a server with authentication in `mode`, listening on `address`, refuses to start.
+async fn refusal_to_start(
+    mode: AuthMode,
+    address: &str,
+    directory: &std::path::Path,
+) -> anyhow::Error {
+    let mut config = featurestore_server::config::Config {
+        data_dir: directory.join("db"),
+        ..featurestore_server::config::Config::default()
+    };
+    config.auth.mode = mode;
+    let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
+    featurestore_server::run(listener, config, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("the server refuses to start")
+}
+
 #[tokio::test]
 async fn a_server_requiring_authentication_without_principals_does_not_start() {
     let directory = tempfile::tempdir().expect("directory");
-    let mut config = featurestore_server::config::Config {
-        data_dir: directory.path().join("db"),
-        ..featurestore_server::config::Config::default()
-    };
-    config.auth.mode = AuthMode::Required;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let error =
-        featurestore_server::run(listener, config, tokio_util::sync::CancellationToken::new())
-            .await
-            .expect_err("no principal: the server refuses to start");
+    let error = refusal_to_start(AuthMode::Required, "127.0.0.1:0", directory.path()).await;
     assert!(
         error.to_string().contains("no principal is configured"),
         "{error:#}"
@@ -409,18 +415,7 @@ async fn a_server_requiring_authentication_without_principals_does_not_start() {
 #[tokio::test]
 async fn without_authentication_the_server_listens_on_loopback_only() {
     let directory = tempfile::tempdir().expect("directory");
-    let mut config = featurestore_server::config::Config {
-        data_dir: directory.path().join("db"),
-        ..featurestore_server::config::Config::default()
-    };
-    config.auth.mode = AuthMode::Disabled;
-    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
-        .await
-        .expect("bind");
-    let error =
-        featurestore_server::run(listener, config, tokio_util::sync::CancellationToken::new())
-            .await
-            .expect_err("an open server on every interface is refused");
+    let error = refusal_to_start(AuthMode::Disabled, "0.0.0.0:0", directory.path()).await;
     assert!(error.to_string().contains("loopback"), "{error:#}");
 }
 
