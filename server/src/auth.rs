@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use featurestore::domain::{ReadRequest, WriteRow};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;
@@ -21,7 +21,7 @@ use crate::gate::Gate;
 use crate::registry::Registry;
 
 /// How callers are authenticated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMode {
     /// Every call but health checks needs a configured principal. The default.
@@ -33,7 +33,7 @@ pub enum AuthMode {
 }
 
 /// The `[auth]` section of the config.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub mode: AuthMode,
@@ -41,7 +41,7 @@ pub struct AuthConfig {
 }
 
 /// One caller and its roles, as configured.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrincipalConfig {
     /// Shown in logs and errors.
@@ -164,7 +164,8 @@ pub fn needs(path: &str) -> Needs {
         ) => Needs::Role(Role::Privacy),
         (
             "featurestore.v1.Admin",
-            "ReloadPolicy" | "GetPolicyStatus" | "VerifyAuditLog" | "SweepExpired" | "CreateBackup",
+            "ReloadPolicy" | "GetPolicyStatus" | "VerifyAuditLog" | "SweepExpired" | "CreateBackup"
+            | "GetStats",
         ) => Needs::Role(Role::Admin),
         _ => Needs::Refused,
     }

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use featurestore::RequestLimits;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::auth::{AuthConfig, AuthMode, PrincipalConfig};
 
 /// Everything the server needs to run.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address the gRPC server listens on.
@@ -42,6 +42,7 @@ pub struct Config {
     pub limits: Limits,
     pub storage: StorageConfig,
     pub bulk_load: BulkLoadConfig,
+    pub observability: ObservabilityConfig,
 }
 
 impl Default for Config {
@@ -61,6 +62,7 @@ impl Default for Config {
             limits: Limits::default(),
             storage: StorageConfig::default(),
             bulk_load: BulkLoadConfig::default(),
+            observability: ObservabilityConfig::default(),
         }
     }
 }
@@ -78,10 +80,22 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
         toml::from_str(text)
     }
+
+    /// The configuration as TOML, for operators to read (`Admin.GetStats`): token hashes
+    /// are masked.
+    pub fn shown(&self) -> anyhow::Result<String> {
+        let mut shown = self.clone();
+        for principal in &mut shown.auth.principals {
+            for hash in &mut principal.token_sha256 {
+                *hash = "(masked)".to_string();
+            }
+        }
+        Ok(toml::to_string(&shown)?)
+    }
 }
 
 /// When a write is acknowledged relative to the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// The write-ahead log is synced before the answer: an acknowledged write survives a
@@ -94,7 +108,7 @@ pub enum Durability {
 
 /// The server's TLS certificate, and the authority its clients' certificates must be
 /// signed by for mutual TLS.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// The server's certificate chain (PEM).
@@ -128,7 +142,7 @@ fn default_reload_interval() -> Duration {
 }
 
 /// Limits on requests and on the server's work. Every one has a default.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Most keys in one read.
@@ -212,7 +226,7 @@ impl Limits {
 }
 
 /// RocksDB settings that operators tune.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Size of the shared block cache, in bytes.
@@ -227,6 +241,9 @@ pub struct StorageConfig {
     /// read-back); while the probe fails the server reports NOT_SERVING.
     #[serde(with = "humantime_serde")]
     pub health_probe_interval: Duration,
+    /// Whether RocksDB keeps statistics (block cache hits and misses, write stalls) for the
+    /// metrics: counters only, a small cost per lookup.
+    pub statistics: bool,
 }
 
 impl Default for StorageConfig {
@@ -237,12 +254,43 @@ impl Default for StorageConfig {
             max_open_files: 4096,
             background_jobs: 2,
             health_probe_interval: Duration::from_secs(5),
+            statistics: true,
+        }
+    }
+}
+
+/// Metrics, request logs and the Stats call.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilityConfig {
+    /// Whether the server counts requests, reads, writes and loads and serves them to
+    /// Prometheus at `http://<metrics_listen_address>/metrics`.
+    pub metrics_enabled: bool,
+    /// Address of the metrics endpoint (plain HTTP, no authentication: it holds no user
+    /// data, and its labels are bounded sets such as methods, codes, surfaces and reasons).
+    pub metrics_listen_address: SocketAddr,
+    /// A request that takes longer than this is logged at WARN with its id, method, code
+    /// and time.
+    #[serde(with = "humantime_serde")]
+    pub slow_request_threshold: Duration,
+    /// Rows `Admin.GetStats` reads to count rows and bytes per surface: all of them when
+    /// there are no more, else a sample of this many spread over the users, scaled.
+    pub stats_rows_sampled: usize,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        ObservabilityConfig {
+            metrics_enabled: true,
+            metrics_listen_address: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            slow_request_threshold: Duration::from_secs(1),
+            stats_rows_sampled: 100_000,
         }
     }
 }
 
 /// Bulk loads (the Backfill service).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BulkLoadConfig {
     /// Where the chunks of open jobs are staged until their commit; one directory per job.

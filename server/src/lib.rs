@@ -11,6 +11,9 @@ pub mod error;
 pub mod gate;
 pub mod health;
 pub mod load;
+pub mod logging;
+pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod registry;
 pub mod service;
@@ -35,24 +38,67 @@ use crate::registry::Registry;
 use crate::service::FeatureStoreService;
 use crate::storage::{RocksStore, Store};
 
-/// Serves on `listener` until `shutdown` is cancelled, with the system clock.
+/// The sockets a server answers on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC port.
+    pub grpc: TcpListener,
+    /// The metrics endpoint's port; no endpoint when `None`.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`: the gRPC port, and the metrics endpoint's when
+    /// metrics are on.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let grpc = TcpListener::bind(config.listen_address)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_address))?;
+        let metrics =
+            if config.observability.metrics_enabled {
+                let address = config.observability.metrics_listen_address;
+                Some(TcpListener::bind(address).await.with_context(|| {
+                    format!("cannot listen on {address} for the metrics endpoint")
+                })?)
+            } else {
+                None
+            };
+        Ok(Listeners { grpc, metrics })
+    }
+}
+
+impl From<TcpListener> for Listeners {
+    /// The gRPC port alone, without a metrics endpoint.
+    fn from(grpc: TcpListener) -> Listeners {
+        Listeners {
+            grpc,
+            metrics: None,
+        }
+    }
+}
+
+/// Serves on `listeners` until `shutdown` is cancelled, with the system clock.
 pub async fn run(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_clock(listener, config, Arc::new(SystemClock), shutdown).await
+    run_with_clock(listeners, config, Arc::new(SystemClock), shutdown).await
 }
 
-/// Serves on `listener` until `shutdown` is cancelled. At shutdown the health service
+/// Serves on `listeners` until `shutdown` is cancelled. At shutdown the health service
 /// turns NOT_SERVING, in-flight requests get `limits.shutdown_grace` to finish, and the
 /// database is flushed.
 pub async fn run_with_clock(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     config: Config,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+    } = listeners.into();
     let registry = match &config.registry_path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -174,13 +220,35 @@ pub async fn run_with_clock(
         ));
     }
     let limits = &config.limits;
+    let metrics = config.observability.metrics_enabled.then(|| {
+        Arc::new(metrics::Metrics::new(
+            core.registry
+                .surfaces()
+                .iter()
+                .map(|surface| (surface.id, surface.name.clone())),
+        ))
+    });
+    if let (Some(metrics), Some(listener)) = (&metrics, metrics_listener) {
+        tracing::info!(address = %listener.local_addr()?, "metrics endpoint: GET /metrics");
+        background_tasks.spawn(metrics::serve(
+            listener,
+            Arc::clone(metrics),
+            Arc::clone(&core),
+            background.clone(),
+        ));
+    }
     let core_to_stop = Arc::clone(&core);
     let handlers = FeatureStoreService::new(
         core,
-        limits.request_limits(),
-        limits.concurrent_requests_max,
-        limits.inline_read_keys_max,
-        config.bulk_load.chunks_decided_at_once,
+        service::ServiceOptions {
+            limits: limits.request_limits(),
+            concurrent_requests_max: limits.concurrent_requests_max,
+            inline_read_keys_max: limits.inline_read_keys_max,
+            chunks_decided_at_once: config.bulk_load.chunks_decided_at_once,
+            metrics: metrics.clone(),
+            config_shown: config.shown()?,
+            stats_rows_sampled: config.observability.stats_rows_sampled,
+        },
         background.clone(),
     );
     let service = FeatureStoreServer::new(handlers.clone())
@@ -231,6 +299,10 @@ pub async fn run_with_clock(
         .http2_max_local_error_reset_streams(Some(limits.local_error_reset_streams_max))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(observe::ObserveLayer::new(
+            metrics,
+            config.observability.slow_request_threshold,
+        ))
         .layer(gate::GateLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(

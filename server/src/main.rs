@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Parser;
 use featurestore_server::config::{Config, Durability};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than the system allocator: request handling allocates many small
 /// short-lived objects, which glibc's allocator serves markedly slower.
@@ -46,6 +45,10 @@ struct Args {
     /// machine only (the same as `auth.mode = "disabled"` in the config file).
     #[arg(long)]
     auth_disabled: bool,
+    /// Log format: `text` for people, `json` (one object per line, with the request id
+    /// and span fields) for log pipelines. RUST_LOG sets what is logged.
+    #[arg(long, env = "FEATURESTORE_LOG_FORMAT", default_value = "text")]
+    log_format: featurestore_server::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -106,12 +109,8 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    featurestore_server::logging::init(args.log_format);
     if let Some(command) = args.command {
         return run_command(command);
     }
@@ -148,12 +147,10 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen_address)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_address))?;
+        let listeners = featurestore_server::Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        featurestore_server::run(listener, config, shutdown).await
+        featurestore_server::run(listeners, config, shutdown).await
     })
 }
 

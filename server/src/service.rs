@@ -23,6 +23,8 @@ use crate::auth::principal_of;
 use crate::domain::Core;
 use crate::erasure::Receipt;
 use crate::error::{Error, ErrorKind};
+use crate::metrics::{Metrics, ReadTally};
+use crate::observe::ReadBatch;
 use crate::policy::Reasons;
 use crate::policy::bundle::reason_name;
 use crate::storage::{ErasureState, UserState};
@@ -44,25 +46,47 @@ pub struct FeatureStoreService {
     stopping: tokio_util::sync::CancellationToken,
     /// Permits for deciding bulk-load chunks, shared by every load.
     load_permits: Arc<Semaphore>,
+    /// What reads, writes and loads are counted into; `None` when metrics are off.
+    metrics: Option<Arc<Metrics>>,
+    /// When the server started, for the Stats call.
+    started: Instant,
+    /// The configuration in force, for the Stats call, with its secrets masked.
+    config_shown: Arc<str>,
+    /// Rows the Stats call reads to count rows and bytes per surface.
+    stats_rows_sampled: usize,
+}
+
+/// What the service needs besides the core: limits, and what it reports.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    pub limits: RequestLimits,
+    pub concurrent_requests_max: usize,
+    pub inline_read_keys_max: usize,
+    pub chunks_decided_at_once: usize,
+    pub metrics: Option<Arc<Metrics>>,
+    /// The configuration in force as shown by the Stats call (secrets masked).
+    pub config_shown: String,
+    pub stats_rows_sampled: usize,
 }
 
 impl FeatureStoreService {
     pub fn new(
         core: Arc<Core>,
-        limits: RequestLimits,
-        concurrent_requests_max: usize,
-        inline_read_keys_max: usize,
-        chunks_decided_at_once: usize,
+        options: ServiceOptions,
         stopping: tokio_util::sync::CancellationToken,
     ) -> Self {
         FeatureStoreService {
             core,
-            limits,
-            permits: Arc::new(Semaphore::new(concurrent_requests_max)),
-            concurrent_requests_max,
-            inline_read_keys_max,
+            limits: options.limits,
+            permits: Arc::new(Semaphore::new(options.concurrent_requests_max)),
+            concurrent_requests_max: options.concurrent_requests_max,
+            inline_read_keys_max: options.inline_read_keys_max,
             stopping,
-            load_permits: Arc::new(Semaphore::new(chunks_decided_at_once.max(1))),
+            load_permits: Arc::new(Semaphore::new(options.chunks_decided_at_once.max(1))),
+            metrics: options.metrics,
+            started: Instant::now(),
+            config_shown: options.config_shown.into(),
+            stats_rows_sampled: options.stats_rows_sampled,
         }
     }
 
@@ -85,7 +109,10 @@ impl FeatureStoreService {
         let permit = self.permit()?;
         let core = Arc::clone(&self.core);
         let deadline = deadline::current();
+        // The call's span (its request id) goes with the work to the blocking thread.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let _permit = permit;
             // The wait for a blocking thread may have taken the rest of the time.
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
@@ -105,19 +132,34 @@ impl FeatureStore for FeatureStoreService {
         request: Request<proto::GetFeaturesRequest>,
     ) -> Result<Response<proto::GetFeaturesResponse>, Status> {
         let principal = principal_of(&request).map_err(status)?;
-        let request = self
-            .limits
-            .parse_read(request.into_inner())
-            .map_err(|error| status(error.into()))?;
+        let request = {
+            let _span = tracing::debug_span!("parse").entered();
+            self.limits
+                .parse_read(request.into_inner())
+                .map_err(|error| status(error.into()))?
+        };
         principal.check_read(&request).map_err(status)?;
-        let response = if request.keys.len() <= self.inline_read_keys_max {
+        let keys = request.keys.len();
+        let (response, tally) = if keys <= self.inline_read_keys_max {
             // Tens of microseconds: less than handing the work to another thread and back.
             let _permit = self.permit().map_err(status)?;
-            self.core.read(&request)
+            let mut tally = ReadTally::default();
+            let response = self.core.read_counted(&request, &mut tally);
+            (response, tally)
         } else {
-            self.run_blocking(move |core| core.read(&request)).await
+            self.run_blocking(move |core| {
+                let mut tally = ReadTally::default();
+                Ok((core.read_counted(&request, &mut tally), tally))
+            })
+            .await
+            .map_err(status)?
         };
-        Ok(Response::new(response.map_err(status)?))
+        let mut response = Response::new(response.map_err(status)?);
+        if let Some(metrics) = &self.metrics {
+            metrics.read(&tally);
+            response.extensions_mut().insert(ReadBatch(keys));
+        }
+        Ok(response)
     }
 
     async fn write_features(
@@ -127,10 +169,12 @@ impl FeatureStore for FeatureStoreService {
         let principal = principal_of(&request).map_err(status)?;
         let request = request.into_inner();
         let fingerprint = xxhash_rust::xxh3::xxh3_64(&request.encode_to_vec());
-        let request = self
-            .limits
-            .parse_write(request)
-            .map_err(|error| status(error.into()))?;
+        let request = {
+            let _span = tracing::debug_span!("parse").entered();
+            self.limits
+                .parse_write(request)
+                .map_err(|error| status(error.into()))?
+        };
         principal
             .check_write(request.rows.iter().enumerate())
             .map_err(status)?;
@@ -138,6 +182,9 @@ impl FeatureStore for FeatureStoreService {
             .run_blocking(move |core| core.write(&request, fingerprint))
             .await
             .map_err(status)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.write(&response);
+        }
         Ok(Response::new(response))
     }
 
@@ -311,6 +358,54 @@ fn audit_record_to_proto(record: AuditRecord) -> proto::AuditRecord {
 
 #[tonic::async_trait]
 impl Admin for FeatureStoreService {
+    async fn get_stats(
+        &self,
+        _request: Request<proto::GetStatsRequest>,
+    ) -> Result<Response<proto::StoreStats>, Status> {
+        let rows_sampled = self.stats_rows_sampled;
+        let (figures, census) = self
+            .run_blocking(move |core| {
+                Ok((
+                    core.store.engine_figures()?,
+                    core.store.census(rows_sampled)?,
+                ))
+            })
+            .await
+            .map_err(status)?;
+        let in_force = self.core.policy_in_force();
+        let registry = &self.core.registry;
+        Ok(Response::new(proto::StoreStats {
+            uptime_seconds: self.started.elapsed().as_secs(),
+            policy_version: in_force.policy.version.clone(),
+            policy_hash: in_force.policy.hash.clone(),
+            policy_loaded_at_unix_micros: in_force.loaded_at.unix_micros(),
+            exact: census.exact,
+            rows_read: census.rows_read,
+            users: census.users,
+            surfaces: census
+                .surfaces
+                .iter()
+                .map(|surface| proto::SurfaceStats {
+                    surface: registry.surface_by_id(surface.surface).map_or_else(
+                        || format!("#{}", surface.surface.0),
+                        |known| known.name.clone(),
+                    ),
+                    rows: surface.rows,
+                    bytes: surface.bytes,
+                })
+                .collect(),
+            user_states_estimate: figures.user_states_estimate,
+            table_file_bytes: figures.table_file_bytes,
+            memtable_bytes: figures.memtable_bytes,
+            pending_compaction_bytes: figures.pending_compaction_bytes,
+            block_cache_usage_bytes: figures.block_cache_usage_bytes,
+            block_cache_capacity_bytes: figures.block_cache_capacity_bytes,
+            block_cache_hits: figures.block_cache_hits,
+            block_cache_misses: figures.block_cache_misses,
+            config: self.config_shown.to_string(),
+        }))
+    }
+
     async fn create_backup(
         &self,
         request: Request<proto::CreateBackupRequest>,

@@ -8,6 +8,7 @@ use featurestore::proto;
 
 use super::{Core, PolicyInForce};
 use crate::error::Error;
+use crate::metrics::{ReadTally, ages_on};
 use crate::registry::{Feature, Surface};
 use crate::storage::codec::{CodecError, Payload, Provenance, RowView};
 use crate::storage::{RowFound, RowKey};
@@ -30,6 +31,15 @@ struct RowShape {
 impl Core {
     /// Answers a batched read: one row per key, in request order.
     pub fn read(&self, request: &ReadRequest) -> Result<proto::GetFeaturesResponse, Error> {
+        self.read_counted(request, &mut ReadTally::default())
+    }
+
+    /// [`Core::read`], counting into `tally` what it serves (statuses, ages of the values).
+    pub fn read_counted(
+        &self,
+        request: &ReadRequest,
+        tally: &mut ReadTally,
+    ) -> Result<proto::GetFeaturesResponse, Error> {
         let now = self.clock.now();
         let in_force = self.policy_in_force();
         let guard = ReadGuard {
@@ -80,24 +90,34 @@ impl Core {
                 })
             })
             .unzip();
+        let span = tracing::debug_span!("read_rows", keys = known.len()).entered();
         self.store.visit_rows(&known, &mut |index, found| {
             let position = positions[index];
             let surface = surfaces[position].expect("only keys with a known surface are read");
             let row = &mut rows[position];
             match found {
                 RowFound::Row(stored) => {
-                    if let Err(error) = fill.row(row, surface, Some(stored)) {
+                    if let Err(error) = fill.row(row, surface, Some(stored), tally) {
                         fill.damaged(row, known[index].user_id, surface, &error);
                     }
                 }
                 RowFound::Missing => fill
-                    .row(row, surface, None)
+                    .row(row, surface, None, tally)
                     .expect("a missing row has no value to find damaged"),
                 RowFound::Corrupt(problem) => {
                     fill.damaged(row, known[index].user_id, surface, &problem);
                 }
             }
         })?;
+        drop(span);
+        for row in &rows {
+            if let Some(count) = usize::try_from(row.status)
+                .ok()
+                .and_then(|status| tally.rows.get_mut(status))
+            {
+                *count += 1;
+            }
+        }
 
         Ok(proto::GetFeaturesResponse {
             columns: columns
@@ -267,7 +287,14 @@ impl Fill<'_> {
         row: &mut proto::FeatureRow,
         surface: &Surface,
         stored: Option<RowView<'_>>,
+        tally: &mut ReadTally,
     ) -> Result<(), CodecError> {
+        let ReadTally {
+            values: value_statuses,
+            ages,
+            ..
+        } = tally;
+        let ages = ages_on(ages, surface.id);
         let mut values = stored.map(|view| view.values());
         let mut next = || values.as_mut().and_then(Iterator::next).transpose();
         let mut current = next()?;
@@ -310,9 +337,11 @@ impl Fill<'_> {
                     }
                     Some((payload, provenance, _)) if provenance.expires_at > self.now => {
                         put_payload(row, column, payload);
-                        if let Some(event_time) = row.event_times_unix_micros.get_mut(index) {
-                            *event_time = provenance.event_time.unix_micros();
+                        let event_time = provenance.event_time.unix_micros();
+                        if let Some(cell) = row.event_times_unix_micros.get_mut(index) {
+                            *cell = event_time;
                         }
+                        ages.add(self.now.unix_micros().saturating_sub(event_time));
                         proto::ValueStatus::Present
                     }
                     _ if feature.default.is_some() => {
@@ -328,6 +357,7 @@ impl Fill<'_> {
                 }
             };
             row.statuses[index] = status as i32;
+            value_statuses[status as usize] += 1;
         }
         Ok(())
     }

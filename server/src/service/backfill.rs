@@ -9,12 +9,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::{FeatureStoreService, status};
 use crate::auth::{Principal, principal_of};
 use crate::domain::{ChunkOutcome, Core, LoadAttachment, PreparedChunk};
 use crate::error::Error;
 use crate::load::{JobRecord, JobState, Summary};
+use crate::metrics::Metrics;
 
 /// Malformed rows listed in one acknowledgement; all are counted.
 const INVALID_ROWS_LISTED_MAX: usize = 100;
@@ -65,11 +67,14 @@ impl Backfill for FeatureStoreService {
             .await
             .map_err(|_| Status::cancelled("the client went away"))?;
         let service = self.clone();
-        tokio::spawn(async move {
-            service
-                .drive_load(Arc::new(attachment), principal, inbound, answers)
-                .await;
-        });
+        tokio::spawn(
+            async move {
+                service
+                    .drive_load(Arc::new(attachment), principal, inbound, answers)
+                    .await;
+            }
+            .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
@@ -141,12 +146,16 @@ impl FeatureStoreService {
         let (steps, pending) = mpsc::channel(CHUNKS_PREPARED_AHEAD);
         let job_id = attachment.job_id().to_string();
         // The persisting task holds the attachment: the job is detached when it ends.
-        let persisting = tokio::spawn(persist_in_order(
-            Arc::clone(&self.core),
-            attachment,
-            pending,
-            answers,
-        ));
+        let persisting = tokio::spawn(
+            persist_in_order(
+                Arc::clone(&self.core),
+                self.metrics.clone(),
+                attachment,
+                pending,
+                answers,
+            )
+            .in_current_span(),
+        );
         loop {
             let received = tokio::select! {
                 received = inbound.message() => received,
@@ -225,6 +234,7 @@ impl FeatureStoreService {
 /// answering each; runs the commit when it comes.
 async fn persist_in_order(
     core: Arc<Core>,
+    metrics: Option<Arc<Metrics>>,
     attachment: Arc<LoadAttachment>,
     mut steps: mpsc::Receiver<Step>,
     answers: Answers,
@@ -246,10 +256,15 @@ async fn persist_in_order(
                 let answer = match prepared {
                     Ok(prepared) => {
                         let core = Arc::clone(&core);
+                        let metrics = metrics.clone();
                         let attachment = Arc::clone(&attachment);
                         blocking(Box::new(move || {
                             core.load_persist(&attachment, prepared).map(|outcome| {
-                                bulk_load_response::Message::Ack(ack_to_proto(outcome))
+                                let ack = ack_to_proto(outcome);
+                                if let (Some(metrics), Some(summary)) = (&metrics, &ack.summary) {
+                                    metrics.bulk_load_chunk(summary);
+                                }
+                                bulk_load_response::Message::Ack(ack)
                             })
                         }))
                         .await

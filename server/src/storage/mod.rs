@@ -314,4 +314,62 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Every metadata value whose key starts with `prefix`, in key order.
     fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+
+    /// The engine's own figures (properties and statistics): cheap, read at every metrics
+    /// scrape.
+    fn engine_figures(&self) -> Result<EngineFigures, StorageError>;
+
+    /// Counts rows and their bytes per surface: every row when there are at most
+    /// `rows_max`, otherwise about `rows_max` of them read at points spread over the user
+    /// ids, scaled to the engine's estimate of the total.
+    fn census(&self, rows_max: usize) -> Result<Census, StorageError>;
+}
+
+/// Figures the engine keeps about itself. Estimates are RocksDB's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineFigures {
+    /// Estimated rows (keys) of the features column family.
+    pub rows_estimate: u64,
+    /// Estimated users with a stored privacy state.
+    pub user_states_estimate: u64,
+    /// Bytes of table files on disk, over every column family.
+    pub table_file_bytes: u64,
+    /// Bytes in memtables (active and immutable), over every column family.
+    pub memtable_bytes: u64,
+    /// Bytes compaction would have to rewrite to bring the levels to their targets.
+    pub pending_compaction_bytes: u64,
+    pub running_compactions: u64,
+    /// Bytes held in the shared block cache, and its capacity.
+    pub block_cache_usage_bytes: u64,
+    pub block_cache_capacity_bytes: u64,
+    /// Lookups of the block cache that found their block, and that did not, since the
+    /// database opened (zero when statistics are off).
+    pub block_cache_hits: u64,
+    pub block_cache_misses: u64,
+    /// Time writes were stalled or slowed by RocksDB to let compaction catch up, since the
+    /// database opened (zero when statistics are off).
+    pub write_stall_micros: u64,
+    /// Whether writes are stopped right now.
+    pub writes_stopped: bool,
+}
+
+/// Rows and bytes per surface, counted or estimated by [`Store::census`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Whether every row was counted; otherwise the figures are scaled from a sample.
+    pub exact: bool,
+    /// Rows read to make the figures.
+    pub rows_read: u64,
+    /// Users with at least one row (distinct users among the rows read, scaled).
+    pub users: u64,
+    /// Per surface with at least one row, by surface id.
+    pub surfaces: Vec<SurfaceCensus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SurfaceCensus {
+    pub surface: SurfaceId,
+    pub rows: u64,
+    /// Bytes of the stored rows (keys and encoded values, before compression).
+    pub bytes: u64,
 }

@@ -29,11 +29,12 @@ use super::codec::{
 };
 use super::keys::{decode_row_key, encode_row_key, user_range};
 use super::{
-    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowFound, RowKey, RowRead,
-    RowWrite, StorageError, Store, StoredRow, UserState,
+    AnswerBuilder, Applied, Census, EngineFigures, ErasureState, IdempotencyRecord, Revalidate,
+    RowFound, RowKey, RowRead, RowWrite, StorageError, Store, StoredRow, SurfaceCensus, UserState,
 };
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
+use crate::registry::SurfaceId;
 use featurestore::domain::UserStateUpdate;
 
 const FEATURES_CF: &str = "features";
@@ -79,6 +80,9 @@ pub struct RocksStore {
     /// Options of the table files a bulk load writes: the features' table format,
     /// compression and merge operator, so that ingested files read like flushed ones.
     table_file_options: Options,
+    /// The database's options when RocksDB keeps statistics (block cache hits, stalls),
+    /// which are read through them.
+    statistics: Option<Options>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -165,6 +169,12 @@ impl RocksStore {
         // Both column families flush together, so a write's rows and its idempotency
         // record are never split across a crash.
         db_options.set_atomic_flush(true);
+        if config.statistics {
+            // Counters only: RocksDB's histograms and timers cost a clock read per call.
+            db_options.enable_statistics();
+            db_options
+                .set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
+        }
 
         let table = table_options(&Cache::new_lru_cache(config.block_cache_bytes));
         let table_file_options = features_format(&table);
@@ -250,6 +260,7 @@ impl RocksStore {
             audit_tail: Mutex::new(audit_tail),
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             table_file_options,
+            statistics: config.statistics.then_some(db_options),
         })
     }
 
@@ -928,6 +939,164 @@ impl Store for RocksStore {
         }
         iterator.status().map_err(engine)?;
         Ok(found)
+    }
+
+    fn engine_figures(&self) -> Result<EngineFigures, StorageError> {
+        let property = |cf: &str, name: &rocksdb::properties::PropName| {
+            self.db
+                .property_int_value_cf(self.cf(cf), name)
+                .map(Option::unwrap_or_default)
+                .map_err(engine)
+        };
+        let over_every_cf = |name: &rocksdb::properties::PropName| {
+            COLUMN_FAMILIES
+                .iter()
+                .try_fold(0u64, |sum, cf| Ok(sum + property(cf, name)?))
+        };
+        use rocksdb::properties;
+        let ticker = |ticker| {
+            self.statistics
+                .as_ref()
+                .map_or(0, |options| options.get_ticker_count(ticker))
+        };
+        use rocksdb::statistics::Ticker;
+        Ok(EngineFigures {
+            rows_estimate: property(FEATURES_CF, properties::ESTIMATE_NUM_KEYS)?,
+            user_states_estimate: property(USER_STATE_CF, properties::ESTIMATE_NUM_KEYS)?,
+            table_file_bytes: over_every_cf(properties::TOTAL_SST_FILES_SIZE)?,
+            memtable_bytes: over_every_cf(properties::CUR_SIZE_ALL_MEM_TABLES)?,
+            pending_compaction_bytes: over_every_cf(properties::ESTIMATE_PENDING_COMPACTION_BYTES)?,
+            running_compactions: self
+                .db
+                .property_int_value(properties::NUM_RUNNING_COMPACTIONS)
+                .map_err(engine)?
+                .unwrap_or_default(),
+            // Every column family holding data shares one cache.
+            block_cache_usage_bytes: property(FEATURES_CF, properties::BLOCK_CACHE_USAGE)?,
+            block_cache_capacity_bytes: property(FEATURES_CF, properties::BLOCK_CACHE_CAPACITY)?,
+            block_cache_hits: ticker(Ticker::BlockCacheHit),
+            block_cache_misses: ticker(Ticker::BlockCacheMiss),
+            write_stall_micros: ticker(Ticker::StallMicros),
+            writes_stopped: COLUMN_FAMILIES
+                .iter()
+                .map(|cf| property(cf, properties::IS_WRITE_STOPPED))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .any(|stopped| stopped != 0),
+        })
+    }
+
+    fn census(&self, rows_max: usize) -> Result<Census, StorageError> {
+        /// Points of the user-id range a sample reads from.
+        const SAMPLE_POINTS: u64 = 64;
+        let rows_max = rows_max.max(SAMPLE_POINTS as usize);
+        let mut iterator = self.db.raw_iterator_cf(self.cf(FEATURES_CF));
+        iterator.seek_to_first();
+        let mut tally = CensusTally::default();
+        tally.read(&mut iterator, rows_max, None)?;
+        if !iterator.valid() {
+            iterator.status().map_err(engine)?;
+            return Ok(tally.finish(true, 1.0));
+        }
+        // Too many rows to count them all: read from points spread evenly between the
+        // first and the last user, each up to the next point.
+        let first = tally.first_user.expect("rows were read");
+        iterator.seek_to_last();
+        let last = match iterator.key().and_then(decode_row_key) {
+            Some(key) => key.user_id,
+            None => {
+                return Err(StorageError::Corrupt(
+                    "a key of the features column family is not a row key".to_string(),
+                ));
+            }
+        };
+        let step = ((last - first) / SAMPLE_POINTS).max(1);
+        let mut tally = CensusTally::default();
+        let rows_per_point = rows_max / SAMPLE_POINTS as usize;
+        for point in 0..SAMPLE_POINTS {
+            let Some(start) = first
+                .checked_add(point * step)
+                .filter(|&start| start <= last)
+            else {
+                break;
+            };
+            iterator.seek(start.to_be_bytes());
+            tally.read(&mut iterator, rows_per_point, start.checked_add(step))?;
+        }
+        iterator.status().map_err(engine)?;
+        let total = self
+            .db
+            .property_int_value_cf(self.cf(FEATURES_CF), rocksdb::properties::ESTIMATE_NUM_KEYS)
+            .map_err(engine)?
+            .unwrap_or_default();
+        let scale = total as f64 / tally.rows_read.max(1) as f64;
+        Ok(tally.finish(false, scale.max(1.0)))
+    }
+}
+
+/// Rows, bytes and users counted by [`Store::census`].
+#[derive(Default)]
+struct CensusTally {
+    rows_read: u64,
+    users: u64,
+    first_user: Option<u64>,
+    last_user: Option<u64>,
+    surfaces: std::collections::BTreeMap<SurfaceId, (u64, u64)>,
+}
+
+impl CensusTally {
+    /// Counts up to `rows_max` rows from where `iterator` stands, stopping before user
+    /// `until`.
+    fn read(
+        &mut self,
+        iterator: &mut rocksdb::DBRawIterator<'_>,
+        rows_max: usize,
+        until: Option<u64>,
+    ) -> Result<(), StorageError> {
+        let mut read = 0;
+        while read < rows_max {
+            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
+                break;
+            };
+            let Some(row) = decode_row_key(key) else {
+                return Err(StorageError::Corrupt(
+                    "a key of the features column family is not a row key".to_string(),
+                ));
+            };
+            if until.is_some_and(|until| row.user_id >= until) {
+                break;
+            }
+            self.first_user.get_or_insert(row.user_id);
+            if self.last_user != Some(row.user_id) {
+                self.users += 1;
+                self.last_user = Some(row.user_id);
+            }
+            let (rows, bytes) = self.surfaces.entry(row.surface).or_default();
+            *rows += 1;
+            *bytes += (key.len() + value.len()) as u64;
+            self.rows_read += 1;
+            read += 1;
+            iterator.next();
+        }
+        Ok(())
+    }
+
+    fn finish(self, exact: bool, scale: f64) -> Census {
+        let scaled = |count: u64| (count as f64 * scale).round() as u64;
+        Census {
+            exact,
+            rows_read: self.rows_read,
+            users: scaled(self.users),
+            surfaces: self
+                .surfaces
+                .into_iter()
+                .map(|(surface, (rows, bytes))| SurfaceCensus {
+                    surface,
+                    rows: scaled(rows),
+                    bytes: scaled(bytes),
+                })
+                .collect(),
+        }
     }
 }
 

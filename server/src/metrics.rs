@@ -1,0 +1,941 @@
+//! Prometheus metrics: what the server counts as it works ([`Metrics`]), the figures it
+//! reads at each scrape (RocksDB, the policy in force, bulk-load jobs), and the HTTP
+//! endpoint that serves them in the Prometheus text format ([`serve`]).
+//!
+//! Every label takes its values from a small fixed set (methods, status codes, batch-size
+//! buckets, surfaces, reasons, states); nothing about a user ever becomes a label.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use featurestore::proto;
+use parking_lot::RwLock;
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Needs, needs};
+use crate::domain::Core;
+use crate::load::JobState;
+use crate::policy::bundle::reason_name;
+use crate::registry::SurfaceId;
+
+/// Upper bounds of the request-duration buckets, in seconds: 100 µs to 10 s.
+const DURATION_BUCKETS_SECONDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Upper bounds of the served-value age buckets, in seconds: a minute to 90 days.
+pub const AGE_BUCKETS_SECONDS: [u64; 10] = [
+    60,
+    5 * 60,
+    15 * 60,
+    60 * 60,
+    6 * 60 * 60,
+    24 * 60 * 60,
+    3 * 24 * 60 * 60,
+    7 * 24 * 60 * 60,
+    30 * 24 * 60 * 60,
+    90 * 24 * 60 * 60,
+];
+
+/// Reads are timed per batch-size bucket: the largest batch of each and its label.
+const READ_BATCH_BUCKETS: [(usize, &str); 5] = [
+    (1, "1"),
+    (10, "2-10"),
+    (100, "11-100"),
+    (500, "101-500"),
+    (usize::MAX, "501+"),
+];
+
+/// Jobs read at a scrape to count them by state.
+const JOBS_COUNTED_MAX: usize = 10_000;
+
+/// The label of a read's batch size.
+pub fn read_batch_label(keys: usize) -> &'static str {
+    READ_BATCH_BUCKETS
+        .iter()
+        .find(|(largest, _)| keys <= *largest)
+        .map_or("501+", |(_, label)| label)
+}
+
+/// A label value shared by many label sets without copying it: a gRPC service or method
+/// name, a surface.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    grpc_service: Name,
+    grpc_method: Name,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BatchLabels {
+    batch_keys: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SurfaceLabels {
+    surface: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BundleLabels {
+    version: String,
+    hash: String,
+}
+
+/// A histogram of served-value ages that takes a whole read at once: the read path counts
+/// its values into an [`AgeTally`] and adds it here once, rather than touching shared
+/// counters per value.
+#[derive(Clone, Debug, Default)]
+struct AgeHistogram(Arc<AgeCounts>);
+
+#[derive(Debug, Default)]
+struct AgeCounts {
+    /// One counter per bucket of [`AGE_BUCKETS_SECONDS`], then one for older values.
+    buckets: [AtomicU64; AGE_BUCKETS_SECONDS.len() + 1],
+    count: AtomicU64,
+    sum_seconds: AtomicU64,
+}
+
+impl AgeHistogram {
+    fn add(&self, tally: &SurfaceAges) {
+        let counts = &self.0;
+        for (bucket, &count) in counts.buckets.iter().zip(&tally.buckets) {
+            if count > 0 {
+                bucket.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+        counts.count.fetch_add(tally.count, Ordering::Relaxed);
+        counts
+            .sum_seconds
+            .fetch_add(tally.sum_seconds, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for AgeHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AgeHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        let counts = &self.0;
+        let buckets: Vec<(f64, u64)> = AGE_BUCKETS_SECONDS
+            .iter()
+            .map(|&bound| bound as f64)
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(&counts.buckets)
+            .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(
+            counts.sum_seconds.load(Ordering::Relaxed) as f64,
+            counts.count.load(Ordering::Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// What one read served, counted locally by the read path and added to the metrics once.
+#[derive(Debug, Default)]
+pub struct ReadTally {
+    /// Keys by row status, indexed by the `RowStatus` number.
+    pub rows: [u64; 4],
+    /// Values by value status, indexed by the `ValueStatus` number.
+    pub values: [u64; 7],
+    /// Ages of the values served, per surface (few per read).
+    pub ages: Vec<(SurfaceId, SurfaceAges)>,
+}
+
+/// Ages of the values served on one surface, bucketed like [`AGE_BUCKETS_SECONDS`].
+#[derive(Debug, Default)]
+pub struct SurfaceAges {
+    buckets: [u64; AGE_BUCKETS_SECONDS.len() + 1],
+    count: u64,
+    sum_seconds: u64,
+}
+
+/// The ages of the values served on `surface`, among a read's `ages`.
+pub fn ages_on(ages: &mut Vec<(SurfaceId, SurfaceAges)>, surface: SurfaceId) -> &mut SurfaceAges {
+    let index = match ages.iter().position(|(id, _)| *id == surface) {
+        Some(index) => index,
+        None => {
+            ages.push((surface, SurfaceAges::default()));
+            ages.len() - 1
+        }
+    };
+    &mut ages[index].1
+}
+
+impl SurfaceAges {
+    /// Counts a value served `age_micros` after the interaction it was derived from (a
+    /// value from the future counts as age zero).
+    pub fn add(&mut self, age_micros: i64) {
+        let seconds = u64::try_from(age_micros).unwrap_or(0) / 1_000_000;
+        let bucket = AGE_BUCKETS_SECONDS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(AGE_BUCKETS_SECONDS.len());
+        self.buckets[bucket] += 1;
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+}
+
+/// The gRPC service and method of a request path, as labels.
+#[derive(Clone, Debug)]
+pub struct Method {
+    service: Name,
+    method: Name,
+}
+
+/// Every metric of one server. Each server has its own registry (no global state), so
+/// several servers in one process (as in the tests) count separately.
+pub struct Metrics {
+    registry: Registry,
+    /// Label values of the methods seen so far; only paths with an access rule get their
+    /// own, so that a caller cannot grow the set with made-up paths.
+    methods: RwLock<HashMap<String, Method>>,
+    unknown_method: Method,
+    requests: Family<RequestLabels, Histogram>,
+    reads: Family<BatchLabels, Histogram>,
+    read_keys: Family<StatusLabels, Counter>,
+    read_values: Family<StatusLabels, Counter>,
+    /// Per registered surface, by surface id.
+    value_ages: HashMap<SurfaceId, AgeHistogram>,
+    write_verdicts: Family<VerdictLabels, Counter>,
+    write_outcomes: Family<OutcomeLabels, Counter>,
+    write_refusals: Family<ReasonLabels, Counter>,
+    bulk_load_rows: Family<ResultLabels, Counter>,
+    bulk_load_jobs: Family<StateLabels, Gauge>,
+    policy_bundle: Family<BundleLabels, Gauge>,
+    policy_loaded_at: Gauge<f64, AtomicU64>,
+    uptime: Gauge<f64, AtomicU64>,
+    started: Instant,
+    rocksdb: RocksdbGauges,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// RocksDB's figures, set at each scrape.
+#[derive(Default)]
+struct RocksdbGauges {
+    rows_estimate: Gauge,
+    user_states_estimate: Gauge,
+    table_file_bytes: Gauge,
+    memtable_bytes: Gauge,
+    pending_compaction_bytes: Gauge,
+    running_compactions: Gauge,
+    block_cache_usage_bytes: Gauge,
+    block_cache_capacity_bytes: Gauge,
+    block_cache_hits: Counter,
+    block_cache_misses: Counter,
+    write_stall_seconds: Counter<f64, AtomicU64>,
+    writes_stopped: Gauge,
+}
+
+const ROW_STATUSES: [proto::RowStatus; 3] = [
+    proto::RowStatus::Ok,
+    proto::RowStatus::UnknownSurface,
+    proto::RowStatus::DataLoss,
+];
+
+const VALUE_STATUSES: [proto::ValueStatus; 6] = [
+    proto::ValueStatus::Present,
+    proto::ValueStatus::NotFound,
+    proto::ValueStatus::Expired,
+    proto::ValueStatus::Defaulted,
+    proto::ValueStatus::NotRegisteredForSurface,
+    proto::ValueStatus::WithheldByPolicy,
+];
+
+fn row_status_label(status: proto::RowStatus) -> &'static str {
+    match status {
+        proto::RowStatus::Unspecified => "unspecified",
+        proto::RowStatus::Ok => "ok",
+        proto::RowStatus::UnknownSurface => "unknown_surface",
+        proto::RowStatus::DataLoss => "data_loss",
+    }
+}
+
+fn value_status_label(status: proto::ValueStatus) -> &'static str {
+    match status {
+        proto::ValueStatus::Unspecified => "unspecified",
+        proto::ValueStatus::Present => "present",
+        proto::ValueStatus::NotFound => "not_found",
+        proto::ValueStatus::Expired => "expired",
+        proto::ValueStatus::Defaulted => "defaulted",
+        proto::ValueStatus::NotRegisteredForSurface => "not_registered_for_surface",
+        proto::ValueStatus::WithheldByPolicy => "withheld_by_policy",
+    }
+}
+
+/// The conventional name of a gRPC status code, from its number.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl Metrics {
+    /// The metrics of a server whose registry has these surfaces.
+    pub fn new(surfaces: impl IntoIterator<Item = (SurfaceId, String)>) -> Metrics {
+        let mut registry = Registry::with_prefix("featurestore");
+        let duration_histogram = || Histogram::new(DURATION_BUCKETS_SECONDS.iter().copied());
+        let requests = Family::<RequestLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time from a call's headers to its last response byte, by method and status code",
+            requests.clone(),
+        );
+        let reads = Family::<BatchLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "read_duration_seconds",
+            "Time of successful GetFeatures calls by batch size (keys per request)",
+            reads.clone(),
+        );
+        let read_keys = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "read_keys",
+            "Keys answered by GetFeatures, by row status",
+            read_keys.clone(),
+        );
+        let read_values = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "read_values",
+            "Cells answered by GetFeatures (key x feature), by value status",
+            read_values.clone(),
+        );
+        // Every status is shown from the start, at zero, so that rates work at once.
+        for status in ROW_STATUSES {
+            drop(read_keys.get_or_create(&StatusLabels {
+                status: row_status_label(status),
+            }));
+        }
+        for status in VALUE_STATUSES {
+            drop(read_values.get_or_create(&StatusLabels {
+                status: value_status_label(status),
+            }));
+        }
+        let ages = Family::<SurfaceLabels, AgeHistogram>::default();
+        let value_ages = surfaces
+            .into_iter()
+            .map(|(id, name)| {
+                let histogram = ages
+                    .get_or_create(&SurfaceLabels {
+                        surface: Name(name.into()),
+                    })
+                    .clone();
+                (id, histogram)
+            })
+            .collect();
+        registry.register(
+            "served_value_age_seconds",
+            "Age of each value served (now minus the event time it was derived from), by surface",
+            ages,
+        );
+        let write_verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "write_verdicts",
+            "Feature values of WriteFeatures calls, by verdict over their target surfaces",
+            write_verdicts.clone(),
+        );
+        let write_outcomes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "write_outcomes",
+            "(value, target surface) pairs of WriteFeatures calls, by outcome",
+            write_outcomes.clone(),
+        );
+        let write_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "write_refusals",
+            "(value, target surface) pairs refused by WriteFeatures, by reason (a pair refused for two reasons counts under both)",
+            write_refusals.clone(),
+        );
+        let bulk_load_rows = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "bulk_load_rows",
+            "Rows of bulk-load chunks made durable, by what they became",
+            bulk_load_rows.clone(),
+        );
+        let bulk_load_jobs = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "bulk_load_jobs",
+            "Bulk-load jobs on record, by state",
+            bulk_load_jobs.clone(),
+        );
+        let policy_bundle = Family::<BundleLabels, Gauge>::default();
+        registry.register(
+            "policy_bundle_info",
+            "The policy bundle in force: its version and content hash (value 1)",
+            policy_bundle.clone(),
+        );
+        let policy_loaded_at = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "policy_bundle_loaded_timestamp_seconds",
+            "When the policy bundle in force was loaded (Unix time)",
+            policy_loaded_at.clone(),
+        );
+        let uptime = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "uptime_seconds",
+            "Time since the server started",
+            uptime.clone(),
+        );
+        let rocksdb = RocksdbGauges::default();
+        rocksdb.register(registry.sub_registry_with_prefix("rocksdb"));
+        Metrics {
+            registry,
+            methods: RwLock::new(HashMap::new()),
+            unknown_method: Method {
+                service: Name("unknown".into()),
+                method: Name("unknown".into()),
+            },
+            requests,
+            reads,
+            read_keys,
+            read_values,
+            value_ages,
+            write_verdicts,
+            write_outcomes,
+            write_refusals,
+            bulk_load_rows,
+            bulk_load_jobs,
+            policy_bundle,
+            policy_loaded_at,
+            uptime,
+            started: Instant::now(),
+            rocksdb,
+        }
+    }
+
+    /// The labels of the method at `path` (`/package.Service/Method`).
+    pub fn method(&self, path: &str) -> Method {
+        if let Some(method) = self.methods.read().get(path) {
+            return method.clone();
+        }
+        let split = path.strip_prefix('/').and_then(|path| path.split_once('/'));
+        let (Some((service, method)), false) = (split, needs(path) == Needs::Refused) else {
+            return self.unknown_method.clone();
+        };
+        let labels = Method {
+            service: Name(service.into()),
+            method: Name(method.into()),
+        };
+        self.methods
+            .write()
+            .entry(path.to_string())
+            .or_insert(labels)
+            .clone()
+    }
+
+    /// Counts a finished call.
+    pub fn request(&self, method: &Method, code: tonic::Code, duration: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                grpc_service: method.service.clone(),
+                grpc_method: method.method.clone(),
+                grpc_code: code_label(code),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Times a successful read of `keys` keys.
+    pub fn read_duration(&self, keys: usize, duration: Duration) {
+        self.reads
+            .get_or_create(&BatchLabels {
+                batch_keys: read_batch_label(keys),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts what a read served.
+    pub fn read(&self, tally: &ReadTally) {
+        for status in ROW_STATUSES {
+            let count = tally.rows[status as usize];
+            if count > 0 {
+                self.read_keys
+                    .get_or_create(&StatusLabels {
+                        status: row_status_label(status),
+                    })
+                    .inc_by(count);
+            }
+        }
+        for status in VALUE_STATUSES {
+            let count = tally.values[status as usize];
+            if count > 0 {
+                self.read_values
+                    .get_or_create(&StatusLabels {
+                        status: value_status_label(status),
+                    })
+                    .inc_by(count);
+            }
+        }
+        for (surface, ages) in &tally.ages {
+            if ages.count == 0 {
+                continue;
+            }
+            if let Some(histogram) = self.value_ages.get(surface) {
+                histogram.add(ages);
+            }
+        }
+    }
+
+    /// Counts the verdicts and outcomes of a write (a replayed answer counts nothing: it
+    /// wrote nothing).
+    pub fn write(&self, response: &proto::WriteFeaturesResponse) {
+        if response.replayed {
+            return;
+        }
+        let mut verdicts = [0u64; 4];
+        let mut outcomes = [0u64; 5];
+        let mut reasons: Vec<(i32, u64)> = Vec::new();
+        for verdict in response.rows.iter().flat_map(|row| &row.verdicts) {
+            if let Some(count) = usize::try_from(verdict.verdict)
+                .ok()
+                .and_then(|index| verdicts.get_mut(index))
+            {
+                *count += 1;
+            }
+            for surface in &verdict.surfaces {
+                if let Some(count) = usize::try_from(surface.outcome)
+                    .ok()
+                    .and_then(|index| outcomes.get_mut(index))
+                {
+                    *count += 1;
+                }
+                for &reason in &surface.reasons {
+                    match reasons.iter_mut().find(|(code, _)| *code == reason) {
+                        Some((_, count)) => *count += 1,
+                        None => reasons.push((reason, 1)),
+                    }
+                }
+            }
+        }
+        for (index, count) in verdicts.into_iter().enumerate() {
+            let Ok(verdict) = proto::Verdict::try_from(index as i32) else {
+                continue;
+            };
+            if count > 0 {
+                self.write_verdicts
+                    .get_or_create(&VerdictLabels {
+                        verdict: verdict_label(verdict),
+                    })
+                    .inc_by(count);
+            }
+        }
+        for (index, count) in outcomes.into_iter().enumerate() {
+            let Ok(outcome) = proto::Outcome::try_from(index as i32) else {
+                continue;
+            };
+            if count > 0 {
+                self.write_outcomes
+                    .get_or_create(&OutcomeLabels {
+                        outcome: outcome_label(outcome),
+                    })
+                    .inc_by(count);
+            }
+        }
+        for (reason, count) in reasons {
+            let reason =
+                proto::ReasonCode::try_from(reason).map_or("unknown", |reason| reason_name(reason));
+            self.write_refusals
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(count);
+        }
+    }
+
+    /// Counts the rows of a bulk-load chunk made durable.
+    pub fn bulk_load_chunk(&self, summary: &proto::LoadSummary) {
+        for (result, count) in [
+            ("accepted", summary.rows_accepted),
+            ("transformed", summary.rows_transformed),
+            ("denied", summary.rows_denied),
+            ("invalid", summary.rows_invalid),
+        ] {
+            if count > 0 {
+                self.bulk_load_rows
+                    .get_or_create(&ResultLabels { result })
+                    .inc_by(count);
+            }
+        }
+    }
+
+    /// Reads the figures kept elsewhere (RocksDB, the policy in force, job records) and
+    /// renders every metric in the Prometheus text format. Blocking: reads the database.
+    pub fn render(&self, core: &Core) -> Result<String, crate::error::Error> {
+        let figures = core.store.engine_figures()?;
+        self.rocksdb.set(&figures);
+        let in_force = core.policy_in_force();
+        self.policy_bundle.clear();
+        self.policy_bundle
+            .get_or_create(&BundleLabels {
+                version: in_force.policy.version.clone(),
+                hash: in_force.policy.hash.clone(),
+            })
+            .set(1);
+        self.policy_loaded_at
+            .set(in_force.loaded_at.unix_micros() as f64 / 1e6);
+        self.uptime.set(self.started.elapsed().as_secs_f64());
+        let jobs = core.load_jobs(JOBS_COUNTED_MAX)?;
+        for (state, label) in [
+            (JobState::Open, "open"),
+            (JobState::Committing, "committing"),
+            (JobState::Committed, "committed"),
+            (JobState::Aborted, "aborted"),
+        ] {
+            let count = jobs.iter().filter(|job| job.state == state).count();
+            self.bulk_load_jobs
+                .get_or_create(&StateLabels { state: label })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            .map_err(|_| crate::error::Error::Task("cannot render the metrics".to_string()))?;
+        Ok(text)
+    }
+}
+
+fn verdict_label(verdict: proto::Verdict) -> &'static str {
+    match verdict {
+        proto::Verdict::Unspecified => "unspecified",
+        proto::Verdict::Allow => "allow",
+        proto::Verdict::AllowWithTransform => "allow_with_transform",
+        proto::Verdict::Deny => "deny",
+    }
+}
+
+fn outcome_label(outcome: proto::Outcome) -> &'static str {
+    match outcome {
+        proto::Outcome::Unspecified => "unspecified",
+        proto::Outcome::Admitted => "admitted",
+        proto::Outcome::Stored => "stored",
+        proto::Outcome::Superseded => "superseded",
+        proto::Outcome::Refused => "refused",
+    }
+}
+
+impl RocksdbGauges {
+    fn register(&self, registry: &mut Registry) {
+        let gauges: [(&str, &str, &Gauge); 9] = [
+            (
+                "estimated_rows",
+                "RocksDB's estimate of the (user, surface) rows stored",
+                &self.rows_estimate,
+            ),
+            (
+                "estimated_user_states",
+                "RocksDB's estimate of the users with a stored privacy state",
+                &self.user_states_estimate,
+            ),
+            (
+                "table_file_bytes",
+                "Bytes of table (SST) files, over every column family",
+                &self.table_file_bytes,
+            ),
+            (
+                "memtable_bytes",
+                "Bytes in memtables, over every column family",
+                &self.memtable_bytes,
+            ),
+            (
+                "pending_compaction_bytes",
+                "Bytes compaction has to rewrite to bring the levels to their targets",
+                &self.pending_compaction_bytes,
+            ),
+            (
+                "running_compactions",
+                "Compactions running now",
+                &self.running_compactions,
+            ),
+            (
+                "block_cache_usage_bytes",
+                "Bytes held in the block cache",
+                &self.block_cache_usage_bytes,
+            ),
+            (
+                "block_cache_capacity_bytes",
+                "Capacity of the block cache",
+                &self.block_cache_capacity_bytes,
+            ),
+            (
+                "writes_stopped",
+                "1 while RocksDB stops writes until compaction catches up",
+                &self.writes_stopped,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register(
+            "block_cache_hits",
+            "Block cache lookups that found their block (statistics on)",
+            self.block_cache_hits.clone(),
+        );
+        registry.register(
+            "block_cache_misses",
+            "Block cache lookups that read the block from a file (statistics on)",
+            self.block_cache_misses.clone(),
+        );
+        registry.register(
+            "write_stall_seconds",
+            "Time writes were delayed or stopped by RocksDB (statistics on)",
+            self.write_stall_seconds.clone(),
+        );
+    }
+
+    fn set(&self, figures: &crate::storage::EngineFigures) {
+        let gauge = |gauge: &Gauge, value: u64| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        gauge(&self.rows_estimate, figures.rows_estimate);
+        gauge(&self.user_states_estimate, figures.user_states_estimate);
+        gauge(&self.table_file_bytes, figures.table_file_bytes);
+        gauge(&self.memtable_bytes, figures.memtable_bytes);
+        gauge(
+            &self.pending_compaction_bytes,
+            figures.pending_compaction_bytes,
+        );
+        gauge(&self.running_compactions, figures.running_compactions);
+        gauge(
+            &self.block_cache_usage_bytes,
+            figures.block_cache_usage_bytes,
+        );
+        gauge(
+            &self.block_cache_capacity_bytes,
+            figures.block_cache_capacity_bytes,
+        );
+        gauge(&self.writes_stopped, u64::from(figures.writes_stopped));
+        // RocksDB keeps these totals itself; the counters catch up to them.
+        let catch_up = |counter: &Counter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        catch_up(&self.block_cache_hits, figures.block_cache_hits);
+        catch_up(&self.block_cache_misses, figures.block_cache_misses);
+        let stalled = figures.write_stall_micros as f64 / 1e6;
+        let counted = self.write_stall_seconds.get();
+        if stalled > counted {
+            self.write_stall_seconds.inc_by(stalled - counted);
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+    shutdown: CancellationToken,
+) {
+    use axum::http::{StatusCode, header};
+    let scrape = move || {
+        let metrics = Arc::clone(&metrics);
+        let core = Arc::clone(&core);
+        async move {
+            match tokio::task::spawn_blocking(move || metrics.render(&core)).await {
+                Ok(Ok(text)) => (
+                    StatusCode::OK,
+                    [(
+                        header::CONTENT_TYPE,
+                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                    )],
+                    text,
+                ),
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "cannot collect the metrics");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("cannot collect the metrics: {error}\n"),
+                    )
+                }
+                Err(error) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    format!("cannot collect the metrics: {error}\n"),
+                ),
+            }
+        }
+    };
+    let router = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(%error, "the metrics endpoint failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(metrics: &Metrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &metrics.registry)
+            .expect("the registry renders");
+        text
+    }
+
+    #[test]
+    fn ages_fall_in_the_bucket_of_their_upper_bound() {
+        let mut ages = SurfaceAges::default();
+        ages.add(-5);
+        ages.add(60 * 1_000_000);
+        ages.add(61 * 1_000_000);
+        ages.add(100 * 24 * 60 * 60 * 1_000_000);
+        assert_eq!(
+            ages.buckets[0], 2,
+            "zero (from the future) and exactly a minute"
+        );
+        assert_eq!(ages.buckets[1], 1);
+        assert_eq!(
+            ages.buckets[AGE_BUCKETS_SECONDS.len()],
+            1,
+            "older than 90 days"
+        );
+        assert_eq!(ages.count, 4);
+    }
+
+    #[test]
+    fn a_write_is_counted_per_value_per_surface_and_per_reason() {
+        let metrics = Metrics::new([(SurfaceId(1), "feed".to_string())]);
+        let refused = |reasons: Vec<i32>| proto::SurfaceOutcome {
+            surface: "ads".to_string(),
+            outcome: proto::Outcome::Refused as i32,
+            reasons,
+        };
+        let stored = proto::SurfaceOutcome {
+            surface: "feed".to_string(),
+            outcome: proto::Outcome::Stored as i32,
+            reasons: Vec::new(),
+        };
+        let sensitive = proto::ReasonCode::SensitiveTopicForAds as i32;
+        let minor = proto::ReasonCode::MinorOrUnknownAgeForAds as i32;
+        let response = proto::WriteFeaturesResponse {
+            rows: vec![proto::RowResult {
+                verdicts: vec![
+                    proto::FeatureVerdict {
+                        verdict: proto::Verdict::AllowWithTransform as i32,
+                        surfaces: vec![stored.clone(), refused(vec![sensitive, minor])],
+                        ..Default::default()
+                    },
+                    proto::FeatureVerdict {
+                        verdict: proto::Verdict::Deny as i32,
+                        surfaces: vec![refused(vec![sensitive])],
+                        ..Default::default()
+                    },
+                ],
+            }],
+            ..Default::default()
+        };
+        metrics.write(&response);
+        // A replayed answer wrote nothing and counts nothing.
+        metrics.write(&proto::WriteFeaturesResponse {
+            replayed: true,
+            ..response
+        });
+        let text = rendered(&metrics);
+        for line in [
+            "featurestore_write_verdicts_total{verdict=\"allow_with_transform\"} 1",
+            "featurestore_write_verdicts_total{verdict=\"deny\"} 1",
+            "featurestore_write_outcomes_total{outcome=\"stored\"} 1",
+            "featurestore_write_outcomes_total{outcome=\"refused\"} 2",
+            "featurestore_write_refusals_total{reason=\"SENSITIVE_TOPIC_FOR_ADS\"} 2",
+            "featurestore_write_refusals_total{reason=\"MINOR_OR_UNKNOWN_AGE_FOR_ADS\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn made_up_paths_share_one_label() {
+        let metrics = Metrics::new([]);
+        let known = metrics.method("/featurestore.v1.FeatureStore/GetFeatures");
+        assert_eq!(&*known.method.0, "GetFeatures");
+        assert_eq!(&*known.service.0, "featurestore.v1.FeatureStore");
+        for path in ["/featurestore.v1.FeatureStore/Nope", "/x/y", "nonsense"] {
+            assert_eq!(&*metrics.method(path).method.0, "unknown");
+        }
+        assert_eq!(metrics.methods.read().len(), 1);
+    }
+}
