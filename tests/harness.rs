@@ -18,6 +18,15 @@ use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// A listener on a free loopback port.
+fn loopback_listener() -> tokio::net::TcpListener {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    tokio::net::TcpListener::from_std(listener).expect("a tokio listener")
+}
+
 /// The user-state generation after a user's state was set once: what [`row`] states.
 pub const FIRST_GENERATION: u64 = 1;
 
@@ -28,6 +37,8 @@ pub const START_TIME: Timestamp = Timestamp::from_unix_micros(1_768_435_200_000_
 #[derive(Debug)]
 pub struct TestServer {
     pub endpoint: String,
+    /// The metrics endpoint's URL (`http://127.0.0.1:<port>/metrics`).
+    pub metrics_url: String,
     pub client: Client,
     /// The server's clock; move it to make values expire.
     pub clock: Arc<ManualClock>,
@@ -76,16 +87,20 @@ impl TestServer {
         config.storage.block_cache_bytes = 8 * 1024 * 1024;
         config.bulk_load.staging_dir = data_dir.path().join("staging");
         configure(&mut config);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        listener
-            .set_nonblocking(true)
-            .expect("a non-blocking listener");
-        let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+        let listener = loopback_listener();
         let endpoint = format!("http://{}", listener.local_addr().expect("bound address"));
+        let metrics = loopback_listener();
+        let metrics_url = format!(
+            "http://{}/metrics",
+            metrics.local_addr().expect("bound address")
+        );
         let clock = Arc::new(ManualClock::new(START_TIME));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(featurestore_server::run_with_clock(
-            listener,
+            featurestore_server::Listeners {
+                grpc: listener,
+                metrics: Some(metrics),
+            },
             config.clone(),
             Arc::clone(&clock) as Arc<dyn featurestore_server::clock::Clock>,
             shutdown.clone(),
@@ -93,6 +108,7 @@ impl TestServer {
         let client = Client::connect(&endpoint, ClientOptions::default()).expect("valid endpoint");
         TestServer {
             endpoint,
+            metrics_url,
             client,
             clock,
             config,
@@ -100,6 +116,57 @@ impl TestServer {
             task,
             data_dir,
         }
+    }
+
+    /// Scrapes the metrics endpoint as Prometheus does (HTTP/1.1 GET) and returns the
+    /// Prometheus text, after checking the status and content type.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self
+            .metrics_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics");
+        let mut connection = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("the metrics endpoint accepts connections");
+        connection
+            .write_all(
+                format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("send the scrape");
+        let mut response = String::new();
+        connection
+            .read_to_string(&mut response)
+            .await
+            .expect("read the scrape");
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .expect("an HTTP response with a body");
+        let mut lines = head.lines();
+        assert_eq!(
+            lines.next(),
+            Some("HTTP/1.1 200 OK"),
+            "scrape answer: {head}"
+        );
+        let header = |name: &str| {
+            head.lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.trim().to_string())
+        };
+        assert_eq!(
+            header("content-type").as_deref(),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "the Prometheus text format"
+        );
+        assert_eq!(
+            header("content-length").and_then(|length| length.parse().ok()),
+            Some(body.len()),
+            "the whole body (not chunked)"
+        );
+        body.to_string()
     }
 
     /// Stops the server gracefully, checks that it shut down cleanly, and returns its

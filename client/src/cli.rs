@@ -129,6 +129,14 @@ enum Command {
     ErasureStatus { receipt_id: String },
     /// Write a backup of the database on the server (admin role).
     Backup,
+    /// Show what the server holds and runs with (admin role): users, rows and bytes per
+    /// surface, storage figures, the bundle in force, uptime; --config adds the
+    /// configuration in force (token hashes masked).
+    Stats {
+        /// Also print the configuration in force.
+        #[arg(long)]
+        config: bool,
+    },
     /// Bulk-load a JSON Lines, CSV or Parquet file (see the README for its columns) into
     /// a job, with progress on stderr, and commit it. Re-run with the same --job to resume
     /// an interrupted load. Prints the summary; exits with 3 when any row was refused,
@@ -274,13 +282,19 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         ..ClientOptions::default()
     };
     let client = Client::connect(&args.endpoint, options)?;
-    let call = |error: crate::ClientError| match error.policy_refusal() {
-        Some(refusal) => anyhow!(
-            "{error} (the user's state is at generation {}; server {})",
-            refusal.current_generation,
-            args.endpoint
-        ),
-        None => anyhow!("{error} (server {})", args.endpoint),
+    let call = |error: crate::ClientError| {
+        let request = error
+            .request_id()
+            .map(|id| format!(", request id {id}"))
+            .unwrap_or_default();
+        match error.policy_refusal() {
+            Some(refusal) => anyhow!(
+                "{error} (the user's state is at generation {}; server {}{request})",
+                refusal.current_generation,
+                args.endpoint
+            ),
+            None => anyhow!("{error} (server {}{request})", args.endpoint),
+        }
     };
     match args.command {
         Command::Features => {
@@ -566,6 +580,14 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             let rows = generate(&options, &registry)?;
             writeln!(out, "wrote {rows} rows to {}", options.path.display())?;
         }
+        Command::Stats { config } => {
+            let stats = client.stats().await.map_err(call)?;
+            print_stats(out, &stats)?;
+            if config {
+                writeln!(out)?;
+                write!(out, "{}", stats.config)?;
+            }
+        }
         Command::Backup => {
             let backup = client.create_backup().await.map_err(call)?;
             writeln!(out, "backup written to {} on the server", backup.path)?;
@@ -719,6 +741,75 @@ fn format_time_micros(micros: i64) -> String {
         }
         _ => "-".to_string(),
     }
+}
+
+fn print_stats(out: &mut dyn Write, stats: &proto::StoreStats) -> std::io::Result<()> {
+    let counted = if stats.exact {
+        format!("counted ({} rows read)", stats.rows_read)
+    } else {
+        format!("estimated from a sample of {} rows", stats.rows_read)
+    };
+    let uptime = humantime::format_duration(Duration::from_secs(stats.uptime_seconds));
+    let lookups = stats.block_cache_hits + stats.block_cache_misses;
+    let hit_rate = if lookups == 0 {
+        "no lookups yet".to_string()
+    } else {
+        format!(
+            "{:.1}% of {lookups} lookups",
+            stats.block_cache_hits as f64 * 100.0 / lookups as f64
+        )
+    };
+    let rows = vec![
+        vec!["uptime".to_string(), uptime.to_string()],
+        vec![
+            "policy".to_string(),
+            format!("{} ({})", stats.policy_version, stats.policy_hash),
+        ],
+        vec![
+            "policy_loaded_at".to_string(),
+            format_time(stats.policy_loaded_at_unix_micros),
+        ],
+        vec!["users_with_rows".to_string(), stats.users.to_string()],
+        vec![
+            "users_with_state".to_string(),
+            format!("~{}", stats.user_states_estimate),
+        ],
+        vec!["figures".to_string(), counted],
+        vec![
+            "table_file_bytes".to_string(),
+            stats.table_file_bytes.to_string(),
+        ],
+        vec![
+            "memtable_bytes".to_string(),
+            stats.memtable_bytes.to_string(),
+        ],
+        vec![
+            "pending_compaction_bytes".to_string(),
+            stats.pending_compaction_bytes.to_string(),
+        ],
+        vec![
+            "block_cache".to_string(),
+            format!(
+                "{} of {} bytes used",
+                stats.block_cache_usage_bytes, stats.block_cache_capacity_bytes
+            ),
+        ],
+        vec!["block_cache_hit_rate".to_string(), hit_rate],
+    ];
+    print_table(out, &["field", "value"], &rows)?;
+    writeln!(out)?;
+    let surfaces: Vec<Vec<String>> = stats
+        .surfaces
+        .iter()
+        .map(|surface| {
+            vec![
+                surface.surface.clone(),
+                surface.rows.to_string(),
+                surface.bytes.to_string(),
+            ]
+        })
+        .collect();
+    print_table(out, &["surface", "rows", "bytes"], &surfaces)
 }
 
 fn print_policy_status(out: &mut dyn Write, status: &proto::PolicyStatus) -> std::io::Result<()> {

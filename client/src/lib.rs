@@ -172,6 +172,14 @@ impl ClientError {
         }
     }
 
+    /// The id the server gave the call (`x-request-id`), which its log lines carry.
+    pub fn request_id(&self) -> Option<&str> {
+        let ClientError::Status(status) = self else {
+            return None;
+        };
+        status.metadata().get("x-request-id")?.to_str().ok()
+    }
+
     /// The policy's reason when the write-time policy refused the whole request.
     pub fn policy_refusal(&self) -> Option<PolicyRefusal> {
         use tonic_types::StatusExt;
@@ -593,6 +601,17 @@ impl Client {
         self.call(proto::GetPolicyStatusRequest {}, move |_, request| {
             let mut admin = admin.clone();
             async move { admin.get_policy_status(request).await }
+        })
+        .await
+    }
+
+    /// What the server holds and runs with (admin role): rows and bytes per surface,
+    /// storage figures, the bundle in force, uptime, the configuration in force.
+    pub async fn stats(&self) -> Result<proto::StoreStats, ClientError> {
+        let admin = self.admin.clone();
+        self.call(proto::GetStatsRequest {}, move |_, request| {
+            let mut admin = admin.clone();
+            async move { admin.get_stats(request).await }
         })
         .await
     }

@@ -10,6 +10,7 @@ mod crash;
 mod erasure;
 mod faults;
 mod lifecycle;
+mod observability;
 mod policy;
 mod policy_changes;
 mod read_instructions;
