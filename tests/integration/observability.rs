@@ -432,8 +432,29 @@ async fn bulk_loads_are_counted_by_row_result_and_job_state() {
     let ack = load.next_ack().await.expect("the chunk is acknowledged");
     let summary = ack.summary.expect("a summary");
     load.commit().await.expect("the job commits");
+    // A read and a refused write, so that every family has samples for the dashboard.
+    server
+        .client
+        .get_features(read(&[(1, "facebook_feed")], &[]))
+        .await
+        .expect("the read succeeds");
+    server
+        .client
+        .write_features(write(
+            "refused",
+            vec![row(
+                3,
+                &["facebook_ads"],
+                at(-60),
+                vec![("interest_fitness_health", Value::Float(0.5))],
+            )],
+        ))
+        .await
+        .expect("the write is answered");
 
-    let samples = parse_prometheus(&server.scrape().await);
+    let text = server.scrape().await;
+    every_dashboard_metric_is_exposed(&text);
+    let samples = parse_prometheus(&text);
     let rows_with = |result: &str| {
         value(
             &samples,
@@ -451,6 +472,45 @@ async fn bulk_loads_are_counted_by_row_result_and_job_state() {
     let jobs = |state: &str| value(&samples, "featurestore_bulk_load_jobs", &[("state", state)]);
     assert_eq!(jobs("committed"), 1.0);
     assert_eq!(jobs("open"), 0.0);
+}
+
+/// Every `featurestore_*` metric the Grafana dashboard queries is one the server exposes
+/// (a declared family, or a histogram's `_bucket`, `_sum` or `_count`).
+fn every_dashboard_metric_is_exposed(scrape: &str) {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/grafana/featurestore.json"))
+            .expect("the dashboard is JSON");
+    let declared: Vec<&str> = scrape
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    let exposes = |name: &str| {
+        declared.iter().any(|family| {
+            ["", "_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name == format!("{family}{suffix}"))
+        })
+    };
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expression = target["expr"].as_str().expect("an expression");
+            for (start, _) in expression.match_indices("featurestore_") {
+                let name: String = expression[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exposes(&name),
+                    "panel {:?} queries {name}, which the server does not expose",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried > 20, "the dashboard queries the metrics");
 }
 
 #[tokio::test]

@@ -75,7 +75,11 @@ impl Core {
         let mut attempt = 1;
         loop {
             let now = self.clock.now();
-            let plan = self.plan(request, &policy, now)?;
+            let plan = {
+                let _span =
+                    tracing::debug_span!("policy", rows = request.rows.len(), attempt).entered();
+                self.plan(request, &policy, now)?
+            };
             let record = IdempotencyRecord {
                 key: request.idempotency_key.clone(),
                 fingerprint,
@@ -85,6 +89,7 @@ impl Core {
                 i64::try_from(self.idempotency_window.as_micros()).unwrap_or(i64::MAX),
             ));
             let mut fresh = None;
+            let span = tracing::debug_span!("storage", writes = plan.writes.len()).entered();
             let applied = self.store.apply_write(
                 &record,
                 replay_since,
@@ -98,6 +103,7 @@ impl Core {
                     encoded
                 },
             );
+            drop(span);
             return match applied {
                 Ok(Applied::Fresh { .. }) => {
                     self.revalidate_if_policy_changed(&policy, &plan.fence)?;
