@@ -18,6 +18,95 @@ use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// The config of a server run in a child process on `directory` (see [`ChildServer`]).
+pub fn child_config(directory: &std::path::Path) -> Config {
+    let mut config = Config {
+        data_dir: directory.join("db"),
+        erasure_ledger_path: directory.join("erasures.jsonl"),
+        backup_dir: directory.join("backups"),
+        ..Config::default()
+    };
+    config.auth.mode = featurestore_server::config::AuthMode::Disabled;
+    config.bulk_load.staging_dir = directory.join("staging");
+    config.storage.block_cache_bytes = 8 * 1024 * 1024;
+    config
+}
+
+/// Runs the server in this process until it is killed, with `config`, publishing its
+/// address in `directory/address` once it listens: the body of a [`ChildServer`].
+pub fn serve_in_child(directory: &std::path::Path, config: Config) {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        // Published once the listener exists, by a rename so that the test never reads half.
+        let published = directory.join("address.tmp");
+        std::fs::write(&published, address.to_string()).expect("write the address");
+        std::fs::rename(&published, directory.join("address")).expect("publish the address");
+        featurestore_server::run(listener, config, CancellationToken::new())
+            .await
+            .expect("the server runs until it is killed");
+    });
+}
+
+/// A server in a child process: this test binary again, running the ignored test `test`
+/// (which calls [`serve_in_child`]) with `directory` in the environment variable
+/// `variable`, its output going to `log`.
+#[derive(Debug)]
+pub struct ChildServer {
+    child: std::process::Child,
+}
+
+impl ChildServer {
+    pub fn start(
+        test: &str,
+        variable: &str,
+        directory: &std::path::Path,
+        log: std::fs::File,
+        environment: &[(&str, &str)],
+    ) -> ChildServer {
+        let _ = std::fs::remove_file(directory.join("address"));
+        let child = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["--exact", test, "--ignored", "--nocapture"])
+            .env(variable, directory)
+            .envs(environment.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the server process");
+        ChildServer { child }
+    }
+
+    /// The server's endpoint once it serves, or None if it exited first.
+    pub async fn endpoint(&mut self, directory: &std::path::Path) -> Option<String> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(address) = std::fs::read_to_string(directory.join("address")) {
+                let endpoint = format!("http://{address}");
+                until_serving(&endpoint, || self.child.try_wait().ok().flatten().is_some()).await;
+                return Some(endpoint);
+            }
+            if self.child.try_wait().expect("poll the server").is_some() {
+                return None;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the server did not start within two minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill the server");
+        self.child.wait().expect("reap the server");
+    }
+}
+
 /// A listener on a free loopback port.
 fn loopback_listener() -> tokio::net::TcpListener {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");

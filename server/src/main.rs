@@ -25,6 +25,9 @@ struct Args {
     /// Address to listen on, e.g. 127.0.0.1:50051.
     #[arg(long, env = "FEATURESTORE_LISTEN_ADDRESS")]
     listen_address: Option<SocketAddr>,
+    /// Address of the Prometheus metrics endpoint, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "FEATURESTORE_METRICS_LISTEN_ADDRESS")]
+    metrics_listen_address: Option<SocketAddr>,
     /// Directory of the RocksDB database.
     #[arg(long, env = "FEATURESTORE_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -120,6 +123,9 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(address) = args.listen_address {
         config.listen_address = address;
+    }
+    if let Some(address) = args.metrics_listen_address {
+        config.observability.metrics_listen_address = address;
     }
     if let Some(data_dir) = args.data_dir {
         config.data_dir = data_dir;

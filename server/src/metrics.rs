@@ -51,6 +51,17 @@ pub const AGE_BUCKETS_SECONDS: [u64; 10] = [
     90 * 24 * 60 * 60,
 ];
 
+/// [`AGE_BUCKETS_SECONDS`] in microseconds, the unit of event times.
+const AGE_BUCKETS_MICROS: [u64; AGE_BUCKETS_SECONDS.len()] = {
+    let mut micros = [0; AGE_BUCKETS_SECONDS.len()];
+    let mut index = 0;
+    while index < micros.len() {
+        micros[index] = AGE_BUCKETS_SECONDS[index] * 1_000_000;
+        index += 1;
+    }
+    micros
+};
+
 /// Reads are timed per batch-size bucket: the largest batch of each and its label.
 const READ_BATCH_BUCKETS: [(usize, &str); 5] = [
     (1, "1"),
@@ -59,6 +70,9 @@ const READ_BATCH_BUCKETS: [(usize, &str); 5] = [
     (500, "101-500"),
     (usize::MAX, "501+"),
 ];
+
+/// Scrapes rendered at once; more wait their turn.
+const SCRAPES_AT_ONCE: usize = 2;
 
 /// Jobs read at a scrape to count them by state.
 const JOBS_COUNTED_MAX: usize = 10_000;
@@ -146,6 +160,8 @@ struct AgeCounts {
     /// One counter per bucket of [`AGE_BUCKETS_SECONDS`], then one for older values.
     buckets: [AtomicU64; AGE_BUCKETS_SECONDS.len() + 1],
     count: AtomicU64,
+    /// The sum of the ages in seconds, an `f64` in its bits (whole seconds would overflow
+    /// no sooner, and lose every request's fractions).
     sum_seconds: AtomicU64,
 }
 
@@ -158,9 +174,12 @@ impl AgeHistogram {
             }
         }
         counts.count.fetch_add(tally.count, Ordering::Relaxed);
-        counts
+        let seconds = tally.sum_micros as f64 / 1e6;
+        let _ = counts
             .sum_seconds
-            .fetch_add(tally.sum_seconds, Ordering::Relaxed);
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |sum| {
+                Some((f64::from_bits(sum) + seconds).to_bits())
+            });
     }
 }
 
@@ -179,7 +198,7 @@ impl EncodeMetric for AgeHistogram {
             .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
             .collect();
         encoder.encode_histogram::<NoLabelSet>(
-            counts.sum_seconds.load(Ordering::Relaxed) as f64,
+            f64::from_bits(counts.sum_seconds.load(Ordering::Relaxed)),
             counts.count.load(Ordering::Relaxed),
             &buckets,
             None,
@@ -207,7 +226,7 @@ pub struct ReadTally {
 pub struct SurfaceAges {
     buckets: [u64; AGE_BUCKETS_SECONDS.len() + 1],
     count: u64,
-    sum_seconds: u64,
+    sum_micros: u64,
 }
 
 /// The ages of the values served on `surface`, among a read's `ages`.
@@ -226,14 +245,15 @@ impl SurfaceAges {
     /// Counts a value served `age_micros` after the interaction it was derived from (a
     /// value from the future counts as age zero).
     pub fn add(&mut self, age_micros: i64) {
-        let seconds = u64::try_from(age_micros).unwrap_or(0) / 1_000_000;
-        let bucket = AGE_BUCKETS_SECONDS
+        // On the read path, once per value served: compares only, no division.
+        let micros = u64::try_from(age_micros).unwrap_or(0);
+        let bucket = AGE_BUCKETS_MICROS
             .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(AGE_BUCKETS_SECONDS.len());
+            .position(|&bound| micros <= bound)
+            .unwrap_or(AGE_BUCKETS_MICROS.len());
         self.buckets[bucket] += 1;
         self.count += 1;
-        self.sum_seconds += seconds;
+        self.sum_micros = self.sum_micros.saturating_add(micros);
     }
 }
 
@@ -836,7 +856,10 @@ pub async fn serve(
             }
         }
     };
-    let router = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    // Each scrape reads the database; a few at once is plenty for any number of scrapers.
+    let router = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(SCRAPES_AT_ONCE));
     if let Err(error) = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -91,9 +91,10 @@ enum Call {
     VerifyAuditLog,
     SweepExpired,
     CreateBackup,
+    GetStats,
 }
 
-const CALLS: [Call; 21] = [
+const CALLS: [Call; 22] = [
     Call::ListFeatures,
     Call::ListSurfaces,
     Call::ReadReels,
@@ -115,6 +116,7 @@ const CALLS: [Call; 21] = [
     Call::VerifyAuditLog,
     Call::SweepExpired,
     Call::CreateBackup,
+    Call::GetStats,
 ];
 
 /// The user every call is about (a US adult, set up by the privacy system).
@@ -227,6 +229,7 @@ async fn make(client: &Client, call: Call, nonce: usize, receipt: &str) -> Code 
         Call::GetPolicyStatus => code(client.policy_status().await.map(drop)),
         Call::SweepExpired => code(client.sweep_expired().await.map(drop)),
         Call::CreateBackup => code(client.create_backup().await.map(drop)),
+        Call::GetStats => code(client.stats().await.map(drop)),
         Call::ReloadPolicy => code(client.reload_policy().await.map(drop)),
         Call::VerifyAuditLog => code(client.verify_audit_log().await.map(drop)),
     }
@@ -249,7 +252,12 @@ fn expected(caller: &str, call: Call) -> Code {
         ),
         "admin" => matches!(
             call,
-            GetPolicyStatus | ReloadPolicy | VerifyAuditLog | SweepExpired | CreateBackup
+            GetPolicyStatus
+                | ReloadPolicy
+                | VerifyAuditLog
+                | SweepExpired
+                | CreateBackup
+                | GetStats
         ),
         other => panic!("unknown caller {other}"),
     };

@@ -6,14 +6,13 @@
 //! [`serve_until_killed`] with the directory in its environment.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use featurestore::domain::{Timestamp, Value};
 use featurestore_client::{Client, ClientOptions};
-use featurestore_tests::{read, row, write};
+use featurestore_tests::{ChildServer, read, row, write};
 
 /// Kill-and-restart rounds in one run.
 const ROUNDS: u64 = 20;
@@ -33,86 +32,22 @@ fn serve_until_killed() {
     let Some(directory) = std::env::var_os(DIRECTORY_VARIABLE).map(PathBuf::from) else {
         return;
     };
-    let mut config = featurestore_server::config::Config {
-        data_dir: directory.join("db"),
-        erasure_ledger_path: directory.join("erasures.jsonl"),
-        backup_dir: directory.join("backups"),
-        durability: featurestore_server::config::Durability::Sync,
-        ..featurestore_server::config::Config::default()
-    };
-    config.auth.mode = featurestore_server::config::AuthMode::Disabled;
-    config.bulk_load.staging_dir = directory.join("staging");
-    config.storage.block_cache_bytes = 8 * 1024 * 1024;
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        // Published once the listener exists, by a rename so that the test never reads half.
-        let published = directory.join("address.tmp");
-        std::fs::write(&published, address.to_string()).expect("write the address");
-        std::fs::rename(&published, directory.join("address")).expect("publish the address");
-        featurestore_server::run(listener, config, tokio_util::sync::CancellationToken::new())
-            .await
-            .expect("the server runs until it is killed");
-    });
+    let mut config = featurestore_tests::child_config(&directory);
+    config.durability = featurestore_server::config::Durability::Sync;
+    featurestore_tests::serve_in_child(&directory, config);
 }
 
-/// A server process on `directory`.
-struct ServerProcess {
-    child: Child,
-}
-
-impl ServerProcess {
-    fn start(directory: &Path, round: u64) -> ServerProcess {
-        let _ = std::fs::remove_file(directory.join("address"));
-        let log = std::fs::File::create(directory.join(format!("server-{round}.log")))
-            .expect("create the log");
-        let child = Command::new(std::env::current_exe().expect("this test binary"))
-            .args([
-                "--exact",
-                "crash::serve_until_killed",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env(DIRECTORY_VARIABLE, directory)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start the server process");
-        ServerProcess { child }
-    }
-
-    /// The server's endpoint once it listens, or None if it exited first.
-    async fn endpoint(&mut self, directory: &Path) -> Option<String> {
-        let started = Instant::now();
-        loop {
-            if let Ok(address) = std::fs::read_to_string(directory.join("address")) {
-                let endpoint = format!("http://{address}");
-                featurestore_tests::until_serving(&endpoint, || {
-                    self.child.try_wait().ok().flatten().is_some()
-                })
-                .await;
-                return Some(endpoint);
-            }
-            if self.child.try_wait().expect("poll the server").is_some() {
-                return None;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the server did not start within two minutes"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown, no flush.
-    fn kill(mut self) {
-        self.child.kill().expect("kill the server");
-        self.child.wait().expect("reap the server");
-    }
+/// A server process on `directory`, logging to `server-<round>.log` there.
+fn start_server(directory: &Path, round: u64) -> ChildServer {
+    let log = std::fs::File::create(directory.join(format!("server-{round}.log")))
+        .expect("create the log");
+    ChildServer::start(
+        "crash::serve_until_killed",
+        DIRECTORY_VARIABLE,
+        directory,
+        log,
+        &[],
+    )
 }
 
 fn user(writer: u64, index: u64) -> u64 {
@@ -196,12 +131,12 @@ async fn acknowledged_writes_survive_kill_9() {
     for round in 0..ROUNDS {
         if round % 4 == 3 {
             // Killed while it opens and recovers the database.
-            let starting = ServerProcess::start(directory.path(), round + 1000);
+            let starting = start_server(directory.path(), round + 1000);
             tokio::time::sleep(Duration::from_millis(random.below(60))).await;
             starting.kill();
             killed_starting += 1;
         }
-        let mut server = ServerProcess::start(directory.path(), round);
+        let mut server = start_server(directory.path(), round);
         let Some(endpoint) = server.endpoint(directory.path()).await else {
             panic!(
                 "round {round}: the server exited while starting; see {}",
@@ -292,7 +227,7 @@ async fn acknowledged_writes_survive_kill_9() {
         sent_max = next_sequence - 1;
     }
     // A last start checks the last round.
-    let mut server = ServerProcess::start(directory.path(), ROUNDS);
+    let mut server = start_server(directory.path(), ROUNDS);
     let endpoint = server
         .endpoint(directory.path())
         .await

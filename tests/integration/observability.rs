@@ -3,12 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use featurestore::domain::{Timestamp, Value};
 use featurestore::proto::{self, ReasonCode};
-use featurestore_tests::{START_TIME, TestServer, read, row, write};
+use featurestore_tests::{ChildServer, START_TIME, TestServer, read, row, write};
 
 use crate::featurestore;
 
@@ -513,6 +512,20 @@ fn every_dashboard_metric_is_exposed(scrape: &str) {
     assert!(queried > 20, "the dashboard queries the metrics");
 }
 
+/// `message` with the metadata `x-request-id: id`.
+fn with_request_id<T>(message: T, id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-request-id", id.parse().expect("ascii"));
+    request
+}
+
+/// The `x-request-id` of a response or an error.
+fn request_id(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata.get("x-request-id")?.to_str().ok()
+}
+
 #[tokio::test]
 async fn a_request_id_comes_back_and_a_new_one_is_made_when_none_is_sent() {
     let server = TestServer::start().await;
@@ -520,51 +533,32 @@ async fn a_request_id_comes_back_and_a_new_one_is_made_when_none_is_sent() {
         proto::feature_store_client::FeatureStoreClient::connect(server.endpoint.clone())
             .await
             .expect("connect");
-    let mut request = tonic::Request::new(proto::ListSurfacesRequest {});
-    request
-        .metadata_mut()
-        .insert("x-request-id", "ranker-7:batch/42".parse().expect("ascii"));
-    let response = stub.list_surfaces(request).await.expect("answered");
-    assert_eq!(
-        response
-            .metadata()
-            .get("x-request-id")
-            .and_then(|id| id.to_str().ok()),
-        Some("ranker-7:batch/42")
-    );
+    let response = stub
+        .list_surfaces(with_request_id(
+            proto::ListSurfacesRequest {},
+            "ranker-7:batch/42",
+        ))
+        .await
+        .expect("answered");
+    assert_eq!(request_id(response.metadata()), Some("ranker-7:batch/42"));
     // An error carries it too.
-    let mut request = tonic::Request::new(proto::GetFeaturesRequest {
+    let unknown_feature = proto::GetFeaturesRequest {
         features: vec!["no_such_feature".to_string()],
         ..Default::default()
-    });
-    request
-        .metadata_mut()
-        .insert("x-request-id", "ranker-7:batch/43".parse().expect("ascii"));
-    let status = stub.get_features(request).await.expect_err("refused");
-    assert_eq!(
-        status
-            .metadata()
-            .get("x-request-id")
-            .and_then(|id| id.to_str().ok()),
-        Some("ranker-7:batch/43")
-    );
+    };
+    let status = stub
+        .get_features(with_request_id(unknown_feature, "ranker-7:batch/43"))
+        .await
+        .expect_err("refused");
+    assert_eq!(request_id(status.metadata()), Some("ranker-7:batch/43"));
     // Without one (or with one unfit for a log line), the server makes one up.
     let mut ids = Vec::new();
-    for sent in [None, Some("has spaces in it")] {
-        let mut request = tonic::Request::new(proto::ListSurfacesRequest {});
-        if let Some(sent) = sent {
-            request
-                .metadata_mut()
-                .insert("x-request-id", sent.parse().expect("ascii"));
-        }
+    for request in [
+        tonic::Request::new(proto::ListSurfacesRequest {}),
+        with_request_id(proto::ListSurfacesRequest {}, "has spaces in it"),
+    ] {
         let response = stub.list_surfaces(request).await.expect("answered");
-        let id = response
-            .metadata()
-            .get("x-request-id")
-            .expect("an id")
-            .to_str()
-            .expect("ascii")
-            .to_string();
+        let id = request_id(response.metadata()).expect("an id").to_string();
         assert_eq!(id.len(), 16);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
         ids.push(id);
@@ -584,31 +578,7 @@ fn serve_with_json_logs() {
         return;
     };
     featurestore_server::logging::init(featurestore_server::logging::LogFormat::Json);
-    let mut config = featurestore_server::config::Config {
-        data_dir: directory.join("db"),
-        erasure_ledger_path: directory.join("erasures.jsonl"),
-        backup_dir: directory.join("backups"),
-        ..featurestore_server::config::Config::default()
-    };
-    config.auth.mode = featurestore_server::config::AuthMode::Disabled;
-    config.bulk_load.staging_dir = directory.join("staging");
-    config.storage.block_cache_bytes = 8 * 1024 * 1024;
-    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let published = directory.join("address.tmp");
-        std::fs::write(
-            &published,
-            listener.local_addr().expect("address").to_string(),
-        )
-        .expect("write the address");
-        std::fs::rename(&published, directory.join("address")).expect("publish the address");
-        featurestore_server::run(listener, config, tokio_util::sync::CancellationToken::new())
-            .await
-            .expect("the server runs until it is killed");
-    });
+    featurestore_tests::serve_in_child(&directory, featurestore_tests::child_config(&directory));
 }
 
 #[tokio::test]
@@ -616,58 +586,36 @@ async fn a_request_id_appears_in_the_servers_log_lines() {
     let directory = tempfile::tempdir().expect("a directory");
     let log_path = directory.path().join("server.log");
     let log = std::fs::File::create(&log_path).expect("create the log");
-    let mut child = Command::new(std::env::current_exe().expect("this test binary"))
-        .args([
-            "--exact",
-            "observability::serve_with_json_logs",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(LOG_DIRECTORY_VARIABLE, directory.path())
-        .env("RUST_LOG", "info,featurestore_server=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start the server process");
-    let started = Instant::now();
-    let address = loop {
-        if let Ok(address) = std::fs::read_to_string(directory.path().join("address")) {
-            break address;
-        }
-        assert!(
-            child.try_wait().expect("poll").is_none(),
-            "the server exited"
-        );
-        assert!(started.elapsed() < Duration::from_secs(120), "no server");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let endpoint = format!("http://{address}");
-    featurestore_tests::until_serving(&endpoint, || false).await;
+    let mut server = ChildServer::start(
+        "observability::serve_with_json_logs",
+        LOG_DIRECTORY_VARIABLE,
+        directory.path(),
+        log,
+        &[("RUST_LOG", "info,featurestore_server=debug")],
+    );
+    let endpoint = server
+        .endpoint(directory.path())
+        .await
+        .expect("the server starts");
     let mut stub = proto::feature_store_client::FeatureStoreClient::connect(endpoint)
         .await
         .expect("connect");
-    let mut request = tonic::Request::new(proto::GetFeaturesRequest {
-        keys: (1..=20)
-            .map(|user_id| proto::FeatureKey {
-                user_id,
-                surface: "facebook_feed".to_string(),
-            })
-            .collect(),
-        ..Default::default()
-    });
-    request
-        .metadata_mut()
-        .insert("x-request-id", "trace-me-7f3a".parse().expect("ascii"));
-    let response = stub.get_features(request).await.expect("the read succeeds");
-    assert_eq!(
-        response
-            .metadata()
-            .get("x-request-id")
-            .and_then(|id| id.to_str().ok()),
-        Some("trace-me-7f3a")
+    let request = with_request_id(
+        proto::GetFeaturesRequest {
+            keys: (1..=20)
+                .map(|user_id| proto::FeatureKey {
+                    user_id,
+                    surface: "facebook_feed".to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        },
+        "trace-me-7f3a",
     );
+    let response = stub.get_features(request).await.expect("the read succeeds");
+    assert_eq!(request_id(response.metadata()), Some("trace-me-7f3a"));
     // The request's last line is written when its response ends; wait for it.
+    let started = Instant::now();
     let lines = loop {
         let text = std::fs::read_to_string(&log_path).expect("read the log");
         let lines: Vec<serde_json::Value> = text
@@ -687,11 +635,10 @@ async fn a_request_id_appears_in_the_servers_log_lines() {
         {
             break lines;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "log: {text}");
+        assert!(started.elapsed() < Duration::from_secs(60), "log: {text}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    child.kill().expect("stop the server");
-    child.wait().expect("reap the server");
+    server.kill();
     let finished = lines
         .iter()
         .find(|line| line["message"] == "request finished")
