@@ -227,6 +227,9 @@ pub struct SurfaceAges {
     buckets: [u64; AGE_BUCKETS_SECONDS.len() + 1],
     count: u64,
     sum_micros: u64,
+    /// The last age counted and its bucket: the values a row's write stored together
+    /// share their event time, so most values find their bucket here.
+    last: Option<(u64, usize)>,
 }
 
 /// The ages of the values served on `surface`, among a read's `ages`.
@@ -247,10 +250,17 @@ impl SurfaceAges {
     pub fn add(&mut self, age_micros: i64) {
         // On the read path, once per value served: compares only, no division.
         let micros = u64::try_from(age_micros).unwrap_or(0);
-        let bucket = AGE_BUCKETS_MICROS
-            .iter()
-            .position(|&bound| micros <= bound)
-            .unwrap_or(AGE_BUCKETS_MICROS.len());
+        let bucket = match self.last {
+            Some((last, bucket)) if last == micros => bucket,
+            _ => {
+                let bucket = AGE_BUCKETS_MICROS
+                    .iter()
+                    .position(|&bound| micros <= bound)
+                    .unwrap_or(AGE_BUCKETS_MICROS.len());
+                self.last = Some((micros, bucket));
+                bucket
+            }
+        };
         self.buckets[bucket] += 1;
         self.count += 1;
         self.sum_micros = self.sum_micros.saturating_add(micros);

@@ -114,7 +114,9 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
 
 /// Each histogram series: buckets cumulative, `+Inf` bucket equal to `_count`.
 fn check_histograms(samples: &[Sample]) {
-    let mut series: BTreeMap<(String, BTreeMap<String, String>), Vec<(f64, f64)>> = BTreeMap::new();
+    /// A series (name and labels but `le`) → its buckets (bound, cumulative count).
+    type Series = BTreeMap<(String, BTreeMap<String, String>), Vec<(f64, f64)>>;
+    let mut series = Series::new();
     for sample in samples {
         if let Some(name) = sample.name.strip_suffix("_bucket") {
             let mut labels = sample.labels.clone();
