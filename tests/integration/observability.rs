@@ -193,24 +193,28 @@ async fn write_topics(server: &TestServer) {
     }
 }
 
-#[tokio::test]
-async fn the_metrics_count_a_known_workload() {
-    let server = TestServer::start().await;
-    write_topics(&server).await;
-    // A refused write: a health topic is never stored for ads.
-    let refused = server
+/// A write the policy refuses: a health topic is never stored for ads.
+async fn write_health_for_ads(server: &TestServer, user: u64) -> proto::WriteFeaturesResponse {
+    server
         .client
         .write_features(write(
-            "health-for-ads",
+            &format!("health-for-ads-{user}"),
             vec![row(
-                1,
+                user,
                 &["facebook_ads"],
                 at(-60),
                 vec![("interest_fitness_health", Value::Float(0.5))],
             )],
         ))
         .await
-        .expect("the write is answered");
+        .expect("the write is answered")
+}
+
+#[tokio::test]
+async fn the_metrics_count_a_known_workload() {
+    let server = TestServer::start().await;
+    write_topics(&server).await;
+    let refused = write_health_for_ads(&server, 1).await;
     assert_eq!(
         refused.rows[0].verdicts[0].reasons,
         [ReasonCode::SensitiveTopicForAds as i32]
@@ -439,19 +443,7 @@ async fn bulk_loads_are_counted_by_row_result_and_job_state() {
         .get_features(read(&[(1, "facebook_feed")], &[]))
         .await
         .expect("the read succeeds");
-    server
-        .client
-        .write_features(write(
-            "refused",
-            vec![row(
-                3,
-                &["facebook_ads"],
-                at(-60),
-                vec![("interest_fitness_health", Value::Float(0.5))],
-            )],
-        ))
-        .await
-        .expect("the write is answered");
+    write_health_for_ads(&server, 3).await;
 
     let text = server.scrape().await;
     every_dashboard_metric_is_exposed(&text);
