@@ -24,6 +24,19 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Longest request id taken from a caller.
 pub const REQUEST_ID_BYTES_MAX: usize = 128;
 
+/// Put in every request's extensions: when its headers arrived, so that a handler can log
+/// how long decoding its body took.
+#[derive(Clone, Copy, Debug)]
+pub struct Received(pub Instant);
+
+/// Logs (at debug) the time from a call's headers to its decoded message: reading and
+/// decoding the body, after the authenticator's check.
+pub fn log_decoded<T>(request: &tonic::Request<T>) {
+    if let Some(Received(at)) = request.extensions().get() {
+        tracing::debug!(decode_us = at.elapsed().as_micros() as u64, "decoded");
+    }
+}
+
 /// Put in a GetFeatures response's extensions by the handler: the read's batch size, so
 /// that its time is also counted by batch-size bucket.
 #[derive(Clone, Copy, Debug)]
@@ -123,8 +136,9 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
+        request.extensions_mut().insert(Received(started));
         let id = self.layer.ids.of(&request);
         let path = request.uri().path();
         let span = tracing::info_span!(
@@ -141,6 +155,7 @@ where
             slow_request_threshold: self.layer.slow_request_threshold,
             span: span.clone(),
             started,
+            answered: started,
             read_batch: None,
         };
         let response = self.inner.call(request).instrument(span);
@@ -148,6 +163,7 @@ where
             let mut response = response.await?;
             response.headers_mut().insert(REQUEST_ID, id);
             let mut finish = finish;
+            finish.answered = Instant::now();
             finish.read_batch = response
                 .extensions()
                 .get::<ReadBatch>()
@@ -180,6 +196,8 @@ struct Finish {
     slow_request_threshold: Duration,
     span: tracing::Span,
     started: Instant,
+    /// When the handler returned its answer; from then on the body is encoded and sent.
+    answered: Instant,
     read_batch: Option<usize>,
 }
 
@@ -194,10 +212,13 @@ impl Finish {
         }
         let code = code_label(code);
         let duration_us = duration.as_micros() as u64;
+        // Encoding the answer and handing it to the connection.
+        let respond_us = self.answered.elapsed().as_micros() as u64;
+        let keys = self.read_batch;
         if duration > self.slow_request_threshold {
-            tracing::warn!(parent: &self.span, code, duration_us, keys = self.read_batch, "slow request");
+            tracing::warn!(parent: &self.span, code, duration_us, respond_us, keys, "slow request");
         } else {
-            tracing::debug!(parent: &self.span, code, duration_us, keys = self.read_batch, "request finished");
+            tracing::debug!(parent: &self.span, code, duration_us, respond_us, keys, "request finished");
         }
     }
 }

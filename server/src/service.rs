@@ -24,7 +24,7 @@ use crate::domain::Core;
 use crate::erasure::Receipt;
 use crate::error::{Error, ErrorKind};
 use crate::metrics::{Metrics, ReadTally};
-use crate::observe::ReadBatch;
+use crate::observe::{ReadBatch, log_decoded};
 use crate::policy::Reasons;
 use crate::policy::bundle::reason_name;
 use crate::storage::{ErasureState, UserState};
@@ -131,6 +131,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<proto::GetFeaturesRequest>,
     ) -> Result<Response<proto::GetFeaturesResponse>, Status> {
+        log_decoded(&request);
         let principal = principal_of(&request).map_err(status)?;
         let request = {
             let _span = tracing::debug_span!("parse").entered();
@@ -166,6 +167,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<proto::WriteFeaturesRequest>,
     ) -> Result<Response<proto::WriteFeaturesResponse>, Status> {
+        log_decoded(&request);
         let principal = principal_of(&request).map_err(status)?;
         let request = request.into_inner();
         let fingerprint = xxhash_rust::xxh3::xxh3_64(&request.encode_to_vec());

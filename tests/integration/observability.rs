@@ -639,6 +639,12 @@ async fn a_request_id_appears_in_the_servers_log_lines() {
         .expect("the line of the request's end");
     assert_eq!(finished["code"], "OK");
     assert_eq!(finished["keys"], 20);
+    assert!(finished["respond_us"].is_u64(), "{finished}");
+    let decoded = lines
+        .iter()
+        .find(|line| line["message"] == "decoded")
+        .expect("the line of the decoded request");
+    assert!(decoded["decode_us"].is_u64(), "{decoded}");
     assert_eq!(
         finished["span"]["method"],
         "/featurestore.v1.FeatureStore/GetFeatures"
