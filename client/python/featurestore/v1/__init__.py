@@ -1,0 +1,1 @@
+"""The gRPC code generated from proto/featurestore/v1 when the package is built."""
