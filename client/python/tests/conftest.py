@@ -1,6 +1,7 @@
 """Starts the real feature store server (the binary the Rust workspace builds) on a free
 loopback port in a temporary directory, for the whole test session."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,13 +31,12 @@ def server_binary() -> Path:
     return binary
 
 
-@pytest.fixture(scope="session")
-def server_address(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("featurestore")
+def start_server(directory: Path, *arguments: str):
+    """Starts the server in `directory` with `arguments`; returns the process, its address
+    and its log lines so far (kept up to date by a thread)."""
     process = subprocess.Popen(
         [
             str(server_binary()),
-            "--auth-disabled",
             "--listen-address",
             "127.0.0.1:0",
             "--metrics-listen-address",
@@ -47,6 +47,7 @@ def server_address(tmp_path_factory):
             "buffered",
             "--log-format",
             "json",
+            *arguments,
         ],
         cwd=directory,
         stdin=subprocess.DEVNULL,
@@ -74,9 +75,47 @@ def server_address(tmp_path_factory):
         pytest.fail("the server did not start:\n" + "".join(log), pytrace=False)
     # Keep reading its log, so that the pipe never fills.
     threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
-    yield address
+    return process, address, log
+
+
+def stop_server(process) -> None:
     process.terminate()
     process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def server_address(tmp_path_factory):
+    """A development server: authentication disabled."""
+    process, address, _ = start_server(tmp_path_factory.mktemp("open"), "--auth-disabled")
+    yield address
+    stop_server(process)
+
+
+#: The bearer token of the `operators` principal of `secured_server_address`.
+OPERATOR_TOKEN = "python-client-test-token-5d1f0a"
+
+
+@pytest.fixture(scope="session")
+def secured_server_address(tmp_path_factory):
+    """A server requiring a bearer token: one principal, `operators`, with every role."""
+    directory = tmp_path_factory.mktemp("secured")
+    token_hash = hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()
+    (directory / "featurestore.toml").write_text(
+        f"""
+[[auth.principals]]
+name = "operators"
+token_sha256 = ["{token_hash}"]
+read_surfaces = ["*"]
+write_sources = ["*"]
+privacy = true
+admin = true
+"""
+    )
+    process, address, _ = start_server(
+        directory, "--config", str(directory / "featurestore.toml")
+    )
+    yield address
+    stop_server(process)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The Python client against the real server: write, read, explain, a policy denial with
 its reason, erasure, bad input and deadlines."""
 
+import hashlib
 import itertools
 import time
 
@@ -8,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from featurestore import FeatureStoreError, WriteRow
+from featurestore import Client, FeatureStoreError, WriteRow
 from featurestore.v1 import featurestore_pb2 as pb
 
 # Each test uses users of its own, so that they share one server.
@@ -174,3 +175,28 @@ def test_every_call_has_a_deadline(client):
     with pytest.raises(FeatureStoreError) as late:
         client.get_features([(n, "facebook_feed") for n in range(1, 1001)], timeout=1e-6)
     assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_secured_server_takes_the_bearer_token(secured_server_address):
+    from conftest import OPERATOR_TOKEN
+
+    with Client(secured_server_address, timeout=10.0) as anonymous:
+        with pytest.raises(FeatureStoreError) as refused:
+            anonymous.get_features([(1, "facebook_feed")])
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(secured_server_address, token="not-the-token", timeout=10.0) as stranger:
+        with pytest.raises(FeatureStoreError) as refused:
+            stranger.stats()
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(secured_server_address, token=OPERATOR_TOKEN, timeout=10.0) as operators:
+        user = next(_users)
+        us_adult(operators, user)
+        assert operators.get_features([(user, "facebook_feed")])[0].status == "OK"
+        stats = operators.stats()
+        assert "(masked)" in stats.config
+        assert hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest() not in stats.config
+
+
+def test_a_client_certificate_needs_tls():
+    with pytest.raises(ValueError):
+        Client("127.0.0.1:1", tls_cert=b"certificate", tls_key=b"key")
