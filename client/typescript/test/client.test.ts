@@ -2,7 +2,8 @@
 // read, explain, a policy denial with its reason, erasure, bad input and deadlines.
 
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -16,16 +17,23 @@ import { Client, Code, FeatureStoreError, type WriteRowInput } from "../src/inde
 const repository = resolve(fileURLToPath(new URL(".", import.meta.url)), "..", "..", "..", "..");
 const binary = process.env.FEATURESTORE_SERVER_BIN ?? join(repository, "target", "debug", "featurestore-server");
 
-let server: ChildProcess;
+const servers: ChildProcess[] = [];
 let client: Client;
 
-before(async () => {
+/** Starts the server in a new temporary directory with `config` (a config file's text
+ * when given, else authentication disabled); resolves to its address once it serves. */
+async function startServer(config?: string): Promise<string> {
   assert.ok(existsSync(binary), `no server binary at ${binary}: build it with cargo build -p featurestore-server or set FEATURESTORE_SERVER_BIN`);
   const directory = mkdtempSync(join(tmpdir(), "featurestore-ts-"));
-  server = spawn(
+  const settings = ["--auth-disabled"];
+  if (config !== undefined) {
+    writeFileSync(join(directory, "featurestore.toml"), config);
+    settings.splice(0, 1, "--config", join(directory, "featurestore.toml"));
+  }
+  const server = spawn(
     binary,
     [
-      "--auth-disabled",
+      ...settings,
       "--listen-address", "127.0.0.1:0",
       "--metrics-listen-address", "127.0.0.1:0",
       "--data-dir", join(directory, "db"),
@@ -34,6 +42,7 @@ before(async () => {
     ],
     { cwd: directory, stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, RUST_LOG: "info" } },
   );
+  servers.push(server);
   const log: string[] = [];
   const address = await new Promise<string>((found, failed) => {
     const lines = createInterface({ input: server.stderr! });
@@ -52,11 +61,15 @@ before(async () => {
     });
     server.on("exit", (code) => failed(new Error(`the server exited with ${code}:\n${log.join("\n")}`)));
   });
-  client = new Client(`http://${address}`, { timeoutMs: 10_000 });
+  return address;
+}
+
+before(async () => {
+  client = new Client(`http://${await startServer()}`, { timeoutMs: 10_000 });
 });
 
 after(() => {
-  server?.kill("SIGTERM");
+  for (const server of servers) server.kill("SIGTERM");
 });
 
 let nextUser = 5000;
@@ -191,4 +204,31 @@ test("every call has a deadline", async () => {
     assert.equal(error.code, Code.DeadlineExceeded);
     return true;
   });
+});
+
+test("a secured server takes the bearer token", async () => {
+  const token = "typescript-client-test-token-7c2e";
+  const hash = createHash("sha256").update(token).digest("hex");
+  const address = await startServer(`
+[[auth.principals]]
+name = "operators"
+token_sha256 = ["${hash}"]
+read_surfaces = ["*"]
+write_sources = ["*"]
+privacy = true
+admin = true
+`);
+  const refusedWith = (code: Code) => (error: unknown) => {
+    assert.ok(error instanceof FeatureStoreError);
+    assert.equal(error.code, code);
+    return true;
+  };
+  await assert.rejects(new Client(`http://${address}`).getFeatures([[1, "facebook_feed"]]), refusedWith(Code.Unauthenticated));
+  await assert.rejects(new Client(`http://${address}`, { token: "not-the-token" }).stats(), refusedWith(Code.Unauthenticated));
+  const operators = new Client(`http://${address}`, { token, timeoutMs: 10_000 });
+  const read = await operators.getFeatures([[1, "facebook_feed"]]);
+  assert.equal(read.rows[0].status, "OK");
+  const stats = await operators.stats();
+  assert.match(stats.config, /\(masked\)/);
+  assert.ok(!stats.config.includes(hash));
 });
