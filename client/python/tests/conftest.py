@@ -122,3 +122,59 @@ admin = true
 def client(server_address):
     with Client(server_address, timeout=10.0) as client:
         yield client
+
+
+def make_certificates(directory: Path) -> dict:
+    """A certificate authority, a server certificate for 127.0.0.1 and localhost, and a
+    client certificate named `operators.test`, made with the openssl command; returns the
+    PEM files' paths."""
+
+    def openssl(*arguments):
+        subprocess.run(["openssl", *arguments], cwd=directory, check=True, capture_output=True)
+
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=featurestore test CA", "-days", "2")
+    for name, subject, extensions in [
+        ("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "/CN=operators.test", "extendedKeyUsage=clientAuth\n"),
+    ]:
+        (directory / f"{name}.ext").write_text(extensions)
+        openssl("req", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+        )
+    return {name: directory / name for name in ["ca.pem", "server.pem", "server.key", "client.pem", "client.key"]}
+
+
+@pytest.fixture(scope="session")
+def tls_server(tmp_path_factory):
+    """A server on TLS that also takes client certificates: `operators` authenticates with
+    its bearer token or with the client certificate named `operators.test`. Yields its
+    address and the certificate files."""
+    directory = tmp_path_factory.mktemp("tls")
+    files = make_certificates(directory)
+    token_hash = hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()
+    (directory / "featurestore.toml").write_text(
+        f"""
+[[auth.principals]]
+name = "operators"
+token_sha256 = ["{token_hash}"]
+certificate_names = ["operators.test"]
+read_surfaces = ["*"]
+write_sources = ["*"]
+privacy = true
+admin = true
+
+[tls]
+certificate_path = "{files['server.pem']}"
+key_path = "{files['server.key']}"
+client_ca_path = "{files['ca.pem']}"
+client_certificate_optional = true
+"""
+    )
+    process, address, _ = start_server(
+        directory, "--config", str(directory / "featurestore.toml")
+    )
+    yield address, files
+    stop_server(process)

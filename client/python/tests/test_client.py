@@ -200,3 +200,28 @@ def test_a_secured_server_takes_the_bearer_token(secured_server_address):
 def test_a_client_certificate_needs_tls():
     with pytest.raises(ValueError):
         Client("127.0.0.1:1", tls_cert=b"certificate", tls_key=b"key")
+
+
+def test_tls_with_a_token_or_a_client_certificate(tls_server):
+    from conftest import OPERATOR_TOKEN
+
+    address, files = tls_server
+    authority = files["ca.pem"].read_bytes()
+    with Client(address, tls_ca=authority, token=OPERATOR_TOKEN, timeout=10.0) as with_token:
+        assert with_token.get_features([(1, "facebook_feed")])[0].status == "OK"
+    with Client(
+        address,
+        tls_ca=authority,
+        tls_cert=files["client.pem"].read_bytes(),
+        tls_key=files["client.key"].read_bytes(),
+        timeout=10.0,
+    ) as with_certificate:
+        assert with_certificate.stats().policy_hash
+    with Client(address, tls_ca=authority, timeout=10.0) as anonymous:
+        with pytest.raises(FeatureStoreError) as refused:
+            anonymous.get_features([(1, "facebook_feed")])
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(address, token=OPERATOR_TOKEN, timeout=2.0) as plaintext:
+        with pytest.raises(FeatureStoreError) as refused:
+            plaintext.get_features([(1, "facebook_feed")])
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE

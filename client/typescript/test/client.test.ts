@@ -1,9 +1,9 @@
 // The TypeScript client against the real server binary the Rust workspace builds: write,
 // read, explain, a policy denial with its reason, erasure, bad input and deadlines.
 
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -22,9 +22,8 @@ let client: Client;
 
 /** Starts the server in a new temporary directory with `config` (a config file's text
  * when given, else authentication disabled); resolves to its address once it serves. */
-async function startServer(config?: string): Promise<string> {
+async function startServer(config?: string, directory = mkdtempSync(join(tmpdir(), "featurestore-ts-"))): Promise<string> {
   assert.ok(existsSync(binary), `no server binary at ${binary}: build it with cargo build -p featurestore-server or set FEATURESTORE_SERVER_BIN`);
-  const directory = mkdtempSync(join(tmpdir(), "featurestore-ts-"));
   const settings = ["--auth-disabled"];
   if (config !== undefined) {
     writeFileSync(join(directory, "featurestore.toml"), config);
@@ -231,4 +230,72 @@ admin = true
   const stats = await operators.stats();
   assert.match(stats.config, /\(masked\)/);
   assert.ok(!stats.config.includes(hash));
+});
+
+/** A certificate authority, a server certificate for 127.0.0.1 and localhost, and a client
+ * certificate named `operators.test`, made with the openssl command in `directory`. */
+function makeCertificates(directory: string) {
+  const openssl = (...args: string[]) => execFileSync("openssl", args, { cwd: directory, stdio: "pipe" });
+  const curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+  openssl("req", "-x509", ...curve, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=featurestore test CA", "-days", "2");
+  for (const [name, subject, extensions] of [
+    ["server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"],
+    ["client", "/CN=operators.test", "extendedKeyUsage=clientAuth\n"],
+  ]) {
+    writeFileSync(join(directory, `${name}.ext`), extensions);
+    openssl("req", ...curve, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", subject);
+    openssl("x509", "-req", "-in", `${name}.csr`, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+      "-out", `${name}.pem`, "-days", "2", "-extfile", `${name}.ext`);
+  }
+  const read = (name: string) => readFileSync(join(directory, name));
+  return { ca: read("ca.pem"), cert: read("client.pem"), key: read("client.key") };
+}
+
+test("TLS with a token or a client certificate", async () => {
+  const token = "typescript-client-tls-token-41ab";
+  const hash = createHash("sha256").update(token).digest("hex");
+  const directory = mkdtempSync(join(tmpdir(), "featurestore-ts-tls-"));
+  const { ca, cert, key } = makeCertificates(directory);
+  const address = await startServer(
+    `
+[[auth.principals]]
+name = "operators"
+token_sha256 = ["${hash}"]
+certificate_names = ["operators.test"]
+read_surfaces = ["*"]
+write_sources = ["*"]
+privacy = true
+admin = true
+
+[tls]
+certificate_path = "${join(directory, "server.pem")}"
+key_path = "${join(directory, "server.key")}"
+client_ca_path = "${join(directory, "ca.pem")}"
+client_certificate_optional = true
+`,
+    directory,
+  );
+  const withToken = new Client(`https://${address}`, { token, tls: { ca }, timeoutMs: 10_000 });
+  assert.equal((await withToken.getFeatures([[1, "facebook_feed"]])).rows[0].status, "OK");
+  const withCertificate = new Client(`https://${address}`, { tls: { ca, cert, key }, timeoutMs: 10_000 });
+  assert.ok((await withCertificate.stats()).policyHash);
+  const refusedWith = (code: Code) => (error: unknown) => {
+    assert.ok(error instanceof FeatureStoreError);
+    assert.equal(error.code, code, String(error));
+    return true;
+  };
+  await assert.rejects(
+    new Client(`https://${address}`, { tls: { ca }, timeoutMs: 10_000 }).getFeatures([[1, "facebook_feed"]]),
+    refusedWith(Code.Unauthenticated),
+  );
+  // A plaintext client does not get through (the transport reports the closed connection
+  // as UNAVAILABLE or CANCELED, depending on when it notices).
+  await assert.rejects(
+    new Client(`http://${address}`, { token, timeoutMs: 2_000 }).getFeatures([[1, "facebook_feed"]]),
+    (error: unknown) => {
+      assert.ok(error instanceof FeatureStoreError);
+      assert.ok([Code.Unavailable, Code.Canceled].includes(error.code), String(error));
+      return true;
+    },
+  );
 });
