@@ -91,33 +91,6 @@ def server_address(tmp_path_factory):
     stop_server(process)
 
 
-#: The bearer token of the `operators` principal of `secured_server_address`.
-OPERATOR_TOKEN = "python-client-test-token-5d1f0a"
-
-
-@pytest.fixture(scope="session")
-def secured_server_address(tmp_path_factory):
-    """A server requiring a bearer token: one principal, `operators`, with every role."""
-    directory = tmp_path_factory.mktemp("secured")
-    token_hash = hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()
-    (directory / "featurestore.toml").write_text(
-        f"""
-[[auth.principals]]
-name = "operators"
-token_sha256 = ["{token_hash}"]
-read_surfaces = ["*"]
-write_sources = ["*"]
-privacy = true
-admin = true
-"""
-    )
-    process, address, _ = start_server(
-        directory, "--config", str(directory / "featurestore.toml")
-    )
-    yield address
-    stop_server(process)
-
-
 @pytest.fixture
 def client(server_address):
     with Client(server_address, timeout=10.0) as client:
@@ -147,34 +120,22 @@ def make_certificates(directory: Path) -> dict:
     return {name: directory / name for name in ["ca.pem", "server.pem", "server.key", "client.pem", "client.key"]}
 
 
-@pytest.fixture(scope="session")
-def tls_server(tmp_path_factory):
-    """A server on TLS that also takes client certificates: `operators` authenticates with
-    its bearer token or with the client certificate named `operators.test`. Yields its
-    address and the certificate files."""
-    directory = tmp_path_factory.mktemp("tls")
-    files = make_certificates(directory)
-    token_hash = hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()
-    (directory / "featurestore.toml").write_text(
-        f"""
-[[auth.principals]]
-name = "operators"
-token_sha256 = ["{token_hash}"]
-certificate_names = ["operators.test"]
-read_surfaces = ["*"]
-write_sources = ["*"]
-privacy = true
-admin = true
+#: The bearer token of the `operators` principal of `secured_server`.
+OPERATOR_TOKEN = "python-client-test-token-5d1f0a"
 
-[tls]
-certificate_path = "{files['server.pem']}"
-key_path = "{files['server.key']}"
-client_ca_path = "{files['ca.pem']}"
-client_certificate_optional = true
-"""
-    )
-    process, address, _ = start_server(
-        directory, "--config", str(directory / "featurestore.toml")
-    )
+
+@pytest.fixture(scope="session")
+def secured_server(tmp_path_factory):
+    """A server on TLS requiring authentication (client/testdata/secured-server.toml):
+    `operators` authenticates with its bearer token or its client certificate. Yields its
+    address and the certificate files."""
+    directory = tmp_path_factory.mktemp("secured")
+    files = make_certificates(directory)
+    template = (REPOSITORY / "client" / "testdata" / "secured-server.toml").read_text()
+    config = template.replace(
+        "TOKEN_SHA256", hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()
+    ).replace("CERTIFICATES", str(directory))
+    (directory / "featurestore.toml").write_text(config)
+    process, address, _ = start_server(directory, "--config", str(directory / "featurestore.toml"))
     yield address, files
     stop_server(process)

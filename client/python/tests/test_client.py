@@ -177,38 +177,27 @@ def test_every_call_has_a_deadline(client):
     assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_a_secured_server_takes_the_bearer_token(secured_server_address):
-    from conftest import OPERATOR_TOKEN
-
-    with Client(secured_server_address, timeout=10.0) as anonymous:
-        with pytest.raises(FeatureStoreError) as refused:
-            anonymous.get_features([(1, "facebook_feed")])
-        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with Client(secured_server_address, token="not-the-token", timeout=10.0) as stranger:
-        with pytest.raises(FeatureStoreError) as refused:
-            stranger.stats()
-        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-    with Client(secured_server_address, token=OPERATOR_TOKEN, timeout=10.0) as operators:
-        user = next(_users)
-        us_adult(operators, user)
-        assert operators.get_features([(user, "facebook_feed")])[0].status == "OK"
-        stats = operators.stats()
-        assert "(masked)" in stats.config
-        assert hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest() not in stats.config
-
-
 def test_a_client_certificate_needs_tls():
     with pytest.raises(ValueError):
         Client("127.0.0.1:1", tls_cert=b"certificate", tls_key=b"key")
 
 
-def test_tls_with_a_token_or_a_client_certificate(tls_server):
+def test_tls_with_a_token_or_a_client_certificate(secured_server):
     from conftest import OPERATOR_TOKEN
 
-    address, files = tls_server
+    address, files = secured_server
     authority = files["ca.pem"].read_bytes()
     with Client(address, tls_ca=authority, token=OPERATOR_TOKEN, timeout=10.0) as with_token:
-        assert with_token.get_features([(1, "facebook_feed")])[0].status == "OK"
+        user = next(_users)
+        us_adult(with_token, user)
+        assert with_token.get_features([(user, "facebook_feed")])[0].status == "OK"
+        stats = with_token.stats()
+        assert "(masked)" in stats.config
+        assert hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest() not in stats.config
+    with Client(address, tls_ca=authority, token="not-the-token", timeout=10.0) as stranger:
+        with pytest.raises(FeatureStoreError) as refused:
+            stranger.stats()
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     with Client(
         address,
         tls_ca=authority,

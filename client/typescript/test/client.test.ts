@@ -205,33 +205,6 @@ test("every call has a deadline", async () => {
   });
 });
 
-test("a secured server takes the bearer token", async () => {
-  const token = "typescript-client-test-token-7c2e";
-  const hash = createHash("sha256").update(token).digest("hex");
-  const address = await startServer(`
-[[auth.principals]]
-name = "operators"
-token_sha256 = ["${hash}"]
-read_surfaces = ["*"]
-write_sources = ["*"]
-privacy = true
-admin = true
-`);
-  const refusedWith = (code: Code) => (error: unknown) => {
-    assert.ok(error instanceof FeatureStoreError);
-    assert.equal(error.code, code);
-    return true;
-  };
-  await assert.rejects(new Client(`http://${address}`).getFeatures([[1, "facebook_feed"]]), refusedWith(Code.Unauthenticated));
-  await assert.rejects(new Client(`http://${address}`, { token: "not-the-token" }).stats(), refusedWith(Code.Unauthenticated));
-  const operators = new Client(`http://${address}`, { token, timeoutMs: 10_000 });
-  const read = await operators.getFeatures([[1, "facebook_feed"]]);
-  assert.equal(read.rows[0].status, "OK");
-  const stats = await operators.stats();
-  assert.match(stats.config, /\(masked\)/);
-  assert.ok(!stats.config.includes(hash));
-});
-
 /** A certificate authority, a server certificate for 127.0.0.1 and localhost, and a client
  * certificate named `operators.test`, made with the openssl command in `directory`. */
 function makeCertificates(directory: string) {
@@ -252,40 +225,37 @@ function makeCertificates(directory: string) {
 }
 
 test("TLS with a token or a client certificate", async () => {
-  const token = "typescript-client-tls-token-41ab";
+  const token = "typescript-client-test-token-7c2e";
   const hash = createHash("sha256").update(token).digest("hex");
-  const directory = mkdtempSync(join(tmpdir(), "featurestore-ts-tls-"));
+  const directory = mkdtempSync(join(tmpdir(), "featurestore-ts-secured-"));
   const { ca, cert, key } = makeCertificates(directory);
-  const address = await startServer(
-    `
-[[auth.principals]]
-name = "operators"
-token_sha256 = ["${hash}"]
-certificate_names = ["operators.test"]
-read_surfaces = ["*"]
-write_sources = ["*"]
-privacy = true
-admin = true
-
-[tls]
-certificate_path = "${join(directory, "server.pem")}"
-key_path = "${join(directory, "server.key")}"
-client_ca_path = "${join(directory, "ca.pem")}"
-client_certificate_optional = true
-`,
-    directory,
-  );
-  const withToken = new Client(`https://${address}`, { token, tls: { ca }, timeoutMs: 10_000 });
-  assert.equal((await withToken.getFeatures([[1, "facebook_feed"]])).rows[0].status, "OK");
-  const withCertificate = new Client(`https://${address}`, { tls: { ca, cert, key }, timeoutMs: 10_000 });
-  assert.ok((await withCertificate.stats()).policyHash);
+  // The secured server both client suites start: TLS, a token or a client certificate.
+  const config = readFileSync(join(repository, "client", "testdata", "secured-server.toml"), "utf8")
+    .replaceAll("TOKEN_SHA256", hash)
+    .replaceAll("CERTIFICATES", directory);
+  const address = await startServer(config, directory);
   const refusedWith = (code: Code) => (error: unknown) => {
     assert.ok(error instanceof FeatureStoreError);
     assert.equal(error.code, code, String(error));
     return true;
   };
+
+  const withToken = new Client(`https://${address}`, { token, tls: { ca }, timeoutMs: 10_000 });
+  const user = newUser();
+  await withToken.setUserState(user, { jurisdiction: "US", ageBand: "ADULT" });
+  assert.equal((await withToken.getFeatures([[user, "facebook_feed"]])).rows[0].status, "OK");
+  const stats = await withToken.stats();
+  assert.match(stats.config, /\(masked\)/);
+  assert.ok(!stats.config.includes(hash));
+  const withCertificate = new Client(`https://${address}`, { tls: { ca, cert, key }, timeoutMs: 10_000 });
+  assert.ok((await withCertificate.stats()).policyHash);
+
   await assert.rejects(
     new Client(`https://${address}`, { tls: { ca }, timeoutMs: 10_000 }).getFeatures([[1, "facebook_feed"]]),
+    refusedWith(Code.Unauthenticated),
+  );
+  await assert.rejects(
+    new Client(`https://${address}`, { token: "not-the-token", tls: { ca }, timeoutMs: 10_000 }).stats(),
     refusedWith(Code.Unauthenticated),
   );
   // A plaintext client does not get through (the transport reports the closed connection
