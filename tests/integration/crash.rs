@@ -27,6 +27,8 @@ const DIRECTORY_VARIABLE: &str = "FEATURESTORE_CRASH_TEST_DIR";
 /// Not a test of its own: the server process of [`acknowledged_writes_survive_kill_9`],
 /// which runs it with [`DIRECTORY_VARIABLE`] set. Without it, it returns at once.
 #[test]
+// Ignored so that it runs only as the child process its parent test starts (with
+// `--ignored --exact`); the parent runs in every suite run.
 #[ignore = "the server process of acknowledged_writes_survive_kill_9"]
 fn serve_until_killed() {
     let Some(directory) = std::env::var_os(DIRECTORY_VARIABLE).map(PathBuf::from) else {

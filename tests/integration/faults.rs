@@ -133,6 +133,8 @@ fn a_full_disk_refuses_writes_whole_keeps_reads_and_turns_health_not_serving() {
 }
 
 #[tokio::test]
+// Ignored so that it runs only in the child process its parent test starts (failpoints
+// are process-wide); the parent runs in every suite run.
 #[ignore = "run by a_full_disk_refuses_writes_whole_keeps_reads_and_turns_health_not_serving"]
 async fn disk_full() {
     if !is_child_for("disk_full") {
@@ -183,6 +185,8 @@ fn a_write_whose_audit_record_cannot_be_appended_is_refused_not_stored_unaudited
 }
 
 #[tokio::test]
+// Ignored so that it runs only in the child process its parent test starts (failpoints
+// are process-wide); the parent runs in every suite run.
 #[ignore = "run by a_write_whose_audit_record_cannot_be_appended_is_refused_not_stored_unaudited"]
 async fn audit_append_fails() {
     if !is_child_for("audit_append_fails") {
@@ -254,6 +258,8 @@ fn while_starting_the_server_says_not_serving_and_refuses_calls_with_unavailable
 }
 
 #[tokio::test]
+// Ignored so that it runs only in the child process its parent test starts (failpoints
+// are process-wide); the parent runs in every suite run.
 #[ignore = "run by while_starting_the_server_says_not_serving_and_refuses_calls_with_unavailable"]
 async fn slow_start() {
     if !is_child_for("slow_start") {

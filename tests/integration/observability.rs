@@ -566,6 +566,8 @@ const LOG_DIRECTORY_VARIABLE: &str = "FEATURESTORE_LOG_TEST_DIR";
 /// [`a_request_id_appears_in_the_servers_log_lines`], logging JSON lines as the binary
 /// does with `--log-format json`.
 #[test]
+// Ignored so that it runs only as the child process its parent test starts (with
+// `--ignored --exact`); the parent runs in every suite run.
 #[ignore = "the server process of a_request_id_appears_in_the_servers_log_lines"]
 fn serve_with_json_logs() {
     let Some(directory) = std::env::var_os(LOG_DIRECTORY_VARIABLE).map(PathBuf::from) else {
