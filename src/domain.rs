@@ -170,10 +170,12 @@ impl AgeBand {
 pub struct UserStateUpdate {
     /// Never 0.
     pub user_id: u64,
-    /// ISO 3166 code, optionally with a subdivision ("US-CA"); empty when unknown.
+    /// An assigned ISO 3166-1 alpha-2 code or ISO 3166-2 subdivision code, in canonical
+    /// form (see [`crate::jurisdiction`]); empty when unknown.
     pub jurisdiction: String,
     pub age_band: AgeBand,
-    /// Apps whose accounts are linked with each other; no duplicates.
+    /// Apps whose accounts are linked with each other; no duplicates. Checked against the
+    /// registry's apps by the server, which alone knows them.
     pub linked_apps: Vec<String>,
     pub ads_objection: bool,
     /// Apply only if the current generation is this one.

@@ -5,6 +5,7 @@
 //! on it, so a request means the same thing on both sides.
 
 pub mod domain;
+pub mod jurisdiction;
 mod parse;
 
 pub use parse::{InvalidRequest, RequestLimits};

@@ -583,8 +583,6 @@ impl From<Value> for proto::feature_value::Value {
     }
 }
 
-/// Longest jurisdiction code, in bytes ("US-CA" is 5).
-const JURISDICTION_BYTES_MAX: usize = 16;
 /// Most apps in one user's linked accounts.
 const LINKED_APPS_MAX: usize = 16;
 
@@ -598,20 +596,18 @@ impl TryFrom<proto::SetUserStateRequest> for UserStateUpdate {
         if state.user_id == 0 {
             return Err(InvalidRequest::new("state.user_id", "must not be 0"));
         }
-        let jurisdiction = state.jurisdiction.trim().to_ascii_uppercase();
-        if jurisdiction.len() > JURISDICTION_BYTES_MAX
-            || !jurisdiction
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        if state.jurisdiction.len() > RequestLimits::NAME_BYTES_MAX {
             return Err(InvalidRequest::new(
                 "state.jurisdiction",
                 format!(
-                    "{:?} is not an ISO 3166 code such as \"DE\" or \"US-CA\"",
-                    state.jurisdiction
+                    "is {} bytes, longer than the limit of {}",
+                    state.jurisdiction.len(),
+                    RequestLimits::NAME_BYTES_MAX
                 ),
             ));
         }
+        let jurisdiction = crate::jurisdiction::canonical(&state.jurisdiction)
+            .map_err(|problem| InvalidRequest::new("state.jurisdiction", problem))?;
         let age_band = match proto::AgeBand::try_from(state.age_band) {
             Ok(proto::AgeBand::Unknown) => AgeBand::Unknown,
             Ok(proto::AgeBand::Minor) => AgeBand::Minor,

@@ -119,6 +119,7 @@ fn main() {
         microphone_permission: false,
         origin_app: "facebook",
         sensitivity: Sensitivity::None,
+        topic_value: true,
         topic_confidence: Some(0.8),
     };
     let now = Timestamp::from_unix_micros(NOW);

@@ -35,6 +35,11 @@ pub struct Config {
     /// How long a write's idempotency key is remembered.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
+    /// How far past the server's clock a row's interaction time may be (producers' clocks
+    /// run a little ahead); values of later interactions are refused with
+    /// INTERACTION_TIME_IN_FUTURE, so that no value can win event-time order in advance.
+    #[serde(with = "humantime_serde")]
+    pub interaction_time_skew_allowance: Duration,
     /// Who may call, and with which roles.
     pub auth: AuthConfig,
     /// TLS, and mutual TLS when `client_ca_path` is set; plaintext when absent.
@@ -44,6 +49,9 @@ pub struct Config {
     pub bulk_load: BulkLoadConfig,
     pub observability: ObservabilityConfig,
 }
+
+/// The default of [`Config::interaction_time_skew_allowance`]: five minutes.
+pub const DEFAULT_INTERACTION_TIME_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
 
 impl Default for Config {
     fn default() -> Self {
@@ -57,6 +65,7 @@ impl Default for Config {
             backup_dir: PathBuf::from("featurestore-backups"),
             retention_sweep_interval: Duration::from_secs(24 * 60 * 60),
             idempotency_window: Duration::from_secs(24 * 60 * 60),
+            interaction_time_skew_allowance: DEFAULT_INTERACTION_TIME_SKEW_ALLOWANCE,
             auth: AuthConfig::default(),
             tls: None,
             limits: Limits::default(),

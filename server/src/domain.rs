@@ -33,6 +33,9 @@ pub use load::{ChunkOutcome, LoadAttachment, PreparedChunk};
 const VALIDATED_POLICY_KEY: &str = "validated_policy_hash";
 /// Users re-validated per storage scan of a purge.
 const PURGE_USERS_PER_SCAN: usize = 1000;
+/// Times an erasure deletes and verifies before it gives up (and stays pending, to run
+/// again at the next start).
+const ERASURE_ATTEMPTS: usize = 3;
 
 /// The policy in force and what the read path serves.
 #[derive(Clone, Debug)]
@@ -78,6 +81,8 @@ pub struct Core {
     pub clock: Arc<dyn Clock>,
     /// How long an idempotency key's answer is replayed.
     pub idempotency_window: Duration,
+    /// How far past the clock an interaction time may be; later ones are refused.
+    interaction_time_skew_allowance: Duration,
     /// Receipts of every erasure, kept outside the database.
     pub ledger: Ledger,
     /// Where backups are written.
@@ -105,6 +110,9 @@ pub struct CoreOptions {
     pub policy_path: Option<PathBuf>,
     /// How long an idempotency key's answer is replayed.
     pub idempotency_window: Duration,
+    /// How far past the clock an interaction time may be (producers' clocks run a little
+    /// ahead); later ones are refused with INTERACTION_TIME_IN_FUTURE.
+    pub interaction_time_skew_allowance: Duration,
     /// The erasure ledger file.
     pub ledger_path: PathBuf,
     /// Where backups are written.
@@ -120,6 +128,7 @@ impl CoreOptions {
         CoreOptions {
             policy_path: None,
             idempotency_window: Duration::from_secs(3600),
+            interaction_time_skew_allowance: crate::config::DEFAULT_INTERACTION_TIME_SKEW_ALLOWANCE,
             ledger_path: directory.join("erasures.jsonl"),
             backup_dir: directory.join("backups"),
             bulk_load: BulkLoadConfig {
@@ -155,6 +164,7 @@ impl Core {
             store,
             clock,
             idempotency_window: options.idempotency_window,
+            interaction_time_skew_allowance: options.interaction_time_skew_allowance,
             ledger,
             backup_dir: options.backup_dir,
             bulk_load: options.bulk_load,
@@ -238,33 +248,49 @@ impl Core {
         Ok(receipt)
     }
 
-    /// The steps of an erasure, recording each in the receipt and the ledger.
+    /// The steps of an erasure, recording each in the receipt and the ledger. A
+    /// verification that finds anything of the user left deletes again, up to
+    /// [`ERASURE_ATTEMPTS`] times; past that the erasure fails, stays pending, and runs
+    /// again at the next start.
     fn run_erasure(&self, receipt: &mut Receipt, caller: &str) -> Result<(), Error> {
         let user_id = receipt.user_id;
         let mut entry = self.audit_entry(AuditAction::UserErased, caller, Some(user_id))?;
         entry.subject.clone_from(&receipt.id);
-        self.changing_user_state(|| {
-            self.store
-                .erase_user(user_id, self.clock.now(), &entry)
-                .map_err(Error::from)
-        })?;
-        let now = self.clock.now().unix_micros();
-        receipt.fenced_at = Some(now);
-        receipt.deleted_at = Some(now);
-        self.record(receipt)?;
-        self.store.compact_user(user_id)?;
-        receipt.compacted_at = Some(self.clock.now().unix_micros());
-        self.record(receipt)?;
-        // Bulk loads still open hold their own copy of the user's staged rows.
-        self.erase_staged_user(user_id)?;
-        receipt.verified = !self.store.user_has_data(user_id)? && !self.staged_user(user_id)?;
-        receipt.verified_at = Some(self.clock.now().unix_micros());
-        if receipt.verified {
-            self.changing_user_state(|| self.store.finish_erasure(user_id).map_err(Error::from))?;
-        } else {
-            tracing::error!(receipt = %receipt.id, "erasure verification found data left");
+        for attempt in 1..=ERASURE_ATTEMPTS {
+            if attempt > 1 {
+                receipt.reapplied_at.push(self.clock.now().unix_micros());
+            }
+            self.changing_user_state(|| {
+                self.store
+                    .erase_user(user_id, self.clock.now(), &entry)
+                    .map_err(Error::from)
+            })?;
+            let now = self.clock.now().unix_micros();
+            receipt.fenced_at = Some(now);
+            receipt.deleted_at = Some(now);
+            self.record(receipt)?;
+            // Deleted, not yet verified: what reappears here must be found and deleted.
+            fail::fail_point!("erasure-deleted");
+            self.store.compact_user(user_id)?;
+            receipt.compacted_at = Some(self.clock.now().unix_micros());
+            self.record(receipt)?;
+            // Bulk loads still open hold their own copy of the user's staged rows.
+            self.erase_staged_user(user_id)?;
+            receipt.verified = !self.store.user_has_data(user_id)? && !self.staged_user(user_id)?;
+            receipt.verified_at = Some(self.clock.now().unix_micros());
+            if receipt.verified {
+                self.changing_user_state(|| {
+                    self.store.finish_erasure(user_id).map_err(Error::from)
+                })?;
+                return self.record(receipt);
+            }
+            tracing::error!(receipt = %receipt.id, attempt, "erasure verification found data left; deleting again");
+            self.record(receipt)?;
         }
-        self.record(receipt)
+        Err(Error::ErasureUnverified {
+            receipt: receipt.id.clone(),
+            attempts: ERASURE_ATTEMPTS,
+        })
     }
 
     fn record(&self, receipt: &Receipt) -> Result<(), Error> {
@@ -538,16 +564,23 @@ impl Core {
                 return false;
             };
             let topic = (!value.topic_id.is_empty()).then_some(value.topic_id.as_str());
-            value.sensitivity = policy.value_sensitivity(feature.sensitivity, topic, &value.value);
+            let class = policy.classify(feature, topic, &value.value);
+            value.sensitivity = class.sensitivity;
             let facts = ValueFacts {
                 source,
                 interaction_time: value.event_time,
                 microphone_permission: value.microphone_permission,
                 origin_app: &value.origin_app,
                 sensitivity: value.sensitivity,
+                topic_value: class.is_topic_value,
                 topic_confidence: value.topic_confidence,
             };
+            // Judged as a new write would be: what cannot be placed goes too.
             let allowed = value.expires_at > now
+                && class.canonical
+                && self
+                    .unplaceable(&value.origin_app, value.event_time, now)
+                    .is_empty()
                 && policy
                     .decide(&policy.input(&facts, state, surface, now))
                     .is_empty();
@@ -565,24 +598,45 @@ impl Core {
     /// Creates or replaces a user's state; the user's stored values that the new state
     /// forbids are removed in the same atomic write.
     /// `caller` (the authenticated principal) is recorded in the audit log.
+    /// Linked apps must be apps of the registry's surfaces (INVALID_ARGUMENT otherwise): a
+    /// link the policy cannot place would never match, and a misspelt one would hide a
+    /// link the user made.
     pub fn set_user_state(
         &self,
         update: &UserStateUpdate,
         caller: &str,
     ) -> Result<UserState, Error> {
+        if let Some((index, app)) = update
+            .linked_apps
+            .iter()
+            .enumerate()
+            .find(|(_, app)| !self.registry.knows_app(app))
+        {
+            return Err(featurestore::InvalidRequest::new(
+                format!("state.linked_apps[{index}]"),
+                format!(
+                    "{app:?} is not an app of a registered surface ({})",
+                    self.registry.apps().join(", ")
+                ),
+            )
+            .into());
+        }
         let policy = self.policy();
         let now = self.clock.now();
         let mut entry =
             self.audit_entry(AuditAction::UserStateSet, caller, Some(update.user_id))?;
         entry.bundle_hash.clone_from(&policy.hash);
-        self.changing_user_state(|| {
+        let state = self.changing_user_state(|| {
             Ok(self.store.set_user_state(
                 update,
                 now,
                 &mut |state, key, row| self.revalidate(&policy, state, key, row, now),
                 &entry,
             )?)
-        })
+        })?;
+        // Rows it re-stamped under a bundle replaced meanwhile are judged by the new one.
+        self.revalidate_if_policy_changed(&policy, &[(update.user_id, state.generation)])?;
+        Ok(state)
     }
 
     /// Runs a change of user state under the state gate, and counts it.

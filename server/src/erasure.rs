@@ -27,7 +27,8 @@ pub struct Receipt {
     pub verified_at: Option<i64>,
     /// What the scan found: true when nothing was left.
     pub verified: bool,
-    /// When the erasure was applied again to a database restored from a backup.
+    /// When the erasure was applied again: to a database restored from a backup or left
+    /// by a crash mid-erasure, or because its verification found data left.
     #[serde(default)]
     pub reapplied_at: Vec<i64>,
 }

@@ -73,6 +73,10 @@ pub enum Error {
     Backup(String),
     #[error("no erasure receipt {id:?}")]
     NoReceipt { id: String },
+    /// Data of the user was still found after every attempt to delete it; the erasure
+    /// stays pending and runs again at the next start.
+    #[error("erasure {receipt}: data of the user was still found after {attempts} deletions")]
+    ErasureUnverified { receipt: String, attempts: usize },
     #[error("the server is stopping")]
     Stopping,
     #[error("no bulk-load job {job_id:?}")]
@@ -109,7 +113,9 @@ impl Error {
             Error::Storage(StorageError::Corrupt(_)) | Error::CorruptReplay(_) => {
                 ErrorKind::DataLoss
             }
-            Error::Task(_) => ErrorKind::Internal,
+            Error::Task(_)
+            | Error::Storage(StorageError::Unfenced { .. })
+            | Error::ErasureUnverified { .. } => ErrorKind::Internal,
             Error::Ledger(_) | Error::Backup(_) | Error::Stopping | Error::Staging { .. } => {
                 ErrorKind::Unavailable
             }

@@ -188,6 +188,7 @@ pub async fn run_with_clock(
         let options = CoreOptions {
             policy_path: config.policy_bundle_path.clone(),
             idempotency_window: config.idempotency_window,
+            interaction_time_skew_allowance: config.interaction_time_skew_allowance,
             ledger_path: config.erasure_ledger_path.clone(),
             backup_dir: config.backup_dir.clone(),
             bulk_load: config.bulk_load.clone(),

@@ -152,6 +152,9 @@ pub struct Feature {
     pub surfaces: Vec<SurfaceId>,
     pub default: Option<Value>,
     pub ttl: Duration,
+    /// For string features: each value is a taxonomy topic id, held to the canonical form
+    /// and classified by the policy's taxonomy like a `topic_id`.
+    pub topic_valued: bool,
     pub description: String,
 }
 
@@ -234,6 +237,8 @@ struct FeatureEntry {
     default: Option<toml::Value>,
     #[serde(with = "humantime_serde")]
     ttl: Duration,
+    #[serde(default)]
+    topic_valued: bool,
     #[serde(default)]
     description: String,
 }
@@ -404,6 +409,11 @@ impl Registry {
         if entry.ttl.is_zero() {
             return Err("ttl must be longer than zero".to_string());
         }
+        if entry.topic_valued && value_type != ValueType::String {
+            return Err(format!(
+                "topic_valued is only for string features, not {value_type}"
+            ));
+        }
         let mut feature = Feature {
             id: FeatureId(entry.id),
             name: entry.name,
@@ -414,6 +424,7 @@ impl Registry {
             surfaces: surface_ids,
             default: None,
             ttl: entry.ttl,
+            topic_valued: entry.topic_valued,
             description: entry.description,
         };
         if let Some(default) = entry.default {
@@ -450,6 +461,23 @@ impl Registry {
         self.sources_by_name
             .get(name)
             .map(|&index| &self.sources[index])
+    }
+
+    /// Whether `app` is the app of a registered surface: the apps a value may come from and
+    /// a user may link.
+    pub fn knows_app(&self, app: &str) -> bool {
+        self.surfaces.iter().any(|surface| surface.app == app)
+    }
+
+    /// The apps of the registered surfaces, each once, in registry order.
+    pub fn apps(&self) -> Vec<&str> {
+        let mut apps: Vec<&str> = Vec::new();
+        for surface in &self.surfaces {
+            if !apps.contains(&surface.app.as_str()) {
+                apps.push(&surface.app);
+            }
+        }
+        apps
     }
 
     pub fn feature(&self, name: &str) -> Option<&Feature> {
@@ -503,6 +531,7 @@ impl Registry {
                     ..Default::default()
                 }),
                 ttl_seconds: feature.ttl.as_secs(),
+                topic_valued: feature.topic_valued,
                 description: feature.description.clone(),
             })
             .collect()

@@ -28,7 +28,7 @@ async fn minor_with_refused_values(server: &TestServer) {
                 vec![
                     ("interest_hiking", Value::Float(0.25)),
                     ("interest_fitness_health", Value::Float(0.75)),
-                    ("top_topic", Value::String("canary-topic-3141".to_string())),
+                    ("top_topic", Value::String("canary/topic_3141".to_string())),
                 ],
             )],
         ))
@@ -63,7 +63,7 @@ async fn a_users_trail_shows_refusals_and_state_changes_without_values() {
     assert_eq!(hiking.user_pseudonym, trail.user_pseudonym);
     assert_eq!(trail.user_pseudonym.len(), 32);
     let printed = format!("{trail:?}");
-    for secret in ["canary-topic-3141", "0.25", "0.75"] {
+    for secret in ["canary/topic_3141", "0.25", "0.75"] {
         assert!(
             !printed.contains(secret),
             "the audit trail holds a value: {secret}"

@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::status;
 
-const CANARY: &str = "canary-erasure-7c41d09b";
+const CANARY: &str = "canary/erasure_7c41d09b";
 
 #[tokio::test]
 async fn an_erased_user_is_gone_from_reads_writes_the_audit_trail_the_files_and_restored_backups() {

@@ -8,6 +8,7 @@ mod bulk_load;
 mod cli;
 mod crash;
 mod erasure;
+mod fail_closed;
 mod faults;
 mod lifecycle;
 mod observability;

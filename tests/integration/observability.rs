@@ -180,7 +180,7 @@ async fn write_topics(server: &TestServer) {
                 user,
                 &["facebook_feed"],
                 at(-2 * 60 * 60),
-                vec![("top_topic", Value::String(format!("topic-{user}")))],
+                vec![("top_topic", Value::String(format!("topics/topic_{user}")))],
             )
         })
         .collect();

@@ -113,7 +113,14 @@ async fn a_chat_from_before_the_effective_date_is_denied() {
 #[tokio::test]
 async fn people_in_the_eu_the_uk_and_south_korea_get_no_ai_signals() {
     let server = TestServer::start().await;
-    for (user_id, jurisdiction) in [(1, "DE"), (2, "GB"), (3, "KR"), (4, "FR-75"), (5, "")] {
+    for (user_id, jurisdiction) in [
+        (1, "DE"),
+        (2, "GB"),
+        (3, "KR"),
+        (4, "FR-75C"),
+        (5, "GB-SCT"),
+        (7, ""),
+    ] {
         server
             .client
             .set_user_state(person(
@@ -221,24 +228,35 @@ async fn a_signal_crosses_apps_only_between_linked_accounts() {
         .set_user_state(person(1, "US", AgeBand::Adult, &[]))
         .await
         .expect("state");
-    let mut whatsapp = row(
+    let mut from_instagram = row(
         1,
-        &["facebook_feed"],
+        &["facebook_feed", "instagram_reels"],
         at(-60),
         vec![("interest_hiking", Value::Float(0.5))],
     );
-    whatsapp.provenance.origin_app = "whatsapp".to_string();
-    let verdict = verdict_of(&server, "unlinked", whatsapp.clone()).await;
-    assert_eq!(verdict.verdict, Verdict::Deny as i32);
+    from_instagram.provenance.origin_app = "instagram".to_string();
+    let verdict = verdict_of(&server, "unlinked", from_instagram.clone()).await;
+    assert_eq!(verdict.verdict, Verdict::AllowWithTransform as i32);
     assert_eq!(verdict.reasons, reasons(&[ReasonCode::CrossAppNotLinked]));
+    assert_eq!(refused_on(&verdict), ["facebook_feed"]);
+
+    // Linking one app is not linking both.
+    let state = server
+        .client
+        .set_user_state(person(1, "US", AgeBand::Adult, &["instagram"]))
+        .await
+        .expect("state");
+    from_instagram.user_state_generation = state.generation;
+    let verdict = verdict_of(&server, "half-linked", from_instagram.clone()).await;
+    assert_eq!(refused_on(&verdict), ["facebook_feed"]);
 
     let state = server
         .client
-        .set_user_state(person(1, "US", AgeBand::Adult, &["whatsapp", "facebook"]))
+        .set_user_state(person(1, "US", AgeBand::Adult, &["instagram", "facebook"]))
         .await
         .expect("state");
-    whatsapp.user_state_generation = state.generation;
-    let verdict = verdict_of(&server, "linked", whatsapp).await;
+    from_instagram.user_state_generation = state.generation;
+    let verdict = verdict_of(&server, "linked", from_instagram).await;
     assert_eq!(verdict.verdict, Verdict::Allow as i32, "{verdict:?}");
 }
 

@@ -10,7 +10,7 @@ use featurestore_tests::{
 
 use crate::status;
 
-const CANARY: &str = "canary-expiry-5f3a9c1e";
+const CANARY: &str = "canary/expiry_5f3a9c1e";
 
 #[tokio::test]
 async fn expired_values_leave_the_data_files_after_the_sweep() {

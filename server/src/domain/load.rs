@@ -347,6 +347,8 @@ impl Core {
                 ),
             ));
         }
+        // Decided, not yet durable: an erasure of one of its users may come here.
+        fail::fail_point!("load-chunk-decided");
         let directory = self.staging_directory(job_id);
         let _staging = self.staging_lock.lock();
         // A user erased since the chunk was decided leaves no staged copy: an erasure
@@ -480,6 +482,11 @@ impl Core {
                 }
                 (Vec::new(), small)
             };
+            if !exclusive {
+                // Decided and written into table files, not yet applied: a change of a
+                // staged user's state here must be seen below.
+                fail::fail_point!("load-commit-prepared");
+            }
             let _gate = match early_gate {
                 Some(gate) => gate,
                 None => self.state_gate.write(),

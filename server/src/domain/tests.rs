@@ -1,5 +1,7 @@
 //! Property test of the whole write path: whatever the users' states and the rows, a value
-//! is stored on a surface exactly when the policy's reference evaluation allows it there.
+//! is stored on a surface exactly when the policy's reference evaluation allows it there,
+//! and a value the policy cannot place (an unknown origin app, a topic not in canonical
+//! form, an interaction time in the future) is refused for that reason alone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use featurestore::domain::{
     AgeBand, FeatureWrite, Provenance, Timestamp, Topic, UserStateUpdate, Value, WriteRequest,
     WriteRow,
 };
-use featurestore::proto::{Outcome, Verdict};
+use featurestore::proto::{Outcome, ReasonCode, Verdict};
 use proptest::prelude::*;
 
 use super::{Core, CoreOptions};
@@ -28,14 +30,19 @@ const SURFACES: [(&str, &str, Purpose); 4] = [
     ("instagram_reels", "instagram", Purpose::Content),
     ("instagram_ads", "instagram", Purpose::Ads),
 ];
+/// Apps a value may come from: the registry's two, and one no surface has.
 const APPS: [&str; 3] = ["facebook", "instagram", "whatsapp"];
+/// Apps a user may link: the registry's.
+const LINKABLE_APPS: [&str; 2] = ["facebook", "instagram"];
+const MINUTE_MICROS: i64 = 60 * 1_000_000;
 
 #[derive(Clone, Debug)]
 struct Case {
     state: Option<(String, AgeBand, Vec<String>, bool)>,
     source: (&'static str, SourceKind),
     origin_app: &'static str,
-    interaction_days_ago: i64,
+    /// How long before now the interaction happened; negative: after now.
+    interaction_ago_micros: i64,
     microphone: bool,
     surfaces: Vec<usize>,
     /// (topic, confidence) on interest_hiking.
@@ -44,11 +51,15 @@ struct Case {
 }
 
 fn case() -> impl Strategy<Value = Case> {
+    // "UK" and "DEU" are refused at the boundary; here they stand for states stored before
+    // codes were checked, which the policy must not place as "other".
     let state = proptest::option::of((
-        prop::sample::select(vec!["", "US", "US-CA", "BR", "DE", "FR-75", "GB", "KR"])
-            .prop_map(str::to_string),
+        prop::sample::select(vec![
+            "", "US", "US-CA", "BR", "DE", "FR-75C", "GB", "GB-SCT", "KR", "UK", "DEU",
+        ])
+        .prop_map(str::to_string),
         prop::sample::select(AgeBand::ALL.to_vec()),
-        prop::sample::subsequence(APPS.to_vec(), 0..=3)
+        prop::sample::subsequence(LINKABLE_APPS.to_vec(), 0..=2)
             .prop_map(|apps| apps.into_iter().map(str::to_string).collect()),
         any::<bool>(),
     ));
@@ -60,11 +71,29 @@ fn case() -> impl Strategy<Value = Case> {
             ("engagement", SourceKind::NotAi),
         ]),
         prop::sample::select(APPS.to_vec()),
-        prop::sample::select(vec![0i64, 100, 170, 200, 400, 800]),
+        prop::sample::select(vec![
+            0i64,
+            100 * DAY_MICROS,
+            170 * DAY_MICROS,
+            200 * DAY_MICROS,
+            400 * DAY_MICROS,
+            800 * DAY_MICROS,
+            // Within the five minutes of clock skew allowed, and beyond them.
+            -4 * MINUTE_MICROS,
+            -6 * MINUTE_MICROS,
+            -DAY_MICROS,
+        ]),
         any::<bool>(),
         prop::sample::subsequence(vec![0usize, 1, 2, 3], 1..=4),
         proptest::option::of((
-            prop::sample::select(vec!["outdoors/hiking", "health/knees", "politics/local"]),
+            prop::sample::select(vec![
+                "outdoors/hiking",
+                "health/knees",
+                "politics/local",
+                "Health/Knees",
+                "health//knees",
+                " politics/local",
+            ]),
             proptest::option::of(prop::sample::select(vec![0.3f32, 0.6, 0.9])),
         )),
         any::<bool>(),
@@ -74,7 +103,7 @@ fn case() -> impl Strategy<Value = Case> {
                 state,
                 source,
                 origin_app,
-                interaction_days_ago,
+                interaction_ago_micros,
                 microphone,
                 surfaces,
                 topic,
@@ -83,7 +112,7 @@ fn case() -> impl Strategy<Value = Case> {
                 state,
                 source,
                 origin_app,
-                interaction_days_ago,
+                interaction_ago_micros,
                 microphone,
                 surfaces,
                 topic,
@@ -95,7 +124,7 @@ fn case() -> impl Strategy<Value = Case> {
 /// The bucketed input of a (feature, surface), worked out from the case directly.
 fn expected_input(case: &Case, feature_is_health: bool, surface: usize) -> DecisionInput {
     let (_, app, purpose) = SURFACES[surface];
-    let interaction = NOW - case.interaction_days_ago * DAY_MICROS;
+    let interaction = NOW - case.interaction_ago_micros;
     let (content_days, ads_days) = match case.source.0 {
         "ai_chat" => (365, 180),
         "ai_voice" => (180, 90),
@@ -108,11 +137,12 @@ fn expected_input(case: &Case, feature_is_health: bool, surface: usize) -> Decis
     };
     let jurisdiction_group = match case.state.as_ref().map(|state| state.0.as_str()) {
         None | Some("") => JurisdictionGroup::Unknown,
-        Some("DE" | "FR-75") => JurisdictionGroup::Eea,
-        Some("GB") => JurisdictionGroup::Uk,
+        Some("DE" | "FR-75C") => JurisdictionGroup::Eea,
+        Some("GB" | "GB-SCT") => JurisdictionGroup::Uk,
         Some("KR") => JurisdictionGroup::Kr,
         Some("US-CA") => JurisdictionGroup::UsCa,
-        Some(_) => JurisdictionGroup::Other,
+        Some("US" | "BR") => JurisdictionGroup::Other,
+        Some(_) => JurisdictionGroup::Unknown,
     };
     let linked = |app: &str| {
         case.state
@@ -141,17 +171,41 @@ fn expected_input(case: &Case, feature_is_health: bool, surface: usize) -> Decis
         sensitivity,
         purpose,
         cross_app_unlinked: case.origin_app != app && !(linked(case.origin_app) && linked(app)),
-        confidence: match case
-            .topic
-            .and_then(|topic| topic.1)
-            .filter(|_| !feature_is_health)
-        {
+        confidence: match case.topic.filter(|_| !feature_is_health) {
             None => Confidence::NotApplicable,
-            Some(confidence) if confidence < 0.6 => Confidence::Below,
+            // A topic without a confidence is not trusted for ads.
+            Some((_, None)) => Confidence::Below,
+            Some((_, Some(confidence))) if confidence < 0.6 => Confidence::Below,
             Some(_) => Confidence::AtOrAbove,
         },
         retention_expired: interaction + retention_days * DAY_MICROS <= NOW,
     }
+}
+
+/// The reasons a (feature, surface) is refused for: what the policy cannot place, else the
+/// reference evaluation of its input.
+fn expected_reasons(case: &Case, feature_is_health: bool, surface: usize) -> Vec<i32> {
+    let mut unplaceable = Vec::new();
+    if case.interaction_ago_micros < -5 * MINUTE_MICROS {
+        unplaceable.push(ReasonCode::InteractionTimeInFuture);
+    }
+    let topic = case.topic.filter(|_| !feature_is_health);
+    if topic.is_some_and(|(id, _)| id != id.trim().to_lowercase() || id.contains("//")) {
+        unplaceable.push(ReasonCode::NonCanonicalTopic);
+    }
+    if !LINKABLE_APPS.contains(&case.origin_app) {
+        unplaceable.push(ReasonCode::UnknownApp);
+    }
+    if !unplaceable.is_empty() {
+        return unplaceable
+            .into_iter()
+            .map(|reason| reason as i32)
+            .collect();
+    }
+    reference_reasons(&expected_input(case, feature_is_health, surface), true)
+        .iter()
+        .map(|reason| reason as i32)
+        .collect()
 }
 
 proptest! {
@@ -206,7 +260,7 @@ proptest! {
                     provenance: Provenance {
                         source: case.source.0.to_string(),
                         origin_app: case.origin_app.to_string(),
-                        interaction_time: Timestamp::from_unix_micros(NOW - case.interaction_days_ago * DAY_MICROS),
+                        interaction_time: Timestamp::from_unix_micros(NOW - case.interaction_ago_micros),
                         producer_id: "proptest".to_string(),
                         microphone_permission_granted: case.microphone,
                     },
@@ -218,11 +272,10 @@ proptest! {
             for (feature, verdict) in request.rows[0].features.iter().zip(&response.rows[0].verdicts) {
                 let mut admitted = 0;
                 for (&surface, outcome) in case.surfaces.iter().zip(&verdict.surfaces) {
-                    let expected = reference_reasons(&expected_input(case, feature.name == "interest_fitness_health", surface), true);
+                    let expected = expected_reasons(case, feature.name == "interest_fitness_health", surface);
                     let stored = outcome.outcome == Outcome::Stored as i32;
                     prop_assert_eq!(stored, expected.is_empty(), "{:?} on {}: {:?}", case, SURFACES[surface].0, outcome);
-                    let reasons: Vec<i32> = expected.iter().map(|reason| reason as i32).collect();
-                    prop_assert_eq!(&outcome.reasons, &reasons);
+                    prop_assert_eq!(&outcome.reasons, &expected);
                     admitted += usize::from(stored);
                 }
                 let expected_verdict = match admitted {

@@ -13,8 +13,8 @@ use prost::Message;
 use super::Core;
 use crate::audit::{AuditAction, AuditEntry, Pseudonym};
 use crate::error::Error;
-use crate::policy::{Policy, Reasons, ValueFacts};
-use crate::registry::{Source, Surface};
+use crate::policy::{Policy, Reasons, TopicClass, ValueFacts};
+use crate::registry::{Feature, Source, Surface};
 use crate::storage::{
     Applied, ErasureState, IdempotencyRecord, RowKey, RowWrite, StorageError, StoredValue,
     UserState, ValueOutcome,
@@ -48,16 +48,28 @@ pub(super) struct Plan {
 }
 
 /// The request-level refusal of a row, if its user's state refuses every write: the user
-/// is erased, or the producer saw an older generation than the current one.
+/// is erased, the producer saw an older generation than the current one, or it states a
+/// generation the store never issued (a newer one, or any for a user without state).
 pub(super) fn fence_refusal(row: &WriteRow, state: Option<&UserState>) -> Option<ReasonCode> {
-    let state = state?;
-    if state.erasure != ErasureState::None {
+    let current = state.map_or(0, |state| state.generation);
+    if state.is_some_and(|state| state.erasure != ErasureState::None) {
         Some(ReasonCode::UserErased)
-    } else if row.user_state_generation < state.generation {
+    } else if row.user_state_generation < current {
         Some(ReasonCode::StaleGeneration)
+    } else if row.user_state_generation > current {
+        Some(ReasonCode::GenerationNotIssued)
     } else {
         None
     }
+}
+
+/// A value of a write, looked up and classified once for all of its target surfaces.
+struct Candidate<'a> {
+    feature: Option<&'a Feature>,
+    /// What the taxonomy makes of its topics (for a registered feature).
+    class: Option<TopicClass>,
+    /// Refusals that hold on every surface: what the policy cannot place.
+    unplaceable: Reasons,
 }
 
 impl Core {
@@ -80,6 +92,8 @@ impl Core {
                     tracing::debug_span!("policy", rows = request.rows.len(), attempt).entered();
                 self.plan(request, &policy, now)?
             };
+            // The worst moment for a user's state to change: decided, not yet applied.
+            fail::fail_point!("write-decided");
             let record = IdempotencyRecord {
                 key: request.idempotency_key.clone(),
                 fingerprint,
@@ -145,7 +159,7 @@ impl Core {
     /// A bundle reload during the write may have started a purge that already passed these
     /// users; re-validate them under the bundle now in force so nothing stays stamped with
     /// the old one.
-    fn revalidate_if_policy_changed(
+    pub(super) fn revalidate_if_policy_changed(
         &self,
         decided_with: &Arc<Policy>,
         fence: &[(u64, u64)],
@@ -313,11 +327,20 @@ impl Core {
             .iter()
             .map(|name| self.registry.surface(name))
             .collect();
+        let mut row_unplaceable = self.unplaceable(
+            &row.provenance.origin_app,
+            row.provenance.interaction_time,
+            now,
+        );
+        if source.is_none() {
+            row_unplaceable = row_unplaceable.with(ReasonCode::UnknownSource);
+        }
         // The storage row of each target surface, created when a first value is admitted.
         let mut write_of_surface: Vec<Option<usize>> = vec![None; surfaces.len()];
         row.features
             .iter()
             .map(|feature_write| {
+                let candidate = self.candidate(feature_write, row_unplaceable, policy);
                 surfaces
                     .iter()
                     .enumerate()
@@ -325,6 +348,7 @@ impl Core {
                         let stored = match self.admit(
                             row,
                             feature_write,
+                            &candidate,
                             source,
                             *surface,
                             state,
@@ -356,31 +380,78 @@ impl Core {
             .collect()
     }
 
-    /// Decides one value for one surface: the registry's checks, then the policy. Returns
-    /// the value to store, or the reasons it is refused.
+    /// Looks a value's feature up and classifies its topics, once for all its surfaces.
+    fn candidate<'a>(
+        &'a self,
+        feature_write: &FeatureWrite,
+        row_unplaceable: Reasons,
+        policy: &Policy,
+    ) -> Candidate<'a> {
+        let feature = self.registry.feature(&feature_write.name);
+        let class = feature.map(|feature| {
+            policy.classify(
+                feature,
+                feature_write.topic.as_ref().map(|topic| topic.id.as_str()),
+                &feature_write.value,
+            )
+        });
+        let mut unplaceable = row_unplaceable;
+        if feature.is_none() {
+            unplaceable = unplaceable.with(ReasonCode::UnknownFeature);
+        }
+        if class.is_some_and(|class| !class.canonical) {
+            unplaceable = unplaceable.with(ReasonCode::NonCanonicalTopic);
+        }
+        Candidate {
+            feature,
+            class,
+            unplaceable,
+        }
+    }
+
+    /// What refuses a value whatever its surface because the policy cannot place it: an
+    /// origin app no surface has, an interaction time later than the clock allows.
+    pub(super) fn unplaceable(
+        &self,
+        origin_app: &str,
+        interaction_time: Timestamp,
+        now: Timestamp,
+    ) -> Reasons {
+        let mut reasons = Reasons::NONE;
+        if !self.registry.knows_app(origin_app) {
+            reasons = reasons.with(ReasonCode::UnknownApp);
+        }
+        if interaction_time > now.saturating_add(self.interaction_time_skew_allowance) {
+            reasons = reasons.with(ReasonCode::InteractionTimeInFuture);
+        }
+        reasons
+    }
+
+    /// Decides one value for one surface: what cannot be placed, the registry's checks,
+    /// then the policy. Returns the value to store, or the reasons it is refused.
     #[allow(clippy::too_many_arguments)]
     fn admit(
         &self,
         row: &WriteRow,
         feature_write: &FeatureWrite,
+        candidate: &Candidate<'_>,
         source: Option<&Source>,
         surface: Option<&Surface>,
         state: Option<&UserState>,
         policy: &Policy,
         now: Timestamp,
     ) -> Result<StoredValue, Reasons> {
-        let feature = self.registry.feature(&feature_write.name);
-        let mut reasons = Reasons::NONE;
-        if feature.is_none() {
-            reasons = reasons.with(ReasonCode::UnknownFeature);
-        }
+        let mut reasons = candidate.unplaceable;
         if surface.is_none() {
             reasons = reasons.with(ReasonCode::UnknownSurface);
         }
-        if source.is_none() {
-            reasons = reasons.with(ReasonCode::UnknownSource);
-        }
-        let (Some(feature), Some(surface), Some(source)) = (feature, surface, source) else {
+        let (Some(feature), Some(class), Some(surface), Some(source), true) = (
+            candidate.feature,
+            candidate.class,
+            surface,
+            source,
+            reasons.is_empty(),
+        ) else {
             return Err(reasons);
         };
         let fits = feature.surfaces.contains(&surface.id)
@@ -395,11 +466,8 @@ impl Core {
             interaction_time: row.provenance.interaction_time,
             microphone_permission: row.provenance.microphone_permission_granted,
             origin_app: &row.provenance.origin_app,
-            sensitivity: policy.value_sensitivity(
-                feature.sensitivity,
-                feature_write.topic.as_ref().map(|topic| topic.id.as_str()),
-                &feature_write.value,
-            ),
+            sensitivity: class.sensitivity,
+            topic_value: class.is_topic_value,
             topic_confidence: feature_write
                 .topic
                 .as_ref()

@@ -133,10 +133,11 @@ impl Policy {
         let mut taxonomy: Vec<(String, Sensitivity)> = file.taxonomy.into_iter().collect();
         if let Some((topic, _)) = taxonomy
             .iter()
-            .find(|(topic, _)| topic.is_empty() || topic.ends_with('/'))
+            .find(|(topic, _)| !super::is_canonical_topic(topic))
         {
             return Err(invalid(format!(
-                "taxonomy topic {topic:?} must be non-empty without a trailing /"
+                "taxonomy topic {topic:?} is not in canonical form: lower-case segments of \
+                 a-z, 0-9 and _, separated by single /"
             )));
         }
         taxonomy.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
@@ -319,10 +320,12 @@ fn value_set(dimension: Dimension, values: &toml::Value) -> Result<u32, String> 
     Ok(set)
 }
 
+/// The group of every assigned jurisdiction code: the bundle's group of the code, else that
+/// of its country, else "other". Codes the bundle lists must be assigned ISO 3166 codes.
 fn jurisdictions(
     groups: HashMap<String, Vec<String>>,
-) -> Result<rustc_hash::FxHashMap<String, JurisdictionGroup>, PolicyError> {
-    let mut by_code = rustc_hash::FxHashMap::default();
+) -> Result<rustc_hash::FxHashMap<&'static str, JurisdictionGroup>, PolicyError> {
+    let mut listed: HashMap<String, JurisdictionGroup> = HashMap::new();
     for (name, codes) in groups {
         let group = JurisdictionGroup::ALL
             .into_iter()
@@ -334,13 +337,16 @@ fn jurisdictions(
                 ))
             })?;
         for code in codes {
-            let upper = code.to_ascii_uppercase();
-            if upper.is_empty() || !upper.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(invalid(format!(
-                    "jurisdiction code {code:?} in {name} is not an ISO 3166 code"
-                )));
-            }
-            if let Some(previous) = by_code.insert(upper, group) {
+            let canonical = featurestore::jurisdiction::canonical(&code)
+                .ok()
+                .filter(|canonical| !canonical.is_empty() && *canonical == code)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "jurisdiction code {code:?} in {name} is not an assigned ISO 3166 code \
+                         in canonical form (\"DE\", \"US-CA\")"
+                    ))
+                })?;
+            if let Some(previous) = listed.insert(canonical, group) {
                 return Err(invalid(format!(
                     "jurisdiction {code:?} is in both {} and {name}",
                     previous.name()
@@ -348,7 +354,16 @@ fn jurisdictions(
             }
         }
     }
-    Ok(by_code)
+    Ok(featurestore::jurisdiction::assigned_codes()
+        .map(|code| {
+            let group = listed
+                .get(code)
+                .or_else(|| listed.get(featurestore::jurisdiction::country(code)))
+                .copied()
+                .unwrap_or(JurisdictionGroup::Other);
+            (code, group)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -381,6 +396,31 @@ mod tests {
                 "us_ca = [\"US-CA\"]",
                 "us_ca = [\"US-CA\"]\nmars = [\"MA\"]",
                 "group \"mars\"",
+            ),
+            (
+                "\"politics\" = \"political_views\"",
+                "\"Politics\" = \"political_views\"",
+                "taxonomy topic \"Politics\" is not in canonical form",
+            ),
+            (
+                "\"politics\" = \"political_views\"",
+                "\"politics/\" = \"political_views\"",
+                "taxonomy topic \"politics/\" is not in canonical form",
+            ),
+            (
+                "uk = [\"GB\"]",
+                "uk = [\"UK\"]",
+                "jurisdiction code \"UK\" in uk is not an assigned ISO 3166 code",
+            ),
+            (
+                "kr = [\"KR\"]",
+                "kr = [\"kr\"]",
+                "jurisdiction code \"kr\" in kr is not an assigned ISO 3166 code",
+            ),
+            (
+                "us_ca = [\"US-CA\"]",
+                "us_ca = [\"US-XX\"]",
+                "jurisdiction code \"US-XX\" in us_ca is not an assigned ISO 3166 code",
             ),
             (
                 "ai_voice = { content",
@@ -446,11 +486,24 @@ mod tests {
                 .collect::<String>(),
             policy.hash[..16]
         );
-        assert_eq!(policy.jurisdiction_group("de"), JurisdictionGroup::Eea);
+        assert_eq!(policy.jurisdiction_group("DE"), JurisdictionGroup::Eea);
         assert_eq!(policy.jurisdiction_group("DE-BY"), JurisdictionGroup::Eea);
+        assert_eq!(policy.jurisdiction_group("GB-ENG"), JurisdictionGroup::Uk);
         assert_eq!(policy.jurisdiction_group("US-CA"), JurisdictionGroup::UsCa);
         assert_eq!(policy.jurisdiction_group("US-NY"), JurisdictionGroup::Other);
+        assert_eq!(policy.jurisdiction_group("US"), JurisdictionGroup::Other);
         assert_eq!(policy.jurisdiction_group(""), JurisdictionGroup::Unknown);
+        // Whatever is not an assigned code in canonical form cannot be placed: unknown,
+        // never other (a state stored before codes were checked may hold one).
+        for code in [
+            "de", "UK", "EL", "DEU", "276", "XK", "EU", "ZZ", "US-XX", "Europe", " DE",
+        ] {
+            assert_eq!(
+                policy.jurisdiction_group(code),
+                JurisdictionGroup::Unknown,
+                "{code:?}"
+            );
+        }
         assert_eq!(policy.topic_sensitivity("health"), Sensitivity::Health);
         assert_eq!(
             policy.topic_sensitivity("health/diabetes"),

@@ -16,7 +16,7 @@ use featurestore::proto::ReasonCode;
 pub use bundle::{DEFAULT_BUNDLE_TOML, PolicyError, Rule};
 pub use inputs::{AgeBand, Confidence, DecisionInput, Dimension, JurisdictionGroup};
 
-use crate::registry::{Purpose, Sensitivity, Source, SourceId, SourceKind, Surface};
+use crate::registry::{Feature, Purpose, Sensitivity, Source, SourceId, SourceKind, Surface};
 use crate::storage::UserState;
 
 /// What a value brings to a decision, whether it arrives in a write or is already stored.
@@ -27,7 +27,37 @@ pub struct ValueFacts<'a> {
     pub microphone_permission: bool,
     pub origin_app: &'a str,
     pub sensitivity: Sensitivity,
+    /// The value is about a topic (see [`TopicClass::is_topic_value`]): without a
+    /// confidence it counts as below the bundle's threshold.
+    pub topic_value: bool,
     pub topic_confidence: Option<f32>,
+}
+
+/// What the taxonomy makes of the topics a value carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopicClass {
+    /// The value's sensitivity class: the feature's registered class, else that of the
+    /// first sensitive topic.
+    pub sensitivity: Sensitivity,
+    /// Every topic of the value is in canonical form ([`is_canonical_topic`]); a value
+    /// with one that is not cannot be placed in the taxonomy, and is refused.
+    pub canonical: bool,
+    /// The value has a topic id, or is the value of a topic-valued feature: a topic
+    /// inference, whose confidence the ads rules look at.
+    pub is_topic_value: bool,
+}
+
+/// Whether `topic` is a taxonomy topic id in its one canonical form: segments of lower-case
+/// ASCII letters, digits and `_`, separated by single `/` (no empty segment, no spaces), at
+/// most [`featurestore::RequestLimits::NAME_BYTES_MAX`] bytes.
+pub fn is_canonical_topic(topic: &str) -> bool {
+    topic.len() <= featurestore::RequestLimits::NAME_BYTES_MAX
+        && topic.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .bytes()
+                    .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+        })
 }
 
 /// A set of reason codes, one bit per code.
@@ -89,9 +119,10 @@ pub struct Policy {
     pub low_confidence_threshold: f32,
     /// The rules, as written in the bundle (disabled ones included).
     pub rules: Vec<Rule>,
-    /// Jurisdiction code ("DE", "US-CA") → group; codes not listed are "other".
-    /// Looked up for every decision; the codes come from the bundle, so a fast hasher.
-    jurisdictions: FxHashMap<String, JurisdictionGroup>,
+    /// Every assigned jurisdiction code ("DE", "US-CA") → its group: the bundle's, else
+    /// "other". A code not in the map is not an assigned ISO 3166 code, and is "unknown".
+    /// Looked up for every decision; the codes come from ISO 3166, so a fast hasher.
+    jurisdictions: FxHashMap<&'static str, JurisdictionGroup>,
     /// Topic prefix → sensitivity class, longest prefix first.
     taxonomy: Vec<(String, Sensitivity)>,
     /// Retention per source and purpose (indexed by `Purpose as usize`); a few entries,
@@ -139,6 +170,8 @@ impl Policy {
             cross_app_unlinked: facts.origin_app != surface.app
                 && !(linked(facts.origin_app) && linked(&surface.app)),
             confidence: match facts.topic_confidence {
+                // A topic inference that states no confidence is not trusted for ads.
+                None if facts.topic_value => Confidence::Below,
                 None => Confidence::NotApplicable,
                 Some(confidence) if confidence < self.low_confidence_threshold => Confidence::Below,
                 Some(_) => Confidence::AtOrAbove,
@@ -185,51 +218,43 @@ impl Policy {
                 .any(|(new, old)| old.is_empty() && !new.is_empty())
     }
 
-    /// The group of a jurisdiction code: exact match first ("US-CA"), then the country
-    /// part ("DE" for "DE-BY"); empty is unknown; anything else unlisted is other.
+    /// The group of a jurisdiction code. Empty is unknown, and so is anything that is not
+    /// an assigned ISO 3166 code in canonical form (fail closed: a code the bundle cannot
+    /// place is never "other"); an assigned code not listed by the bundle, nor its country,
+    /// is other.
     pub fn jurisdiction_group(&self, code: &str) -> JurisdictionGroup {
-        if code.is_empty() {
-            return JurisdictionGroup::Unknown;
-        }
-        // Stored codes are upper case already; only others pay for the conversion.
-        if code.bytes().any(|byte| byte.is_ascii_lowercase()) {
-            return self.jurisdiction_group(&code.to_ascii_uppercase());
-        }
-        if let Some(group) = self.jurisdictions.get(code) {
-            return *group;
-        }
-        let country = code.split('-').next().unwrap_or(code);
         self.jurisdictions
-            .get(country)
+            .get(code)
             .copied()
-            .unwrap_or(JurisdictionGroup::Other)
+            .unwrap_or(JurisdictionGroup::Unknown)
     }
 
-    /// A value's sensitivity class: the feature's registered class, else the taxonomy's
-    /// class of the value's topic, else that of the first sensitive topic of a sparse value.
-    pub fn value_sensitivity(
-        &self,
-        registered: Sensitivity,
-        topic: Option<&str>,
-        value: &Value,
-    ) -> Sensitivity {
-        if registered != Sensitivity::None {
-            return registered;
-        }
-        let topic = topic.map_or(Sensitivity::None, |topic| self.topic_sensitivity(topic));
-        if topic != Sensitivity::None {
-            return topic;
+    /// Classifies the topics a value carries: its `topic_id`, its value when `feature` is
+    /// topic-valued, and the topics of a sparse value.
+    pub fn classify(&self, feature: &Feature, topic_id: Option<&str>, value: &Value) -> TopicClass {
+        let mut class = TopicClass {
+            sensitivity: feature.sensitivity,
+            canonical: true,
+            is_topic_value: topic_id.is_some(),
+        };
+        let mut add = |topic: &str| {
+            class.canonical &= is_canonical_topic(topic);
+            if class.sensitivity == Sensitivity::None {
+                class.sensitivity = self.topic_sensitivity(topic);
+            }
+        };
+        if let Some(topic) = topic_id {
+            add(topic);
         }
         match value {
-            Value::Sparse(entries) => entries
-                .iter()
-                .map(|(topic, _)| self.topic_sensitivity(topic))
-                .find(|class| *class != Sensitivity::None)
-                .unwrap_or(Sensitivity::None),
-            Value::Float(_) | Value::Int64(_) | Value::String(_) | Value::FloatVector(_) => {
-                Sensitivity::None
+            Value::String(topic) if feature.topic_valued => {
+                add(topic);
+                class.is_topic_value = true;
             }
+            Value::Sparse(entries) => entries.iter().for_each(|(topic, _)| add(topic)),
+            Value::Float(_) | Value::Int64(_) | Value::String(_) | Value::FloatVector(_) => {}
         }
+        class
     }
 
     /// The sensitivity class of a taxonomy topic: the class of its longest listed prefix

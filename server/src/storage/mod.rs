@@ -4,6 +4,8 @@
 //! opaque to the engine beyond their encoding ([`codec`]); keys are user-first ([`keys`]).
 
 pub mod codec;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod keys;
 mod rocks;
 
@@ -149,12 +151,16 @@ pub enum StorageError {
     Engine(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// A user's state is not at the generation the caller expected.
+    /// A user's state is not at the generation the caller expected (or its erasure began).
     #[error("the state of user {user_id} changed: its generation is now {current_generation}")]
     GenerationChanged {
         user_id: u64,
         current_generation: u64,
     },
+    /// A write holds rows of a user its fence does not name: a bug of the caller, refused
+    /// rather than applied unchecked.
+    #[error("a write holds rows of user {user_id}, which its fence does not name")]
+    Unfenced { user_id: u64 },
 }
 
 /// Decides again which values of a stored row may stay, given the user's state: returns
@@ -182,10 +188,13 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Merges `rows` into the store (per feature, the latest event time wins) together with
     /// the idempotency record, all or nothing. When a record with the same key created at
     /// or after `replay_since` exists, nothing is written and its answer is returned.
-    /// Otherwise, if any user of `fence` (user id, generation decided with; 0 for no state)
-    /// now has another state generation, nothing is written and
+    /// Otherwise the fence is checked in the same atomic step that applies the write:
+    /// `fence` lists (user id, generation the write was decided with; 0 for no state) for
+    /// every user of `rows`, sorted by user id, each once. If any of them now has another
+    /// generation, or an erasure began, nothing is written and
     /// [`StorageError::GenerationChanged`] is returned, so that no write decided on an
-    /// outdated user state is ever applied.
+    /// outdated user state is ever applied; rows of a user the fence does not name are
+    /// refused with [`StorageError::Unfenced`].
     /// The `audit` entries are appended to the audit log in the same atomic write: a write
     /// that cannot be audited is not applied.
     fn apply_write(
@@ -245,8 +254,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     fn delete_meta(&self, key: &str) -> Result<(), StorageError>;
 
     /// The secret key of a user's audit pseudonym. When missing it is created if `create`
-    /// (from the system's random source), else `None` is returned: an erased user's key is
-    /// gone for good.
+    /// (from the system's random source) and the user is not erased or being erased, else
+    /// `None` is returned: an erased user's key is gone for good, whatever races the
+    /// erasure.
     fn pseudonym_key(&self, user_id: u64, create: bool) -> Result<Option<[u8; 32]>, StorageError>;
 
     /// Fences and deletes a user in one atomic write, serialized with the user's writes:

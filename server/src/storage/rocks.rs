@@ -284,6 +284,35 @@ impl RocksStore {
             .collect()
     }
 
+    /// Refuses a write unless every row belongs to a user of `fence` (sorted by user id)
+    /// and every user of `fence` still has the generation the write was decided with (0
+    /// for no state) and no erasure. The caller holds the users' stripes, so that the
+    /// answer stays true until its batch is written.
+    fn check_fence(&self, fence: &[(u64, u64)], rows: &[RowWrite]) -> Result<(), StorageError> {
+        debug_assert!(fence.windows(2).all(|pair| pair[0].0 < pair[1].0));
+        if let Some(row) = rows.iter().find(|row| {
+            fence
+                .binary_search_by_key(&row.key.user_id, |(user_id, _)| *user_id)
+                .is_err()
+        }) {
+            return Err(StorageError::Unfenced {
+                user_id: row.key.user_id,
+            });
+        }
+        let users: Vec<u64> = fence.iter().map(|(user_id, _)| *user_id).collect();
+        for (&(user_id, decided), state) in fence.iter().zip(self.read_user_states(&users)?) {
+            let current_generation = state.as_ref().map_or(0, |state| state.generation);
+            let erased = state.is_some_and(|state| state.erasure != ErasureState::None);
+            if current_generation != decided || erased {
+                return Err(StorageError::GenerationChanged {
+                    user_id,
+                    current_generation,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn read_idempotency(
         &self,
         key: &str,
@@ -382,6 +411,9 @@ impl RocksStore {
                 ))
             })?;
             let kept = revalidate(state, row_key, row.clone());
+            // Decided, not yet written: the user's stripe must keep every change of its
+            // state out until the batch is.
+            fail::fail_point!("revalidate-decided");
             if kept != row {
                 removed += row.values.len().saturating_sub(kept.values.len());
                 if kept.values.is_empty() {
@@ -484,6 +516,8 @@ impl Store for RocksStore {
                 answer,
             });
         }
+        // Under the users' stripes: no state changes until the batch below is written.
+        self.check_fence(fence, rows)?;
 
         // Current state of every distinct row the write touches.
         let mut distinct: Vec<RowKey> = rows.iter().map(|row| row.key).collect();
@@ -736,6 +770,16 @@ impl Store for RocksStore {
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
         if let Some(secret) = read()? {
             return Ok(Some(secret));
+        }
+        // An erased user's key is never made again: under the stripe, no erasure can
+        // come between this check and the write below.
+        let erased = self
+            .read_user_states(&[user_id])?
+            .pop()
+            .flatten()
+            .is_some_and(|state| state.erasure != ErasureState::None);
+        if erased {
+            return Ok(None);
         }
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(|error| {
@@ -1137,6 +1181,20 @@ mod tests {
         }
     }
 
+    mod conformance {
+        use super::*;
+        use crate::storage::conformance::{Opened, conformance_suite};
+
+        conformance_suite!(|| {
+            let directory = tempfile::tempdir().expect("temp dir");
+            let store = open(directory.path());
+            Opened {
+                store: Arc::new(store),
+                keep: Box::new(directory),
+            }
+        });
+    }
+
     #[test]
     fn merge_operands_apply_last_event_time_wins_in_any_order() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1217,7 +1275,7 @@ mod tests {
             .apply_write(
                 &record,
                 Timestamp::from_unix_micros(0),
-                &[],
+                &[(good.user_id, 0)],
                 &rows,
                 &[],
                 &mut |outcomes| {

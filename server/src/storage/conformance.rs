@@ -1,0 +1,668 @@
+//! The promises of [`Store`], as one suite every implementation must pass:
+//! `conformance_suite!(|| Opened { .. })` in the implementation's tests generates one test
+//! per promise. Each test opens a fresh store through the closure and checks one
+//! documented guarantee from the outside, through the trait only: the fence checked in the
+//! atomic step of a write (also with writes and state changes racing), all-or-nothing
+//! writes, event-time order, idempotent retries, user-state changes that re-validate in the
+//! same step, erasure that leaves nothing, the audit log.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
+
+use super::{
+    Applied, ErasureState, IdempotencyRecord, RowKey, RowRead, RowWrite, StorageError, Store,
+    StoredRow, StoredValue, UserState, ValueOutcome,
+};
+use crate::audit::{AuditAction, AuditEntry, pseudonym};
+use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
+
+/// A store opened for one test, and whatever must live as long as it (its directory).
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    #[expect(dead_code, reason = "held, not read: dropped with the store")]
+    pub keep: Box<dyn std::any::Any>,
+}
+
+/// Generates one `#[test]` per promise of [`Store`] for the implementation `open` makes.
+macro_rules! conformance_suite {
+    ($open:expr) => {
+        $crate::storage::conformance::conformance_suite!(@tests $open;
+            a_write_decided_on_another_generation_is_refused_whole,
+            a_write_for_a_user_being_erased_is_refused,
+            rows_of_a_user_the_fence_does_not_name_are_refused,
+            the_latest_event_time_wins_per_feature,
+            merge_operands_follow_the_same_order,
+            a_retry_is_answered_with_the_first_answer_and_changes_nothing,
+            a_state_change_revalidates_the_users_rows_in_the_same_step,
+            a_state_change_with_an_expected_generation_is_refused_when_it_moved,
+            erasure_leaves_nothing_of_the_user,
+            audit_records_are_chained_and_found_by_user,
+            reads_answer_every_key_in_request_order,
+            the_fence_holds_while_writes_and_state_changes_race,
+        );
+    };
+    (@tests $open:expr; $($name:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::storage::conformance::$name(&$open);
+            }
+        )*
+    };
+}
+pub(crate) use conformance_suite;
+
+type Open<'a> = &'a dyn Fn() -> Opened;
+
+const SURFACE: SurfaceId = SurfaceId(1);
+const OTHER_SURFACE: SurfaceId = SurfaceId(2);
+const T0: i64 = 1_780_272_000_000_000;
+
+fn key(user_id: u64, surface: SurfaceId) -> RowKey {
+    RowKey { user_id, surface }
+}
+
+fn at(seconds: i64) -> Timestamp {
+    Timestamp::from_unix_micros(T0 + seconds * 1_000_000)
+}
+
+fn value(feature: u16, event_seconds: i64, number: f32) -> StoredValue {
+    StoredValue {
+        feature: FeatureId(feature),
+        event_time: at(event_seconds),
+        write_time: at(event_seconds),
+        expires_at: Timestamp::MAX,
+        source: SourceId(1),
+        sensitivity: Sensitivity::None,
+        policy_version: 7,
+        origin_app: "facebook".to_string(),
+        topic_id: String::new(),
+        microphone_permission: false,
+        topic_confidence: None,
+        value: Value::Float(number),
+    }
+}
+
+fn write(user_id: u64, surface: SurfaceId, values: Vec<StoredValue>) -> RowWrite {
+    RowWrite {
+        key: key(user_id, surface),
+        values,
+    }
+}
+
+fn idempotency(key: &str, created_seconds: i64) -> IdempotencyRecord {
+    IdempotencyRecord {
+        key: key.to_string(),
+        fingerprint: 42,
+        created_at: at(created_seconds),
+    }
+}
+
+fn entry(action: AuditAction, user: Option<u64>) -> AuditEntry {
+    AuditEntry {
+        time: at(0),
+        action,
+        caller: "conformance".to_string(),
+        bundle_hash: "00".repeat(32),
+        user: user.map(|user_id| pseudonym(&[7; 32], user_id)),
+        surfaces: String::new(),
+        subject: String::new(),
+        reasons: 0,
+    }
+}
+
+fn update(user_id: u64, jurisdiction: &str) -> UserStateUpdate {
+    UserStateUpdate {
+        user_id,
+        jurisdiction: jurisdiction.to_string(),
+        age_band: AgeBand::Adult,
+        linked_apps: vec!["facebook".to_string()],
+        ads_objection: false,
+        expected_generation: None,
+    }
+}
+
+/// Sets the user's state, keeping every row; returns the new generation.
+fn set_state(store: &dyn Store, user_id: u64, jurisdiction: &str) -> u64 {
+    store
+        .set_user_state(
+            &update(user_id, jurisdiction),
+            at(0),
+            &mut |_, _, row| row,
+            &entry(AuditAction::UserStateSet, Some(user_id)),
+        )
+        .expect("set the state")
+        .generation
+}
+
+/// Applies `rows` fenced on `fence`, answering with the outcomes' debug text.
+fn apply(
+    store: &dyn Store,
+    key: &str,
+    fence: &[(u64, u64)],
+    rows: &[RowWrite],
+) -> Result<Applied, StorageError> {
+    store.apply_write(
+        &idempotency(key, 0),
+        at(-60),
+        fence,
+        rows,
+        &[entry(AuditAction::Write, None)],
+        &mut |outcomes| format!("{outcomes:?}").into_bytes(),
+    )
+}
+
+fn row(store: &dyn Store, user_id: u64, surface: SurfaceId) -> Option<StoredRow> {
+    match store
+        .read_rows(&[key(user_id, surface)])
+        .expect("read")
+        .pop()
+    {
+        Some(RowRead::Found(row)) => Some(row),
+        Some(RowRead::Missing) => None,
+        other => panic!("user {user_id}: {other:?}"),
+    }
+}
+
+fn number(row: &StoredRow, feature: u16) -> Option<f32> {
+    match row.value(FeatureId(feature)).map(|value| &value.value) {
+        Some(Value::Float(number)) => Some(*number),
+        _ => None,
+    }
+}
+
+fn audit_records(store: &dyn Store) -> u64 {
+    let report = store.verify_audit().expect("verify");
+    assert_eq!(report.first_broken, None, "the audit chain is intact");
+    report.records_checked
+}
+
+pub fn a_write_decided_on_another_generation_is_refused_whole(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let first = set_state(store, 1, "US");
+    let second = set_state(store, 2, "US");
+    let records = audit_records(store);
+    let rows = [
+        write(1, SURFACE, vec![value(1, 0, 1.0)]),
+        write(2, SURFACE, vec![value(1, 0, 2.0)]),
+    ];
+    for stale in [(first, second - 1), (first + 1, second), (0, second)] {
+        let refused = apply(store, "w", &[(1, stale.0), (2, stale.1)], &rows);
+        assert!(
+            matches!(refused, Err(StorageError::GenerationChanged { .. })),
+            "{stale:?}: {refused:?}"
+        );
+        assert_eq!(row(store, 1, SURFACE), None, "nothing of user 1");
+        assert_eq!(row(store, 2, SURFACE), None, "nothing of user 2");
+        assert_eq!(audit_records(store), records, "no audit record");
+    }
+    // The idempotency record was not written either: the same key applies now.
+    let applied = apply(store, "w", &[(1, first), (2, second)], &rows).expect("applied");
+    assert!(matches!(applied, Applied::Fresh { .. }), "{applied:?}");
+    assert_eq!(
+        row(store, 2, SURFACE).and_then(|row| number(&row, 1)),
+        Some(2.0)
+    );
+    // A user without a state is fenced on generation 0, and loses it once one is set.
+    let rows = [write(3, SURFACE, vec![value(1, 0, 3.0)])];
+    apply(store, "x", &[(3, 0)], &rows).expect("no state yet");
+    set_state(store, 3, "US");
+    let refused = apply(store, "y", &[(3, 0)], &rows);
+    assert!(
+        matches!(
+            refused,
+            Err(StorageError::GenerationChanged {
+                user_id: 3,
+                current_generation: 1
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
+pub fn a_write_for_a_user_being_erased_is_refused(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    set_state(store, 1, "US");
+    let erased = store
+        .erase_user(1, at(0), &entry(AuditAction::UserErased, Some(1)))
+        .expect("erase");
+    assert_eq!(erased.erasure, ErasureState::Pending);
+    // Even a write that names the erasure's own generation.
+    let refused = apply(
+        store,
+        "w",
+        &[(1, erased.generation)],
+        &[write(1, SURFACE, vec![value(1, 0, 1.0)])],
+    );
+    assert!(
+        matches!(refused, Err(StorageError::GenerationChanged { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(row(store, 1, SURFACE), None);
+}
+
+pub fn rows_of_a_user_the_fence_does_not_name_are_refused(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let generation = set_state(store, 1, "US");
+    let refused = apply(
+        store,
+        "w",
+        &[(1, generation)],
+        &[
+            write(1, SURFACE, vec![value(1, 0, 1.0)]),
+            write(2, SURFACE, vec![value(1, 0, 1.0)]),
+        ],
+    );
+    assert!(
+        matches!(refused, Err(StorageError::Unfenced { user_id: 2 })),
+        "{refused:?}"
+    );
+    assert_eq!(row(store, 1, SURFACE), None);
+}
+
+pub fn the_latest_event_time_wins_per_feature(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let fence = [(1, 0)];
+    let outcomes = |applied: Applied| match applied {
+        Applied::Fresh { answer } => String::from_utf8(answer).expect("text"),
+        replayed => panic!("{replayed:?}"),
+    };
+    let first = apply(
+        store,
+        "a",
+        &fence,
+        &[write(
+            1,
+            SURFACE,
+            vec![value(1, 200, 2.0), value(2, 100, 1.0)],
+        )],
+    )
+    .expect("write");
+    assert_eq!(
+        outcomes(first),
+        format!("{:?}", [[ValueOutcome::Stored; 2]])
+    );
+    // Feature 1: older than what is stored; feature 2: newer.
+    let second = apply(
+        store,
+        "b",
+        &fence,
+        &[write(
+            1,
+            SURFACE,
+            vec![value(1, 100, 9.0), value(2, 300, 3.0)],
+        )],
+    )
+    .expect("write");
+    assert_eq!(
+        outcomes(second),
+        format!("{:?}", [[ValueOutcome::Superseded, ValueOutcome::Stored]])
+    );
+    let stored = row(store, 1, SURFACE).expect("row");
+    assert_eq!(
+        (number(&stored, 1), number(&stored, 2)),
+        (Some(2.0), Some(3.0))
+    );
+    // On a tie of event times, the later write wins.
+    let mut tie = value(1, 200, 4.0);
+    tie.write_time = at(500);
+    apply(store, "c", &fence, &[write(1, SURFACE, vec![tie])]).expect("write");
+    assert_eq!(number(&row(store, 1, SURFACE).expect("row"), 1), Some(4.0));
+}
+
+pub fn merge_operands_follow_the_same_order(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    apply(
+        store,
+        "a",
+        &[(1, 0)],
+        &[write(
+            1,
+            SURFACE,
+            vec![value(1, 200, 2.0), value(2, 200, 2.0)],
+        )],
+    )
+    .expect("write");
+    let operand = |values| super::codec::encode_row(&StoredRow { values });
+    store
+        .merge_rows(
+            &[(
+                key(1, SURFACE),
+                operand(vec![value(1, 100, 1.0), value(2, 300, 3.0)]),
+            )],
+            ("conformance", b"1"),
+            &[],
+        )
+        .expect("merge");
+    let stored = row(store, 1, SURFACE).expect("row");
+    assert_eq!(
+        (number(&stored, 1), number(&stored, 2)),
+        (Some(2.0), Some(3.0)),
+        "the older operand lost, the newer won"
+    );
+}
+
+pub fn a_retry_is_answered_with_the_first_answer_and_changes_nothing(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let first = apply(
+        store,
+        "k",
+        &[(1, 0)],
+        &[write(1, SURFACE, vec![value(1, 10, 1.0)])],
+    )
+    .expect("write");
+    let Applied::Fresh { answer } = first else {
+        panic!("{first:?}")
+    };
+    // Within the window, whatever the retry carries: the first answer, nothing applied.
+    let retry = apply(
+        store,
+        "k",
+        &[(1, 0)],
+        &[write(1, SURFACE, vec![value(1, 20, 2.0)])],
+    )
+    .expect("retry");
+    assert_eq!(
+        retry,
+        Applied::Replayed {
+            fingerprint: 42,
+            answer: answer.clone()
+        }
+    );
+    assert_eq!(number(&row(store, 1, SURFACE).expect("row"), 1), Some(1.0));
+    // Past the window, the key is free again.
+    let later = store
+        .apply_write(
+            &idempotency("k", 120),
+            at(60),
+            &[(1, 0)],
+            &[write(1, SURFACE, vec![value(1, 20, 2.0)])],
+            &[],
+            &mut |_| b"again".to_vec(),
+        )
+        .expect("write");
+    assert_eq!(
+        later,
+        Applied::Fresh {
+            answer: b"again".to_vec()
+        }
+    );
+    assert_eq!(number(&row(store, 1, SURFACE).expect("row"), 1), Some(2.0));
+}
+
+pub fn a_state_change_revalidates_the_users_rows_in_the_same_step(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let generation = set_state(store, 1, "US");
+    apply(
+        store,
+        "w",
+        &[(1, generation)],
+        &[
+            write(1, SURFACE, vec![value(1, 0, 1.0), value(2, 0, 2.0)]),
+            write(1, OTHER_SURFACE, vec![value(1, 0, 1.0)]),
+        ],
+    )
+    .expect("write");
+    // The new state forbids feature 1 everywhere.
+    let mut seen: Vec<(Option<UserState>, RowKey)> = Vec::new();
+    let state = store
+        .set_user_state(
+            &update(1, "DE"),
+            at(1),
+            &mut |state, key, mut row| {
+                seen.push((state.cloned(), key));
+                row.values.retain(|value| value.feature != FeatureId(1));
+                row
+            },
+            &entry(AuditAction::UserStateSet, Some(1)),
+        )
+        .expect("set");
+    assert_eq!(state.generation, generation + 1);
+    assert_eq!(state.jurisdiction, "DE");
+    assert_eq!(seen.len(), 2, "every row of the user: {seen:?}");
+    assert!(
+        seen.iter().all(|(seen, _)| seen.as_ref() == Some(&state)),
+        "revalidation sees the new state"
+    );
+    let kept = row(store, 1, SURFACE).expect("row");
+    assert_eq!((number(&kept, 1), number(&kept, 2)), (None, Some(2.0)));
+    assert_eq!(row(store, 1, OTHER_SURFACE), None, "an emptied row goes");
+    assert_eq!(
+        store.read_user_states(&[1]).expect("read").pop().flatten(),
+        Some(state)
+    );
+    // The purge's path: the current state, the same step.
+    let removed = store
+        .revalidate_user(1, &mut |state, _, mut row| {
+            assert_eq!(state.map(|state| state.jurisdiction.as_str()), Some("DE"));
+            row.values.clear();
+            row
+        })
+        .expect("revalidate");
+    assert_eq!(removed, 1);
+    assert_eq!(row(store, 1, SURFACE), None);
+}
+
+pub fn a_state_change_with_an_expected_generation_is_refused_when_it_moved(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let generation = set_state(store, 1, "US");
+    let mut stale = update(1, "DE");
+    stale.expected_generation = Some(generation - 1);
+    let refused = store.set_user_state(
+        &stale,
+        at(0),
+        &mut |_, _, row| row,
+        &entry(AuditAction::UserStateSet, Some(1)),
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(StorageError::GenerationChanged {
+                user_id: 1,
+                current_generation
+            }) if current_generation == generation
+        ),
+        "{refused:?}"
+    );
+    let state = store.read_user_states(&[1]).expect("read").pop().flatten();
+    assert_eq!(
+        state.map(|state| state.jurisdiction),
+        Some("US".to_string())
+    );
+}
+
+pub fn erasure_leaves_nothing_of_the_user(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let generation = set_state(store, 1, "US");
+    let neighbour = set_state(store, 2, "US");
+    apply(
+        store,
+        "w",
+        &[(1, generation), (2, neighbour)],
+        &[
+            write(1, SURFACE, vec![value(1, 0, 1.0)]),
+            write(1, OTHER_SURFACE, vec![value(1, 0, 1.0)]),
+            write(2, SURFACE, vec![value(1, 0, 2.0)]),
+        ],
+    )
+    .expect("write");
+    assert!(store.pseudonym_key(1, true).expect("key").is_some());
+    assert!(store.user_has_data(1).expect("scan"));
+
+    let state = store
+        .erase_user(1, at(5), &entry(AuditAction::UserErased, Some(1)))
+        .expect("erase");
+    assert_eq!(state.erasure, ErasureState::Pending);
+    assert_eq!(state.generation, generation + 1);
+    assert_eq!(
+        (state.jurisdiction.as_str(), state.linked_apps.len()),
+        ("", 0),
+        "nothing of the user is kept in the fence"
+    );
+    assert_eq!(row(store, 1, SURFACE), None);
+    assert_eq!(row(store, 1, OTHER_SURFACE), None);
+    assert_eq!(store.pseudonym_key(1, false).expect("key"), None);
+    assert_eq!(
+        store.pseudonym_key(1, true).expect("key"),
+        None,
+        "an erased user's pseudonym key is never made again"
+    );
+    store.compact_user(1).expect("compact");
+    assert!(!store.user_has_data(1).expect("scan"));
+    assert_eq!(store.users_with_rows(0, 10).expect("users"), [2]);
+    store.finish_erasure(1).expect("finish");
+    let state = store.read_user_states(&[1]).expect("read").pop().flatten();
+    assert_eq!(state.map(|state| state.erasure), Some(ErasureState::Erased));
+    assert_eq!(number(&row(store, 2, SURFACE).expect("row"), 1), Some(2.0));
+}
+
+pub fn audit_records_are_chained_and_found_by_user(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let before = audit_records(store);
+    store
+        .append_audit(&[
+            entry(AuditAction::FeatureDenied, Some(1)),
+            entry(AuditAction::FeatureDenied, Some(2)),
+            entry(AuditAction::FeatureTransformed, Some(1)),
+        ])
+        .expect("append");
+    assert_eq!(audit_records(store), before + 3);
+    let trail = store
+        .audit_trail(&pseudonym(&[7; 32], 1), 10)
+        .expect("trail");
+    let actions: Vec<AuditAction> = trail.iter().map(|record| record.entry.action).collect();
+    assert_eq!(
+        actions,
+        [AuditAction::FeatureDenied, AuditAction::FeatureTransformed]
+    );
+}
+
+pub fn reads_answer_every_key_in_request_order(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    apply(
+        store,
+        "w",
+        &[(3, 0), (5, 0)],
+        &[
+            write(5, SURFACE, vec![value(1, 0, 5.0)]),
+            write(3, SURFACE, vec![value(1, 0, 3.0)]),
+        ],
+    )
+    .expect("write");
+    let keys = [
+        key(5, SURFACE),
+        key(4, SURFACE),
+        key(3, SURFACE),
+        key(5, SURFACE),
+    ];
+    let reads = store.read_rows(&keys).expect("read");
+    let numbers: Vec<Option<f32>> = reads
+        .iter()
+        .map(|read| match read {
+            RowRead::Found(row) => number(row, 1),
+            RowRead::Missing => None,
+            RowRead::Corrupt(problem) => panic!("{problem}"),
+        })
+        .collect();
+    assert_eq!(numbers, [Some(5.0), None, Some(3.0), Some(5.0)]);
+    let mut visits = vec![0; keys.len()];
+    store
+        .visit_rows(&keys, &mut |index, _| visits[index] += 1)
+        .expect("visit");
+    assert_eq!(visits, [1; 4], "every key exactly once");
+    assert_eq!(store.users_with_rows(0, 10).expect("users"), [3, 5]);
+    assert_eq!(store.users_with_rows(4, 10).expect("users"), [5]);
+}
+
+/// Writers apply values fenced on the generation they read, while another thread keeps
+/// changing the user's state, each change removing every stored value in its own step.
+/// A value written under an older generation than the current one must never be left:
+/// it would be a decision applied after the state it was made on had changed.
+pub fn the_fence_holds_while_writes_and_state_changes_race(open: Open<'_>) {
+    const WRITERS: usize = 3;
+    const STATE_CHANGES: usize = 200;
+    let opened = open();
+    let store = Arc::clone(&opened.store);
+    set_state(store.as_ref(), 1, "US");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let store = Arc::clone(&store);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut applied, mut refused) = (0u64, 0u64);
+                let mut sequence = 0i64;
+                while !stop.load(Ordering::SeqCst) {
+                    sequence += 1;
+                    let generation = store
+                        .read_user_states(&[1])
+                        .expect("read")
+                        .pop()
+                        .flatten()
+                        .map_or(0, |state| state.generation);
+                    // The value is the generation it was decided on.
+                    let mut decided = value(1, sequence, generation as f32);
+                    decided.feature = FeatureId(writer as u16 + 1);
+                    match apply(
+                        store.as_ref(),
+                        &format!("{writer}-{sequence}"),
+                        &[(1, generation)],
+                        &[write(1, SURFACE, vec![decided])],
+                    ) {
+                        Ok(_) => applied += 1,
+                        Err(StorageError::GenerationChanged { .. }) => refused += 1,
+                        Err(error) => panic!("{error}"),
+                    }
+                }
+                (applied, refused)
+            })
+        })
+        .collect();
+    // Only this thread changes the state: right after each change, every value stored
+    // must have been decided under the new generation.
+    let mut stale_values = 0;
+    for _ in 0..STATE_CHANGES {
+        let current = store
+            .set_user_state(
+                &update(1, "US"),
+                at(0),
+                &mut |_, _, _| StoredRow::default(),
+                &entry(AuditAction::UserStateSet, Some(1)),
+            )
+            .expect("set")
+            .generation;
+        if let Some(row) = row(store.as_ref(), 1, SURFACE) {
+            stale_values += row
+                .values
+                .iter()
+                .filter(|stored| stored.value != Value::Float(current as f32))
+                .count();
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (mut applied, mut refused) = (0, 0);
+    for writer in writers {
+        let (a, r) = writer.join().expect("writer");
+        applied += a;
+        refused += r;
+    }
+    assert!(applied > 0, "the writers wrote ({refused} refused)");
+    assert_eq!(
+        stale_values, 0,
+        "values decided under an older generation were applied after a state change \
+         ({applied} writes applied, {refused} refused)"
+    );
+}
