@@ -1,9 +1,8 @@
 //! Injected faults (the server's failpoints, from the `fail` crate): a full disk, an audit
 //! log that cannot be appended to, a slow start. Failpoints are global to a process, so
-//! each scenario runs in a child process of this test binary (the ignored tests below,
-//! run with [`CHILD_VARIABLE`] set), where no other test's server can trip over them.
+//! each scenario runs in a child process of this test binary (the ignored tests below; see
+//! [`crate::run_in_child`]), where no other test's server can trip over them.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use featurestore::domain::Value;
@@ -15,33 +14,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::{float, status};
 
-const CHILD_VARIABLE: &str = "FEATURESTORE_FAULT_SCENARIO";
-
-/// Runs the ignored test `scenario` of this module in a child process; fails with its
-/// output when it fails, or when it did not run.
+/// Runs the ignored test `scenario` of this module in a child process.
 fn run_in_child(scenario: &str) {
-    let output = Command::new(std::env::current_exe().expect("this test binary"))
-        .args([
-            "--exact",
-            &format!("faults::{scenario}"),
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_VARIABLE, scenario)
-        .output()
-        .expect("run the scenario's process");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "scenario {scenario} failed:\n{stdout}\n{stderr}"
-    );
+    crate::run_in_child(&format!("faults::{scenario}"));
 }
 
 /// Whether this process is the child running `scenario`.
 fn is_child_for(scenario: &str) -> bool {
-    std::env::var(CHILD_VARIABLE).as_deref() == Ok(scenario)
+    crate::is_child_for(&format!("faults::{scenario}"))
 }
 
 async fn health(server: &TestServer) -> Option<ServingStatus> {

@@ -14,6 +14,7 @@ mod lifecycle;
 mod observability;
 mod policy;
 mod policy_changes;
+mod races;
 mod read_instructions;
 mod read_write;
 mod retention;
@@ -22,6 +23,37 @@ use clap::Parser;
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};
 use featurestore_client::cli::Args;
 use featurestore_tests::TestServer;
+
+/// The environment variable naming the scenario a child process of this test binary runs.
+const CHILD_VARIABLE: &str = "FEATURESTORE_CHILD_SCENARIO";
+
+/// Runs the ignored test `test` (its path, e.g. `faults::disk_full`) in a child process of
+/// this test binary, where failpoints, which are global to a process, touch no other test;
+/// fails with the child's output when it fails, or when it did not run.
+fn run_in_child(test: &str) {
+    let output = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_VARIABLE, test)
+        .output()
+        .expect("run the scenario's process");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "scenario {test} failed:\n{stdout}\n{stderr}"
+    );
+}
+
+/// Whether this process is the child that runs `test` (see [`run_in_child`]).
+fn is_child_for(test: &str) -> bool {
+    std::env::var(CHILD_VARIABLE).as_deref() == Ok(test)
+}
 
 /// Runs `featurestore <arguments>` in-process against `server`; returns the exit status and
 /// output.
