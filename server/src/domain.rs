@@ -22,6 +22,8 @@ use crate::storage::{RowKey, Store, StoredRow, UserState};
 mod load;
 #[cfg(test)]
 mod model;
+#[cfg(test)]
+mod races;
 mod read;
 #[cfg(test)]
 mod tests;

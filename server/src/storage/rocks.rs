@@ -98,7 +98,7 @@ fn engine(error: rocksdb::Error) -> StorageError {
 }
 
 /// What the engine answers when its disk is full; the `engine-write` failpoint injects it.
-#[cfg(feature = "failpoints")]
+#[allow(dead_code, reason = "called only where failpoints are compiled in")]
 fn disk_full() -> StorageError {
     StorageError::Engine("IO error: No space left on device (failpoint engine-write)".to_string())
 }
