@@ -18,6 +18,7 @@ mod races;
 mod read_instructions;
 mod read_write;
 mod retention;
+mod stress;
 
 use clap::Parser;
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};
@@ -29,8 +30,9 @@ const CHILD_VARIABLE: &str = "FEATURESTORE_CHILD_SCENARIO";
 
 /// Runs the ignored test `test` (its path, e.g. `faults::disk_full`) in a child process of
 /// this test binary, where failpoints, which are global to a process, touch no other test;
-/// fails with the child's output when it fails, or when it did not run.
-fn run_in_child(test: &str) {
+/// fails with the child's output when it fails, or when it did not run. Returns what the
+/// child wrote to its standard error.
+fn run_in_child(test: &str) -> String {
     let output = std::process::Command::new(std::env::current_exe().expect("this test binary"))
         .args([
             "--exact",
@@ -48,6 +50,7 @@ fn run_in_child(test: &str) {
         output.status.success() && stdout.contains("1 passed"),
         "scenario {test} failed:\n{stdout}\n{stderr}"
     );
+    stderr.into_owned()
 }
 
 /// Whether this process is the child that runs `test` (see [`run_in_child`]).
