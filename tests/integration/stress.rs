@@ -15,6 +15,7 @@ use featurestore::domain::{AgeBand, Provenance, UserStateUpdate, Value, WriteRow
 use featurestore::proto::{self, ErasureState, ValueStatus};
 use featurestore_client::Client;
 use featurestore_server::policy::DEFAULT_BUNDLE_TOML;
+use featurestore_tests::workload::Random;
 use featurestore_tests::{TestServer, at, read, write};
 use tonic::Code;
 
@@ -38,27 +39,6 @@ const JURISDICTIONS: [&str; 8] = ["US", "US", "US-CA", "BR", "DE", "GB", "KR", "
 /// The second bundle: Brazil joins South Korea's group, so AI signals are excluded there.
 fn tighter_bundle() -> String {
     DEFAULT_BUNDLE_TOML.replace("kr = [\"KR\"]", "kr = [\"KR\", \"BR\"]")
-}
-
-/// A small deterministic generator (SplitMix64), seeded per actor.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
 }
 
 /// What the producers know of each user: the generation the privacy system last
