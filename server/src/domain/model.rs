@@ -1,12 +1,15 @@
-//! Model-based test of the store: random sequences of writes (some made against a stale
-//! user-state generation), user-state changes, erasures, reads and restarts, applied both
-//! to the real core over RocksDB and to an in-memory model of what the store promises;
-//! every answer and every read must agree with the model.
+//! Model-based test of the store: random sequences of writes (some stating a stale
+//! user-state generation, or one never issued), user-state changes, erasures, reads and
+//! restarts, applied both to the real core over RocksDB and to an in-memory model of what
+//! the store promises; every answer and every read must agree with the model.
 //!
-//! The model's promises: a write is refused whole when its user is erased or it was made
-//! against an older generation; otherwise each value is stored unless the stored one has a
-//! later event time (on a tie the later write wins); an erasure removes every value of the
-//! user and refuses its later writes; a restart changes nothing.
+//! The model's promises: a write is refused whole when its user is erased or it states
+//! another generation than the current one; otherwise each value is stored unless the
+//! stored one has a later event time (on a tie the later write wins); an erasure removes
+//! every value of the user and refuses its later writes; a restart changes nothing.
+//!
+//! The operations are applied one at a time: concurrent histories are the stress test's
+//! (`tests/integration/stress.rs`), whose oracle judges every value served while they race.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,8 +46,8 @@ enum Operation {
         values: Vec<(usize, u8)>,
         /// Seconds before now: few, so that event times often tie.
         event_seconds_ago: i64,
-        /// Made against the generation before the current one.
-        stale: bool,
+        /// The user-state generation the row states.
+        stated: Stated,
     },
     /// The privacy system sets the user's state again: its generation goes up.
     SetState {
@@ -55,6 +58,16 @@ enum Operation {
     },
     Read,
     Restart,
+}
+
+/// The generation a write states, relative to the user's current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stated {
+    Current,
+    /// The generation before the current one: the producer saw an older state.
+    Stale,
+    /// The one after it: a generation the store never issued.
+    Ahead,
 }
 
 /// What the store promises.
@@ -100,15 +113,19 @@ impl ReferenceStateMachine for Reference {
                 prop::sample::subsequence(vec![0usize, 1], 1..=2),
                 any::<[u8; 2]>(),
                 0i64..4,
-                prop::bool::weighted(0.15),
+                prop_oneof![
+                    17 => Just(Stated::Current),
+                    2 => Just(Stated::Stale),
+                    1 => Just(Stated::Ahead),
+                ],
             )
-                .prop_map(|(user, surfaces, features, values, event_seconds_ago, stale)| {
+                .prop_map(|(user, surfaces, features, values, event_seconds_ago, stated)| {
                     Operation::Write {
                         user,
                         surfaces,
                         values: features.into_iter().map(|feature| (feature, values[feature])).collect(),
                         event_seconds_ago,
-                        stale,
+                        stated,
                     }
                 }),
             1 => user.clone().prop_map(|user| Operation::SetState { user }),
@@ -137,9 +154,9 @@ impl ReferenceStateMachine for Reference {
                 surfaces,
                 values,
                 event_seconds_ago,
-                stale,
+                stated,
             } => {
-                if state.is_erased(*user) || *stale {
+                if state.is_erased(*user) || *stated != Stated::Current {
                     state.last_succeeds = false;
                     return state;
                 }
@@ -294,7 +311,7 @@ impl StateMachineTest for StoreAgainstModel {
                 surfaces,
                 values,
                 event_seconds_ago,
-                stale,
+                stated,
             } => {
                 let current = model.generation[&user];
                 let request = WriteRequest {
@@ -323,7 +340,11 @@ impl StateMachineTest for StoreAgainstModel {
                                 ttl: None,
                             })
                             .collect(),
-                        user_state_generation: if stale { current - 1 } else { current },
+                        user_state_generation: match stated {
+                            Stated::Current => current,
+                            Stated::Stale => current - 1,
+                            Stated::Ahead => current + 1,
+                        },
                     }],
                 };
                 system.core().write(&request, model.step).is_ok()
