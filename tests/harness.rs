@@ -316,6 +316,27 @@ impl TestServer {
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }
+
+    /// Waits until no purge re-validates stored values (at most 30 s); returns the
+    /// policy's status then.
+    pub async fn wait_for_purge(&self) -> featurestore::proto::PolicyStatus {
+        let started = std::time::Instant::now();
+        loop {
+            let status = self
+                .client
+                .policy_status()
+                .await
+                .expect("the policy's status");
+            if !status.purge_running {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the purge did not finish within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Waits until the server at `endpoint` says SERVING in its health check (the port

@@ -105,6 +105,25 @@ pub struct Core {
     state_changes: std::sync::atomic::AtomicU64,
 }
 
+/// A store in `directory` with a small block cache, for the domain's tests.
+#[cfg(test)]
+fn test_store(
+    directory: &std::path::Path,
+    clock: Arc<crate::clock::ManualClock>,
+) -> crate::storage::RocksStore {
+    crate::storage::RocksStore::open(
+        &directory.join("db"),
+        &crate::config::StorageConfig {
+            block_cache_bytes: 1 << 20,
+            ..crate::config::StorageConfig::default()
+        },
+        crate::config::Durability::Buffered,
+        Duration::from_secs(3600),
+        clock,
+    )
+    .expect("open the store")
+}
+
 /// Settings of a [`Core`] beyond its parts.
 #[derive(Clone, Debug)]
 pub struct CoreOptions {

@@ -10,7 +10,7 @@ use featurestore::proto::{self, Outcome, ReasonCode, ValueStatus};
 use featurestore_tests::{TestServer, at, read, row, us_adult, write};
 use tonic::Code;
 
-use crate::{outcomes, status};
+use crate::{outcomes, statuses};
 
 fn reasons(codes: &[ReasonCode]) -> Vec<i32> {
     codes.iter().map(|code| *code as i32).collect()
@@ -28,16 +28,19 @@ async fn verdicts(
         .expect("the write is answered")
 }
 
-/// The status of `feature` for each (user, surface).
-async fn statuses(server: &TestServer, keys: &[(u64, &str)], feature: &str) -> Vec<ValueStatus> {
-    let response = server
-        .client
-        .get_features(read(keys, &[feature]))
-        .await
-        .expect("read");
-    (0..keys.len())
-        .map(|index| status(&response, index, feature))
-        .collect()
+/// A hiking interest on `surfaces`, inferred from a conversation about `topic`.
+fn hiking_about(user_id: u64, surfaces: &[&str], topic: &str, confidence: Option<f32>) -> WriteRow {
+    let mut hiking = row(
+        user_id,
+        surfaces,
+        at(-60),
+        vec![("interest_hiking", Value::Float(0.5))],
+    );
+    hiking.features[0].topic = Some(Topic {
+        id: topic.to_string(),
+        confidence,
+    });
+    hiking
 }
 
 #[tokio::test]
@@ -222,19 +225,7 @@ async fn topics_not_in_canonical_form_are_refused_everywhere() {
     let server = TestServer::start().await;
     server.us_adults([1]).await;
     let surfaces = ["facebook_feed", "facebook_ads"];
-    let with_topic = |topic: &str| {
-        let mut hiking = row(
-            1,
-            &surfaces,
-            at(-60),
-            vec![("interest_hiking", Value::Float(0.5))],
-        );
-        hiking.features[0].topic = Some(Topic {
-            id: topic.to_string(),
-            confidence: Some(0.9),
-        });
-        hiking
-    };
+    let with_topic = |topic: &str| hiking_about(1, &surfaces, topic, Some(0.9));
     let sparse = |topic: &str| {
         row(
             1,
@@ -349,17 +340,12 @@ async fn a_topic_without_a_confidence_is_kept_out_of_ads() {
     let server = TestServer::start().await;
     server.us_adults([1, 2]).await;
     let with_topic = |user_id, confidence| {
-        let mut hiking = row(
+        hiking_about(
             user_id,
             &["facebook_feed", "facebook_ads"],
-            at(-60),
-            vec![("interest_hiking", Value::Float(0.5))],
-        );
-        hiking.features[0].topic = Some(Topic {
-            id: "outdoors/hiking".to_string(),
+            "outdoors/hiking",
             confidence,
-        });
-        hiking
+        )
     };
     let response = verdicts(
         &server,

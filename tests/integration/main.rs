@@ -75,6 +75,18 @@ fn status(response: &GetFeaturesResponse, row: usize, feature: &str) -> ValueSta
     ValueStatus::try_from(response.rows[row].statuses[column]).expect("a known value status")
 }
 
+/// The status of `feature` for each (user, surface), read now.
+async fn statuses(server: &TestServer, keys: &[(u64, &str)], feature: &str) -> Vec<ValueStatus> {
+    let response = server
+        .client
+        .get_features(featurestore_tests::read(keys, &[feature]))
+        .await
+        .expect("read");
+    (0..keys.len())
+        .map(|index| status(&response, index, feature))
+        .collect()
+}
+
 /// The float value of `feature` in row `row`.
 fn float(response: &GetFeaturesResponse, row: usize, feature: &str) -> f32 {
     let column = &response.columns[column_index(response, feature)];

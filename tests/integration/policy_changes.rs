@@ -1,8 +1,6 @@
 //! What happens to stored values when the rules or a user's state change: purges on a
 //! state change, bundle reloads with a purge, and the read-time guard.
 
-use std::time::Duration;
-
 use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
 use featurestore::proto::{RowStatus, ValueStatus};
 use featurestore_server::policy::DEFAULT_BUNDLE_TOML;
@@ -49,14 +47,7 @@ async fn statuses(server: &TestServer, user_id: u64) -> Vec<ValueStatus> {
         .iter()
         .map(|surface| (user_id, *surface))
         .collect();
-    let response = server
-        .client
-        .get_features(read(&keys, &["interest_hiking"]))
-        .await
-        .expect("read");
-    (0..keys.len())
-        .map(|index| status(&response, index, "interest_hiking"))
-        .collect()
+    crate::statuses(server, &keys, "interest_hiking").await
 }
 
 const PRESENT: ValueStatus = ValueStatus::Present;
@@ -126,17 +117,6 @@ fn tightened_bundle() -> String {
         );
     assert_ne!(bundle, DEFAULT_BUNDLE_TOML);
     bundle
-}
-
-async fn wait_for_purge(server: &TestServer) -> featurestore::proto::PolicyStatus {
-    for _ in 0..500 {
-        let status = server.client.policy_status().await.expect("status");
-        if !status.purge_running {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the purge did not finish within 5 s");
 }
 
 #[tokio::test]
@@ -214,7 +194,7 @@ async fn reloading_a_tighter_bundle_purges_what_it_forbids() {
     std::fs::write(&bundle_path, tightened_bundle()).expect("write the bundle");
     let reloaded = server.client.reload_policy().await.expect("reload");
     assert_ne!(reloaded.hash, before.hash);
-    let finished = wait_for_purge(&server).await;
+    let finished = server.wait_for_purge().await;
     assert!(finished.purge_finished_at_unix_micros > 0);
     assert_eq!(finished.purge_users_done, 2);
     assert_eq!(

@@ -13,10 +13,8 @@ use std::time::{Duration, Instant};
 use featurestore::domain::{UserStateUpdate, Value, WriteRow};
 use featurestore::proto::{self, ErasureState, ReasonCode, ValueStatus};
 use featurestore_server::policy::DEFAULT_BUNDLE_TOML;
-use featurestore_tests::{TestServer, at, files_containing, read, row, us_adult, write};
+use featurestore_tests::{TestServer, at, files_containing, row, us_adult, write};
 use tonic::Code;
-
-use crate::status;
 
 fn run_in_child(scenario: &str) {
     crate::run_in_child(&format!("races::{scenario}"));
@@ -114,14 +112,7 @@ async fn hiking(server: &TestServer, users: impl IntoIterator<Item = u64>) -> Ve
         .into_iter()
         .map(|user| (user, "facebook_feed"))
         .collect();
-    let response = server
-        .client
-        .get_features(read(&keys, &["interest_hiking"]))
-        .await
-        .expect("read");
-    (0..keys.len())
-        .map(|index| status(&response, index, "interest_hiking"))
-        .collect()
+    crate::statuses(server, &keys, "interest_hiking").await
 }
 
 const STORED: ValueStatus = ValueStatus::Present;
@@ -433,20 +424,7 @@ async fn purge_then_state_change() {
         client.reload_policy().await.expect("reload");
     })
     .await;
-    let started = Instant::now();
-    while server
-        .client
-        .policy_status()
-        .await
-        .expect("status")
-        .purge_running
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the purge ends"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server.wait_for_purge().await;
     assert_eq!(hiking(&server, [1]).await, [ABSENT]);
 }
 

@@ -498,17 +498,7 @@ async fn everything_races() {
         actor.await.expect("an actor");
     }
     // Quiescent: the purge of the bundle in force ends, then every cell is judged.
-    let waited = Instant::now();
-    while server
-        .client
-        .policy_status()
-        .await
-        .expect("status")
-        .purge_running
-    {
-        assert!(waited.elapsed() < Duration::from_secs(30), "the purge ends");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.wait_for_purge().await;
     forbidden_seen.extend(check(&server.client, &shared).await);
 
     // Every erasure ended verified, and left nothing: not pending, not served.

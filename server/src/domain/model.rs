@@ -25,10 +25,8 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state
 
 use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
-use crate::config::{Durability, StorageConfig};
 use crate::policy::Policy;
 use crate::registry::Registry;
-use crate::storage::RocksStore;
 
 const USERS: u64 = 3;
 const SURFACES: [&str; 2] = ["facebook_feed", "instagram_reels"];
@@ -202,17 +200,7 @@ struct System {
 
 impl System {
     fn open(directory: tempfile::TempDir, clock: Arc<ManualClock>) -> System {
-        let store = RocksStore::open(
-            &directory.path().join("db"),
-            &StorageConfig {
-                block_cache_bytes: 1 << 20,
-                ..StorageConfig::default()
-            },
-            Durability::Buffered,
-            Duration::from_secs(3600),
-            clock.clone(),
-        )
-        .expect("open the store");
+        let store = super::test_store(directory.path(), clock.clone());
         let registry = Arc::new(Registry::embedded_default());
         let policy = Arc::new(Policy::embedded_default(&registry).expect("the default bundle"));
         let core = Arc::new(

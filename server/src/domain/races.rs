@@ -5,17 +5,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
+use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate};
 
 use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
-use crate::config::{Durability, StorageConfig};
 use crate::policy::Policy;
-use crate::registry::{FeatureId, Registry, Sensitivity, SourceId, SurfaceId};
+use crate::registry::{Registry, SurfaceId};
 use crate::storage::codec::encode_row;
-use crate::storage::{ErasureState, RocksStore, RowKey, RowRead, Store, StoredRow, StoredValue};
+use crate::storage::{ErasureState, RowKey, RowRead, Store, StoredRow};
 
 /// 2026-06-01T00:00:00Z.
 const NOW: i64 = 1_780_272_000_000_000;
@@ -24,19 +22,7 @@ const NOW: i64 = 1_780_272_000_000_000;
 fn an_erasure_whose_verification_finds_data_deletes_it_again() {
     let directory = tempfile::tempdir().expect("temp dir");
     let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
-    let store = Arc::new(
-        RocksStore::open(
-            &directory.path().join("db"),
-            &StorageConfig {
-                block_cache_bytes: 1 << 20,
-                ..StorageConfig::default()
-            },
-            Durability::Buffered,
-            Duration::from_secs(60),
-            clock.clone(),
-        )
-        .expect("open store"),
-    );
+    let store = Arc::new(super::test_store(directory.path(), clock.clone()));
     let registry = Arc::new(Registry::embedded_default());
     let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
     let core = Core::new(
@@ -67,20 +53,7 @@ fn an_erasure_whose_verification_finds_data_deletes_it_again() {
         surface: SurfaceId(1),
     };
     let resurrected = StoredRow {
-        values: vec![StoredValue {
-            feature: FeatureId(1),
-            event_time: Timestamp::from_unix_micros(NOW - 1),
-            write_time: Timestamp::from_unix_micros(NOW),
-            expires_at: Timestamp::MAX,
-            source: SourceId(1),
-            sensitivity: Sensitivity::None,
-            policy_version: 0,
-            origin_app: "facebook".to_string(),
-            topic_id: String::new(),
-            microphone_permission: false,
-            topic_confidence: None,
-            value: Value::Float(0.5),
-        }],
+        values: vec![crate::storage::conformance::value(1, 0, 0.5)],
     };
     let test_thread = std::thread::current().id();
     let brought_back = Arc::new(AtomicUsize::new(0));

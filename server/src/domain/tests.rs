@@ -15,11 +15,9 @@ use proptest::prelude::*;
 
 use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
-use crate::config::{Durability, StorageConfig};
 use crate::policy::reference::reference_reasons;
 use crate::policy::{Confidence, DecisionInput, JurisdictionGroup, Policy};
 use crate::registry::{Purpose, Registry, Sensitivity, SourceKind};
-use crate::storage::RocksStore;
 
 const DAY_MICROS: i64 = 24 * 3600 * 1_000_000;
 /// 2026-06-01T00:00:00Z.
@@ -215,8 +213,7 @@ proptest! {
     fn a_value_is_stored_exactly_where_the_policy_allows_it(cases in proptest::collection::vec(case(), 1..6)) {
         let directory = tempfile::tempdir().expect("temp dir");
         let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
-        let store = RocksStore::open(&directory.path().join("db"), &StorageConfig { block_cache_bytes: 1 << 20, ..StorageConfig::default() }, Durability::Buffered, Duration::from_secs(60), clock.clone())
-            .expect("open store");
+        let store = super::test_store(directory.path(), clock.clone());
         let registry = Arc::new(Registry::embedded_default());
         let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
         let options = CoreOptions { idempotency_window: Duration::from_secs(60), ..CoreOptions::under(directory.path()) };

@@ -68,7 +68,8 @@ fn at(seconds: i64) -> Timestamp {
     Timestamp::from_unix_micros(T0 + seconds * 1_000_000)
 }
 
-fn value(feature: u16, event_seconds: i64, number: f32) -> StoredValue {
+/// A float value of `feature`, as if written `event_seconds` after a fixed time.
+pub(crate) fn value(feature: u16, event_seconds: i64, number: f32) -> StoredValue {
     StoredValue {
         feature: FeatureId(feature),
         event_time: at(event_seconds),
