@@ -643,6 +643,8 @@ impl Core {
             .into());
         }
         let policy = self.policy();
+        // A bundle reload here leaves this change re-stamping rows with the old bundle.
+        fail::fail_point!("user-state-policy-taken");
         let now = self.clock.now();
         let mut entry =
             self.audit_entry(AuditAction::UserStateSet, caller, Some(update.user_id))?;

@@ -1,7 +1,8 @@
-//! A race inside one process that no caller can bring about through the API: data of a
-//! user reappearing between an erasure's delete and its verification (as a bug, or a
-//! file restored behind the server's back, would bring it). The erasure must find it and
-//! delete again, never end verified with data left, nor stay pending while it is served.
+//! Races inside one process that no caller can force through the API: data of a user
+//! reappearing between an erasure's delete and its verification (as a bug, or a file
+//! restored behind the server's back, would bring it), and a bundle reload with its whole
+//! purge coming between a state change taking the policy in force and applying. Failpoints
+//! are global to the process, so each acts only on its test's own thread.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,4 +83,108 @@ fn an_erasure_whose_verification_finds_data_deletes_it_again() {
     assert!(!store.user_has_data(7).expect("scan"));
     let state = store.read_user_states(&[7]).expect("read").pop().flatten();
     assert_eq!(state.map(|state| state.erasure), Some(ErasureState::Erased));
+}
+
+/// A user's state changes while a bundle reload and its whole purge run between the change
+/// taking the policy in force and applying: the rows it re-stamps are judged again by the
+/// new bundle, so they are served, not withheld as values of a revoked bundle.
+#[test]
+fn a_state_change_that_overlaps_a_bundle_reload_leaves_rows_judged_by_the_new_bundle() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let bundle_path = directory.path().join("bundle.toml");
+    std::fs::write(&bundle_path, crate::policy::DEFAULT_BUNDLE_TOML).expect("bundle");
+    let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
+    let store = Arc::new(super::test_store(directory.path(), clock.clone()));
+    let registry = Arc::new(Registry::embedded_default());
+    let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
+    let core = Arc::new(
+        Core::new(
+            registry,
+            policy,
+            Arc::clone(&store) as Arc<dyn Store>,
+            clock,
+            CoreOptions {
+                policy_path: Some(bundle_path.clone()),
+                ..CoreOptions::under(directory.path())
+            },
+        )
+        .expect("core"),
+    );
+    let adult = |jurisdiction: &str| UserStateUpdate {
+        user_id: 7,
+        jurisdiction: jurisdiction.to_string(),
+        age_band: AgeBand::Adult,
+        linked_apps: vec!["facebook".to_string()],
+        ads_objection: false,
+        expected_generation: None,
+    };
+    let generation = core
+        .set_user_state(&adult("US"), "tests")
+        .expect("state")
+        .generation;
+    let hiking = featurestore::domain::WriteRequest {
+        idempotency_key: "hiking".to_string(),
+        rows: vec![featurestore::domain::WriteRow {
+            user_id: 7,
+            target_surfaces: vec!["facebook_feed".to_string()],
+            provenance: featurestore::domain::Provenance {
+                source: "ai_chat".to_string(),
+                origin_app: "facebook".to_string(),
+                interaction_time: Timestamp::from_unix_micros(NOW - 60_000_000),
+                producer_id: "tests".to_string(),
+                microphone_permission_granted: false,
+            },
+            features: vec![featurestore::domain::FeatureWrite {
+                name: "interest_hiking".to_string(),
+                value: featurestore::domain::Value::Float(0.5),
+                topic: None,
+                ttl: None,
+            }],
+            user_state_generation: generation,
+        }],
+    };
+    core.write(&hiking, 1).expect("write");
+
+    // A tighter bundle (a new threshold re-buckets every input) is put in force, and its
+    // purge runs to the end, after the change took the old bundle and before it applies.
+    std::fs::write(
+        &bundle_path,
+        crate::policy::DEFAULT_BUNDLE_TOML.replace(
+            "low_confidence_threshold = 0.6",
+            "low_confidence_threshold = 0.7",
+        ),
+    )
+    .expect("bundle");
+    let test_thread = std::thread::current().id();
+    let reloader = Arc::clone(&core);
+    fail::cfg_callback("user-state-policy-taken", move || {
+        if std::thread::current().id() == test_thread && !reloader.purge_status().running {
+            reloader.reload_policy("tests").expect("reload");
+            while reloader.purge_status().running {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    })
+    .expect("failpoint");
+    let changed = core.set_user_state(&adult("US-CA"), "tests");
+    fail::remove("user-state-policy-taken");
+    changed.expect("state");
+
+    let new_bundle = core.policy().hash_prefix;
+    let key = RowKey {
+        user_id: 7,
+        surface: SurfaceId(1),
+    };
+    let rows = store.read_rows(&[key]).expect("read");
+    let [RowRead::Found(row)] = rows.as_slice() else {
+        panic!("the value is stored: {rows:?}")
+    };
+    assert_eq!(
+        row.values
+            .iter()
+            .map(|value| value.policy_version)
+            .collect::<Vec<_>>(),
+        [new_bundle],
+        "judged by the bundle in force, not withheld as a value of the revoked one"
+    );
 }
