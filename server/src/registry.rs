@@ -671,5 +671,33 @@ mod tests {
             error.to_string().contains("unknown surface \"nowhere\""),
             "{error}"
         );
+
+        let topic_valued_float = DEFAULT_REGISTRY_TOML.replacen(
+            "default = 0.0\nttl = \"90days\"",
+            "default = 0.0\nttl = \"90days\"\ntopic_valued = true",
+            1,
+        );
+        assert_ne!(topic_valued_float, DEFAULT_REGISTRY_TOML);
+        let error =
+            Registry::from_toml(&topic_valued_float).expect_err("a topic-valued float refused");
+        assert!(
+            error
+                .to_string()
+                .contains("topic_valued is only for string features, not float"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_apps_are_those_of_the_surfaces() {
+        let registry = Registry::embedded_default();
+        assert_eq!(registry.apps(), ["facebook", "instagram"]);
+        assert!(registry.knows_app("instagram"));
+        assert!(!registry.knows_app("Instagram") && !registry.knows_app("whatsapp"));
+        assert!(
+            registry
+                .feature("top_topic")
+                .is_some_and(|feature| feature.topic_valued)
+        );
     }
 }
