@@ -11,8 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("featurestore_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptor_set),
     )?;
+    // Requests that do not decode are the caller's fault: see `src/codec.rs`.
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
+        .codec_path("crate::codec::Codec")
         .compile_fds(descriptor_set)?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! This crate has no runtime: no tokio, no RocksDB. The server and the client both depend
 //! on it, so a request means the same thing on both sides.
 
+pub mod codec;
 pub mod domain;
 pub mod jurisdiction;
 mod parse;

@@ -1,6 +1,6 @@
 //! A tower layer that lets a call through or answers it at once, before its body is read:
-//! the shape of authentication ([`crate::auth`]) and of the server while it starts
-//! ([`crate::health`]).
+//! the shape of the content-type check ([`GrpcContentType`]), of authentication
+//! ([`crate::auth`]) and of the server while it starts ([`crate::health`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,9 +8,42 @@ use std::task::{Context, Poll};
 
 /// Decides whether a call goes on.
 pub trait Gate: Clone {
+    /// The HTTP status of a refusal; a gRPC refusal is an HTTP success carrying its status.
+    const REFUSAL_HTTP_STATUS: http::StatusCode = http::StatusCode::OK;
+
     /// Lets `request` through (possibly adding to its extensions), or refuses it with the
     /// status its caller gets.
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status>;
+}
+
+/// Lets through only what is gRPC with protobuf messages, by its content type: anything
+/// else is answered HTTP 415 (Unsupported Media Type), as the gRPC protocol asks, so that
+/// no other HTTP/2 client takes an error for a success. The answer also carries
+/// INVALID_ARGUMENT for a gRPC client that sent, say, `application/grpc+json`.
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcContentType;
+
+impl Gate for GrpcContentType {
+    const REFUSAL_HTTP_STATUS: http::StatusCode = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
+        let content_type = request.headers().get(http::header::CONTENT_TYPE);
+        let media_type = content_type
+            .and_then(|value| value.to_str().ok())
+            .map(|value| value.split(';').next().unwrap_or(value).trim());
+        match media_type {
+            Some(media_type)
+                if media_type.eq_ignore_ascii_case("application/grpc")
+                    || media_type.eq_ignore_ascii_case("application/grpc+proto") =>
+            {
+                Ok(())
+            }
+            _ => Err(tonic::Status::invalid_argument(format!(
+                "content-type {:?} is not supported: send application/grpc (protobuf messages)",
+                content_type.map_or("(none)", |value| value.to_str().unwrap_or("(not text)"))
+            ))),
+        }
+    }
 }
 
 /// Puts a [`Gate`] in front of every call.
@@ -64,7 +97,11 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match self.gate.admit(&mut request) {
             Ok(()) => Box::pin(self.inner.call(request)),
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => {
+                let mut response = status.into_http();
+                *response.status_mut() = G::REFUSAL_HTTP_STATUS;
+                Box::pin(std::future::ready(Ok(response)))
+            }
         }
     }
 }

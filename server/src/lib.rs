@@ -304,6 +304,7 @@ pub async fn run_with_clock(
             metrics,
             config.observability.slow_request_threshold,
         ))
+        .layer(gate::GateLayer::new(gate::GrpcContentType))
         .layer(gate::GateLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
@@ -355,6 +356,7 @@ fn serve_while_starting(
     let listener = TcpListener::from_std(listener)?;
     let ready = CancellationToken::new();
     let server = tonic::transport::Server::builder()
+        .layer(gate::GateLayer::new(gate::GrpcContentType))
         .layer(gate::GateLayer::new(health::Starting))
         .add_service(health)
         .serve_with_incoming_shutdown(

@@ -9,7 +9,7 @@ use featurestore_server::storage::keys::encode_row_key;
 use featurestore_tests::{TestServer, at, read, row, write};
 use tonic::Code;
 
-use crate::{raw_grpc_call, status};
+use crate::{raw_call, raw_grpc_call, status};
 
 /// Turns a valid row into a malformed one.
 type Damage = Box<dyn FnOnce(&mut proto::WriteRow)>;
@@ -529,4 +529,117 @@ async fn a_flood_of_malformed_streams_closes_its_connection_and_nothing_else() {
         .get_features(read(&[(1, "facebook_feed")], &["interest_hiking"]))
         .await
         .expect("other callers are served");
+}
+
+#[tokio::test]
+async fn bodies_that_do_not_decode_are_invalid_arguments_naming_the_message() {
+    let server = TestServer::start().await;
+    server.us_adults([1]).await;
+    let valid = prost::Message::encode_to_vec(&proto::WriteFeaturesRequest::from(write(
+        "whole",
+        vec![row(
+            1,
+            &["facebook_feed"],
+            at(-1),
+            vec![("interest_hiking", Value::Float(0.5))],
+        )],
+    )));
+    // Truncations, a string that is not UTF-8 (the idempotency key, field 1), a field of
+    // wire type 7 (there is none), and the valid request with one byte flipped at each
+    // of many places: each body that prost cannot decode must be the caller's fault.
+    let mut bodies: Vec<Vec<u8>> = vec![
+        valid[..valid.len() - 1].to_vec(),
+        valid[..valid.len() / 2].to_vec(),
+        vec![0x0a, 0x02, 0xff, 0xfe],
+        vec![0x0f],
+        vec![0xff; 64],
+    ];
+    for place in (0..valid.len()).step_by(3) {
+        let mut flipped = valid.clone();
+        flipped[place] ^= 0xa5;
+        bodies.push(flipped);
+    }
+    let mut malformed = 0;
+    for body in &bodies {
+        if <proto::WriteFeaturesRequest as prost::Message>::decode(body.as_slice()).is_ok() {
+            continue;
+        }
+        malformed += 1;
+        let answer = raw_call(
+            &server,
+            "/featurestore.v1.FeatureStore/WriteFeatures",
+            &[],
+            body,
+        )
+        .await;
+        assert_eq!(
+            answer.code,
+            Some(Code::InvalidArgument),
+            "{body:?}: {answer:?}"
+        );
+        assert!(
+            answer
+                .message
+                .starts_with("the WriteFeaturesRequest message does not decode"),
+            "{answer:?}"
+        );
+    }
+    assert!(
+        malformed >= 20,
+        "only {malformed} of the bodies were malformed"
+    );
+    // In a stream too: the bulk load's first message.
+    let answer = raw_call(
+        &server,
+        "/featurestore.v1.Backfill/BulkLoad",
+        &[],
+        &[0xff; 16],
+    )
+    .await;
+    assert_eq!(answer.code, Some(Code::InvalidArgument), "{answer:?}");
+    assert!(
+        answer
+            .message
+            .contains("BulkLoadRequest message does not decode"),
+        "{answer:?}"
+    );
+    // Nothing of any of them was stored.
+    assert_eq!(
+        crate::statuses(&server, &[(1, "facebook_feed")], "interest_hiking").await,
+        [ValueStatus::Defaulted]
+    );
+}
+
+#[tokio::test]
+async fn content_types_other_than_grpc_are_answered_415() {
+    let server = TestServer::start().await;
+    let request = prost::Message::encode_to_vec(&proto::ListSurfacesRequest {});
+    let path = "/featurestore.v1.FeatureStore/ListSurfaces";
+    for content_type in [
+        "application/json",
+        "text/plain",
+        "application/grpc+json",
+        "",
+    ] {
+        let answer = raw_call(&server, path, &[("content-type", content_type)], &request).await;
+        assert_eq!(
+            answer.http_status,
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}: {answer:?}"
+        );
+        assert_eq!(answer.code, Some(Code::InvalidArgument), "{answer:?}");
+        assert!(answer.message.contains("is not supported"), "{answer:?}");
+    }
+    for content_type in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpc; charset=utf-8",
+    ] {
+        let answer = raw_call(&server, path, &[("content-type", content_type)], &request).await;
+        assert_eq!(
+            (answer.http_status, answer.code),
+            (http::StatusCode::OK, Some(Code::Ok)),
+            "{content_type:?}"
+        );
+    }
 }

@@ -123,15 +123,24 @@ fn outcomes(verdict: &proto::FeatureVerdict) -> Vec<(String, proto::Outcome)> {
         .collect()
 }
 
+/// What a raw HTTP/2 call was answered with.
+#[derive(Debug)]
+struct RawAnswer {
+    http_status: http::StatusCode,
+    /// The gRPC status, from the headers or the trailers; none when neither has one.
+    code: Option<tonic::Code>,
+    message: String,
+}
+
 /// Sends one gRPC message (`message`, already encoded) to `path` over a raw HTTP/2
-/// connection, with `headers`, and returns the status code answered: for calls the tonic
-/// client would not send as they are.
-async fn raw_grpc_call(
+/// connection, with `headers` (a `content-type` among them replaces `application/grpc`),
+/// and returns the answer: for calls the tonic client would not send as they are.
+async fn raw_call(
     server: &TestServer,
     path: &str,
     headers: &[(&str, &str)],
     message: &[u8],
-) -> tonic::Code {
+) -> RawAnswer {
     let address = server.endpoint.trim_start_matches("http://").to_string();
     let socket = tokio::net::TcpStream::connect(&address)
         .await
@@ -139,9 +148,14 @@ async fn raw_grpc_call(
     let (client, connection) = h2::client::handshake(socket).await.expect("handshake");
     tokio::spawn(connection);
     let mut client = client.ready().await.expect("ready");
-    let mut request = http::Request::post(format!("http://{address}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
+    let mut request =
+        http::Request::post(format!("http://{address}{path}")).header("te", "trailers");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        request = request.header("content-type", "application/grpc");
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -153,19 +167,33 @@ async fn raw_grpc_call(
     body.send_data(frame.into(), true)
         .expect("send the message");
     let response = response.await.expect("response");
-    let grpc_status = match response.headers().get("grpc-status") {
-        Some(status) => status.clone(),
-        None => {
-            let mut body = response.into_body();
-            while let Some(data) = body.data().await {
-                data.expect("data");
-            }
-            body.trailers()
-                .await
-                .expect("trailers")
-                .and_then(|trailers| trailers.get("grpc-status").cloned())
-                .expect("a grpc-status")
-        }
-    };
-    tonic::Code::from_bytes(grpc_status.as_bytes())
+    let http_status = response.status();
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        data.expect("data");
+    }
+    let trailers = body.trailers().await.expect("trailers").unwrap_or_default();
+    let status = tonic::Status::from_header_map(&headers)
+        .or_else(|| tonic::Status::from_header_map(&trailers));
+    RawAnswer {
+        http_status,
+        code: status.as_ref().map(tonic::Status::code),
+        message: status
+            .map(|status| status.message().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// The status code of [`raw_call`] with these arguments.
+async fn raw_grpc_call(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &[u8],
+) -> tonic::Code {
+    raw_call(server, path, headers, message)
+        .await
+        .code
+        .expect("a grpc-status")
 }
