@@ -32,11 +32,21 @@ pub fn child_config(directory: &std::path::Path) -> Config {
     config
 }
 
-/// Runs the server in this process until it is killed, with `config`, publishing its
-/// address in `directory/address` once it listens: the body of a [`ChildServer`].
+/// Runs the server in this process until it is killed, or until SIGTERM shuts it down as
+/// the server binary does, with `config`, publishing its address in `directory/address`
+/// once it listens: the body of a [`ChildServer`].
 pub fn serve_in_child(directory: &std::path::Path, config: Config) {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let terminate = shutdown.clone();
+        let mut terminated =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("listen for SIGTERM");
+        tokio::spawn(async move {
+            terminated.recv().await;
+            terminate.cancel();
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -45,9 +55,9 @@ pub fn serve_in_child(directory: &std::path::Path, config: Config) {
         let published = directory.join("address.tmp");
         std::fs::write(&published, address.to_string()).expect("write the address");
         std::fs::rename(&published, directory.join("address")).expect("publish the address");
-        featurestore_server::run(listener, config, CancellationToken::new())
+        featurestore_server::run(listener, config, shutdown)
             .await
-            .expect("the server runs until it is killed");
+            .expect("the server runs until it is killed or terminated");
     });
 }
 
@@ -98,6 +108,24 @@ impl ChildServer {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, as a service manager stops the server; returns how long it took to exit
+    /// and whether it exited successfully.
+    pub fn terminate(mut self) -> (Duration, bool) {
+        let started = std::time::Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let status = self.child.wait().expect("wait for the server");
+        (started.elapsed(), status.success())
     }
 
     /// SIGKILL: no shutdown, no flush.

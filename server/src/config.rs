@@ -168,6 +168,12 @@ pub struct Limits {
     pub decode_message_bytes_max: usize,
     /// Largest response message the server encodes, in bytes.
     pub encode_message_bytes_max: usize,
+    /// Bytes of request messages the server holds at once, server-wide, from before a
+    /// message is buffered until its call's response is sent; each message is charged
+    /// twice its size (its bytes and what they decode into). A message that does not fit
+    /// is refused at once with RESOURCE_EXHAUSTED. Unset: a quarter of the machine's
+    /// memory. Must hold at least one message of `decode_message_bytes_max`.
+    pub request_bytes_in_flight_max: Option<usize>,
     /// Requests doing work at once, server-wide; more are refused with RESOURCE_EXHAUSTED
     /// rather than queued.
     pub concurrent_requests_max: usize,
@@ -208,6 +214,7 @@ impl Default for Limits {
             load_chunk_rows_max: request.load_chunk_rows_max,
             decode_message_bytes_max: 16 * 1024 * 1024,
             encode_message_bytes_max: 64 * 1024 * 1024,
+            request_bytes_in_flight_max: None,
             concurrent_requests_max: 256,
             inline_read_keys_max: 8,
             concurrent_streams_per_connection_max: 256,
@@ -222,6 +229,25 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The memory budget of requests in flight, in bytes: `request_bytes_in_flight_max`,
+    /// or a quarter of the machine's memory (1 GiB when it cannot be read). Refused when it
+    /// cannot hold one message of the largest size.
+    pub fn request_bytes_in_flight(&self) -> anyhow::Result<usize> {
+        let budget = match self.request_bytes_in_flight_max {
+            Some(budget) => budget,
+            None => physical_memory_bytes().map_or(1 << 30, |memory| memory / 4),
+        };
+        let largest = 2 * (self.decode_message_bytes_max + 5);
+        anyhow::ensure!(
+            budget >= largest,
+            "limits.request_bytes_in_flight_max = {budget} cannot hold one message of \
+             decode_message_bytes_max = {} (it needs {largest}: a message is charged twice \
+             its size)",
+            self.decode_message_bytes_max
+        );
+        Ok(budget)
+    }
+
     /// The limits that request parsing enforces.
     pub fn request_limits(&self) -> RequestLimits {
         RequestLimits {
@@ -232,6 +258,20 @@ impl Limits {
             load_chunk_rows_max: self.load_chunk_rows_max,
         }
     }
+}
+
+/// The machine's memory, from `/proc/meminfo` (Linux); `None` elsewhere.
+fn physical_memory_bytes() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kilobytes: usize = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kilobytes.checked_mul(1024)
 }
 
 /// RocksDB settings that operators tune.

@@ -238,6 +238,7 @@ pub async fn run_with_clock(
             background.clone(),
         ));
     }
+    let memory_budget = service::budget::MemoryBudget::new(limits.request_bytes_in_flight()?);
     let core_to_stop = Arc::clone(&core);
     let handlers = FeatureStoreService::new(
         core,
@@ -307,6 +308,7 @@ pub async fn run_with_clock(
         .layer(gate::GateLayer::new(gate::GrpcContentType))
         .layer(gate::GateLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
+        .layer(service::budget::MemoryBudgetLayer::new(memory_budget))
         .layer(tower::util::MapResponseLayer::new(
             oversized_request_is_resource_exhausted,
         ))

@@ -2,6 +2,7 @@
 //! blocking pool, and encode the answer. The only place that builds a `tonic::Status`.
 
 mod backfill;
+pub mod budget;
 pub(crate) mod deadline;
 
 use std::collections::HashMap;

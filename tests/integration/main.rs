@@ -11,6 +11,7 @@ mod erasure;
 mod fail_closed;
 mod faults;
 mod lifecycle;
+mod limits;
 mod observability;
 mod policy;
 mod policy_changes;

@@ -122,7 +122,7 @@ impl Backfill for FeatureStoreService {
 
 /// Chunks of one stream being decided (on the blocking pool) ahead of the one being made
 /// durable: deciding is CPU work and persisting mostly waits for the disk, so they overlap.
-const CHUNKS_PREPARED_AHEAD: usize = 2;
+pub(super) const CHUNKS_PREPARED_AHEAD: usize = 2;
 
 /// What the persisting task of a stream does next, in stream order.
 enum Step {

@@ -599,10 +599,12 @@ pub fn the_fence_holds_while_writes_and_state_changes_race(open: Open<'_>) {
     let store = Arc::clone(&opened.store);
     set_state(store.as_ref(), 1, "US");
     let stop = Arc::new(AtomicBool::new(false));
+    let applied_now = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let store = Arc::clone(&store);
             let stop = Arc::clone(&stop);
+            let applied_now = Arc::clone(&applied_now);
             std::thread::spawn(move || {
                 let (mut applied, mut refused) = (0u64, 0u64);
                 let mut sequence = 0i64;
@@ -623,7 +625,10 @@ pub fn the_fence_holds_while_writes_and_state_changes_race(open: Open<'_>) {
                         &[(1, generation)],
                         &[write(1, SURFACE, vec![decided])],
                     ) {
-                        Ok(_) => applied += 1,
+                        Ok(_) => {
+                            applied += 1;
+                            applied_now.fetch_add(1, Ordering::SeqCst);
+                        }
                         Err(StorageError::GenerationChanged { .. }) => refused += 1,
                         Err(error) => panic!("{error}"),
                     }
@@ -645,6 +650,16 @@ pub fn the_fence_holds_while_writes_and_state_changes_race(open: Open<'_>) {
             )
             .expect("set")
             .generation;
+        // The next change waits for a write to land under this generation (for a second
+        // at most), so that both orders of write and change happen, however busy the
+        // machine.
+        let landed = applied_now.load(Ordering::SeqCst) + 1;
+        let waited = std::time::Instant::now();
+        while applied_now.load(Ordering::SeqCst) < landed
+            && waited.elapsed() < std::time::Duration::from_secs(1)
+        {
+            std::thread::yield_now();
+        }
         if let Some(row) = row(store.as_ref(), 1, SURFACE) {
             stale_values += row
                 .values
