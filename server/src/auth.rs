@@ -461,7 +461,7 @@ impl Authenticator {
         }
         let certificates = request
             .extensions()
-            .get::<crate::tls::ConnectionInfo>()
+            .get::<crate::connections::ConnectionInfo>()
             .and_then(|connection| connection.peer_certificates.clone());
         let Some(certificates) = certificates else {
             return Err(Refusal::Unauthenticated(

@@ -183,6 +183,18 @@ pub struct Limits {
     pub inline_read_keys_max: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub concurrent_streams_per_connection_max: u32,
+    /// Connections open at once. At the limit a new connection closes the one idle for
+    /// longest, or is closed itself when none is idle. Lowered at start to what the
+    /// process's descriptor limit (raised to its hard limit) leaves once
+    /// `storage.max_open_files` and a reserve of 128 are set aside.
+    pub connections_max: usize,
+    /// How long a new connection may take to send the HTTP/2 preface (after its TLS
+    /// handshake); a silent one is closed.
+    #[serde(with = "humantime_serde")]
+    pub connection_preface_timeout: Duration,
+    /// How long a connection may stay without a call before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub connection_idle_timeout: Duration,
     /// Streams a client may open and reset before the server accepts them, per
     /// connection; more close the connection (the "rapid reset" flood).
     pub pending_accept_reset_streams_max: usize,
@@ -218,6 +230,9 @@ impl Default for Limits {
             concurrent_requests_max: 256,
             inline_read_keys_max: 8,
             concurrent_streams_per_connection_max: 256,
+            connections_max: 10_000,
+            connection_preface_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(5 * 60),
             pending_accept_reset_streams_max: 20,
             local_error_reset_streams_max: 1024,
             request_timeout: Duration::from_secs(10),

@@ -3,8 +3,10 @@
 
 pub mod audit;
 pub mod auth;
+pub mod body;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod domain;
 pub mod erasure;
 pub mod error;
@@ -141,11 +143,24 @@ pub async fn run_with_clock(
         );
     }
     let tls = config.tls.as_ref().map(tls::Tls::load).transpose()?;
+    let connections = connections::Connections::new(
+        connections::ConnectionLimits {
+            connections_max: config.limits.connections_max,
+            preface_timeout: config.limits.connection_preface_timeout,
+            idle_timeout: config.limits.connection_idle_timeout,
+        }
+        .within_descriptors(config.storage.max_open_files)?,
+    );
     // From here until the core is ready the port answers health checks (NOT_SERVING) and
     // refuses every other call with UNAVAILABLE, rather than leaving callers hanging.
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
-    let (listener, starting) = serve_while_starting(listener, tls.clone(), health_service.clone())?;
+    let (listener, starting) = serve_while_starting(
+        listener,
+        tls.clone(),
+        Arc::clone(&connections),
+        health_service.clone(),
+    )?;
     let policy = match &config.policy_bundle_path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -293,6 +308,7 @@ pub async fn run_with_clock(
         ));
     }
     let stop_accepting = shutdown.clone();
+    let connections_at_shutdown = Arc::clone(&connections);
     let server = tonic::transport::Server::builder()
         .timeout(limits.request_timeout)
         .max_concurrent_streams(Some(limits.concurrent_streams_per_connection_max))
@@ -301,6 +317,7 @@ pub async fn run_with_clock(
         .http2_max_local_error_reset_streams(Some(limits.local_error_reset_streams_max))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(connections::CallsLayer)
         .layer(observe::ObserveLayer::new(
             metrics,
             config.observability.slow_request_threshold,
@@ -319,16 +336,21 @@ pub async fn run_with_clock(
         .add_service(privacy)
         .add_service(backfill)
         .add_service(admin)
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls), async move {
-            stop_accepting.cancelled().await;
-            tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
-            health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
-        });
+        .serve_with_incoming_shutdown(
+            connections::incoming(listener, tls, Arc::clone(&connections)),
+            async move {
+                stop_accepting.cancelled().await;
+                tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
+                connections_at_shutdown.begin_shutdown();
+                health::set_all(&health_reporter, tonic_health::ServingStatus::NotServing).await;
+            },
+        );
     let grace = limits.shutdown_grace;
     let served = tokio::select! {
         served = server => served.context("gRPC server failed"),
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace = ?grace, "in-flight requests did not finish within the shutdown grace");
+            connections.close_all();
             Ok(())
         }
     };
@@ -349,6 +371,7 @@ pub async fn run_with_clock(
 fn serve_while_starting(
     listener: TcpListener,
     tls: Option<Arc<tls::Tls>>,
+    connections: Arc<connections::Connections>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -358,11 +381,12 @@ fn serve_while_starting(
     let listener = TcpListener::from_std(listener)?;
     let ready = CancellationToken::new();
     let server = tonic::transport::Server::builder()
+        .layer(connections::CallsLayer)
         .layer(gate::GateLayer::new(gate::GrpcContentType))
         .layer(gate::GateLayer::new(health::Starting))
         .add_service(health)
         .serve_with_incoming_shutdown(
-            tls::incoming(starting_listener, tls),
+            connections::incoming(starting_listener, tls, connections),
             ready.clone().cancelled_owned(),
         );
     // Connections made while starting are told to go away once it ends (HTTP/2 GOAWAY) and

@@ -1,16 +1,12 @@
-//! The gRPC port's connections: plaintext, or TLS (mutual TLS with a client certificate
-//! authority) with rustls. Certificates are reloaded without a restart: the files are
-//! checked every `tls.reload_interval`, and a changed set that loads whole replaces the
-//! one in force for every later handshake (a set that does not load is logged and the old
-//! one kept). Handshakes run concurrently, each within `tls.handshake_timeout`, so a slow
-//! or silent client never holds up the others.
+//! TLS for the gRPC port (mutual TLS with a client certificate authority) with rustls.
+//! Certificates are reloaded without a restart: the files are checked every
+//! `tls.reload_interval`, and a changed set that loads whole replaces the one in force for
+//! every later handshake (a set that does not load is logged and the old one kept). The
+//! handshakes themselves run in [`crate::connections`], each within
+//! `tls.handshake_timeout`.
 
-use std::io;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use anyhow::Context as _;
@@ -19,90 +15,9 @@ use rustls::RootCertStore;
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsConfig;
-
-/// What the request handlers may learn about a call's connection: put into every
-/// request's extensions by tonic.
-#[derive(Clone, Debug)]
-pub struct ConnectionInfo {
-    pub remote: Option<SocketAddr>,
-    /// The client's certificate chain, its own certificate first, over mutual TLS.
-    pub peer_certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
-}
-
-/// One accepted connection.
-#[derive(Debug)]
-pub enum Connection {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = ConnectionInfo;
-
-    fn connect_info(&self) -> ConnectionInfo {
-        match self {
-            Connection::Plain(stream) => ConnectionInfo {
-                remote: stream.peer_addr().ok(),
-                peer_certificates: None,
-            },
-            Connection::Tls(stream) => {
-                let (tcp, session) = stream.get_ref();
-                ConnectionInfo {
-                    remote: tcp.peer_addr().ok(),
-                    peer_certificates: session.peer_certificates().map(|chain| {
-                        Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect())
-                    }),
-                }
-            }
-        }
-    }
-}
-
-impl AsyncRead for Connection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        context: &mut Context<'_>,
-        buffer: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_read(context, buffer),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_read(context, buffer),
-        }
-    }
-}
-
-impl AsyncWrite for Connection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        context: &mut Context<'_>,
-        bytes: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_write(context, bytes),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_write(context, bytes),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_flush(context),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(context),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Connection::Plain(stream) => Pin::new(stream).poll_shutdown(context),
-            Connection::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(context),
-        }
-    }
-}
 
 /// The TLS settings in force, and where they come from.
 #[derive(Debug)]
@@ -139,8 +54,14 @@ impl Tls {
         Ok(true)
     }
 
-    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    /// An acceptor with the settings in force now.
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(Arc::clone(&self.current.read()))
+    }
+
+    /// How long a client's handshake may take.
+    pub(crate) fn handshake_timeout(&self) -> std::time::Duration {
+        self.config.handshake_timeout
     }
 }
 
@@ -233,63 +154,4 @@ pub async fn reload_periodically(tls: Arc<Tls>, shutdown: CancellationToken) {
             }
         }
     }
-}
-
-/// Handshakes in progress at once; more connections wait in the listen backlog.
-const HANDSHAKES_AT_ONCE: usize = 256;
-
-/// The connections accepted on `listener` until the stream is dropped: TCP with Nagle's
-/// algorithm off (with it, a small response waits for the client's delayed
-/// acknowledgement), then the TLS handshake when `tls` is set. A failed handshake is
-/// logged and dropped; it never ends the stream.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Option<Arc<Tls>>,
-) -> ReceiverStream<io::Result<Connection>> {
-    let (sender, receiver) = tokio::sync::mpsc::channel(16);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_AT_ONCE));
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                // The server stopped taking connections.
-                () = sender.closed() => return,
-            };
-            let (stream, remote) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait rather than spin.
-                    tracing::warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, %remote, "cannot turn Nagle's algorithm off");
-            }
-            let Some(tls) = &tls else {
-                if sender.send(Ok(Connection::Plain(stream))).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
-                return;
-            };
-            let acceptor = tls.acceptor();
-            let timeout = tls.config.handshake_timeout;
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = sender.send(Ok(Connection::Tls(Box::new(stream)))).await;
-                    }
-                    Ok(Err(error)) => tracing::debug!(%error, %remote, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(receiver)
 }

@@ -14,6 +14,8 @@ const DIRECTORY_VARIABLE: &str = "FEATURESTORE_LIMITS_TEST_DIR";
 const SCENARIO_VARIABLE: &str = "FEATURESTORE_LIMITS_SCENARIO";
 /// The request budget of the memory scenario.
 const BUDGET_BYTES: usize = 256 * 1024 * 1024;
+/// The descriptor limit of the descriptors scenario.
+const DESCRIPTORS: u64 = 256;
 
 /// Not a test of its own: the server process of the tests below, which run it with
 /// [`DIRECTORY_VARIABLE`] and [`SCENARIO_VARIABLE`] set. Without them, it returns at once.
@@ -26,8 +28,22 @@ fn serve_with_limits() {
         return;
     };
     let mut config = featurestore_tests::child_config(&directory);
-    if std::env::var(SCENARIO_VARIABLE).as_deref() == Ok("memory") {
-        config.limits.request_bytes_in_flight_max = Some(BUDGET_BYTES);
+    match std::env::var(SCENARIO_VARIABLE).as_deref() {
+        Ok("memory") => config.limits.request_bytes_in_flight_max = Some(BUDGET_BYTES),
+        Ok("idle") => {
+            config.limits.connection_preface_timeout = Duration::from_millis(500);
+            config.limits.connection_idle_timeout = Duration::from_secs(1);
+        }
+        Ok("descriptors") => {
+            // A service manager's common default; the idle connections below exceed it,
+            // and are not closed for their silence within the test.
+            rlimit::setrlimit(rlimit::Resource::NOFILE, DESCRIPTORS, DESCRIPTORS)
+                .expect("lower the descriptor limit");
+            config.storage.max_open_files = 64;
+            config.limits.connection_preface_timeout = Duration::from_secs(60);
+        }
+        Ok("shutdown") => config.limits.shutdown_grace = Duration::from_secs(60),
+        _ => {}
     }
     featurestore_tests::serve_in_child(&directory, config);
 }
@@ -190,6 +206,138 @@ async fn a_burst_of_large_requests_stays_within_the_memory_budget() {
         BUDGET_BYTES >> 20,
         OVERHEAD_BYTES >> 20
     );
-    let _ = Duration::ZERO;
     server.kill();
+}
+
+/// Opens `count` TCP connections to `endpoint` that say nothing.
+async fn silent_connections(endpoint: &str, count: usize) -> Vec<tokio::net::TcpStream> {
+    let address = endpoint.trim_start_matches("http://");
+    let mut connections = Vec::with_capacity(count);
+    for _ in 0..count {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(address),
+        )
+        .await
+        .expect("the server accepts connections")
+        .expect("connect");
+        connections.push(connected);
+    }
+    connections
+}
+
+/// Opens `count` HTTP/2 connections to `endpoint` that complete the handshake and open no
+/// stream; they are kept open until dropped.
+async fn idle_http2_connections(endpoint: &str, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    let address = endpoint.trim_start_matches("http://").to_string();
+    let mut connections = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect");
+        let (client, connection) = h2::client::handshake(socket).await.expect("handshake");
+        connections.push(tokio::spawn(async move {
+            let _client = client;
+            let _ = connection.await;
+        }));
+    }
+    connections
+}
+
+/// Whether the server closed `connection` (end of stream or reset) within `within`.
+async fn closed_within(connection: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, connection.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed_after_their_deadlines() {
+    let directory = tempfile::tempdir().expect("directory");
+    let (server, endpoint) = start(directory.path(), "idle").await;
+    let mut silent = silent_connections(&endpoint, 50).await;
+    let idle = idle_http2_connections(&endpoint, 10).await;
+    let started = Instant::now();
+    // The preface deadline is half a second: a few seconds is plenty.
+    for connection in &mut silent {
+        assert!(
+            closed_within(connection, Duration::from_secs(10)).await,
+            "a connection that never sent the HTTP/2 preface is still open after {:?}",
+            started.elapsed()
+        );
+    }
+    // The idle deadline is a second: the HTTP/2 connections without a call end too.
+    for connection in idle {
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("an idle HTTP/2 connection is closed")
+            .expect("its task");
+    }
+    eprintln!(
+        "50 silent and 10 idle HTTP/2 connections closed within {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // A connection that makes calls is served as before.
+    let client =
+        featurestore_client::Client::connect(&endpoint, Default::default()).expect("client");
+    client.list_surfaces().await.expect("a call");
+    server.kill();
+}
+
+#[tokio::test]
+async fn a_client_is_served_while_idle_connections_exceed_the_descriptor_limit() {
+    let directory = tempfile::tempdir().expect("directory");
+    let (server, endpoint) = start(directory.path(), "descriptors").await;
+    // More silent connections than the server has descriptors.
+    let _silent = silent_connections(&endpoint, 2 * DESCRIPTORS as usize).await;
+    let client = featurestore_client::Client::connect(
+        &endpoint,
+        featurestore_client::ClientOptions {
+            timeout: Duration::from_secs(5),
+            retries: 0,
+            ..Default::default()
+        },
+    )
+    .expect("client");
+    let started = Instant::now();
+    let answered = client.list_surfaces().await;
+    eprintln!(
+        "with {} silent connections on a server limited to {DESCRIPTORS} descriptors, a call answered {:?} in {:.2} s",
+        2 * DESCRIPTORS,
+        answered.as_ref().map(Vec::len),
+        started.elapsed().as_secs_f64()
+    );
+    answered.unwrap_or_else(|error| {
+        panic!(
+            "the client was locked out: {error}\n{}",
+            log_of(directory.path())
+        )
+    });
+    server.kill();
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_idle_connections() {
+    let directory = tempfile::tempdir().expect("directory");
+    let (server, endpoint) = start(directory.path(), "shutdown").await;
+    let _silent = silent_connections(&endpoint, 50).await;
+    let _idle = idle_http2_connections(&endpoint, 50).await;
+    let (took, clean) = server.terminate();
+    eprintln!(
+        "SIGTERM with 50 silent and 50 idle HTTP/2 connections: exited in {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(
+        clean,
+        "the server exited cleanly: {}",
+        log_of(directory.path())
+    );
+    // The shutdown grace is a minute: a server that waited for these would take it all.
+    assert!(
+        took < Duration::from_secs(30),
+        "SIGTERM took {took:?} with idle connections open"
+    );
 }

@@ -119,15 +119,7 @@ where
             })
         });
         let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| {
-                tonic::body::Body::new(HoldingBody {
-                    inner: body,
-                    _held: held,
-                })
-            }))
-        })
+        Box::pin(async move { Ok(crate::body::holding(response.await?, held)) })
     }
 }
 
@@ -230,33 +222,6 @@ where
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that keeps its call's budget until it has been sent.
-#[derive(Debug)]
-pub struct HoldingBody<B> {
-    inner: B,
-    _held: Held,
-}
-
-impl<B: Body + Unpin> Body for HoldingBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        context: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(context)
     }
 
     fn is_end_stream(&self) -> bool {
