@@ -92,6 +92,11 @@ impl ConnectionLimits {
             );
             self.connections_max = available;
         }
+        tracing::info!(
+            connections_max = self.connections_max,
+            descriptors,
+            "connection limit"
+        );
         Ok(self)
     }
 }
@@ -172,7 +177,7 @@ impl Connections {
                 .min_by_key(|state| *state.idle_since.lock())
                 .map(|state| state.id);
             let Some(victim) = longest_idle.and_then(|id| open.remove(&id)) else {
-                tracing::warn!(
+                tracing::debug!(
                     connections = open.len(),
                     "connection refused: at limits.connections_max, and none is idle"
                 );
@@ -548,5 +553,78 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         self.0.call_ended();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(connections_max: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            connections_max,
+            preface_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn the_connection_limit_is_kept_within_the_descriptor_limit() {
+        let fitted = limits(usize::MAX)
+            .within_descriptors(64)
+            .expect("this machine has descriptors to spare");
+        let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).expect("the limit");
+        assert_eq!(soft, hard, "the soft limit was raised to the hard limit");
+        assert_eq!(
+            fitted.connections_max as u64,
+            soft - DESCRIPTORS_RESERVED - 64,
+            "what is left once the database's files and the reserve are set aside"
+        );
+        let small = limits(100).within_descriptors(64).expect("fits");
+        assert_eq!(small.connections_max, 100, "a limit that fits is kept");
+        let error = limits(100)
+            .within_descriptors(i32::MAX)
+            .expect_err("no descriptors left for connections");
+        assert!(
+            error
+                .to_string()
+                .contains("raise it (ulimit -n) or lower storage.max_open_files"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn at_the_limit_the_longest_idle_connection_makes_room_and_busy_ones_stay() {
+        let connections = Connections::new(limits(3));
+        let first = connections.open().expect("room");
+        let second = connections.open().expect("room");
+        let third = connections.open().expect("room");
+        // Idle since: the first and the second longest, the third just now.
+        for (registration, idle) in [(&first, 3), (&second, 2)] {
+            *registration.state.idle_since.lock() -= Duration::from_secs(idle);
+        }
+        // The first is busy: the second, idle for longest, makes room.
+        let call = Call::start(Arc::clone(&first.state));
+        let fourth = connections.open().expect("room made");
+        assert!(
+            second.state.close.is_cancelled(),
+            "the longest idle was closed"
+        );
+        assert!(!first.state.close.is_cancelled() && !third.state.close.is_cancelled());
+        assert_eq!(connections.count(), 3);
+        // Every one busy: a new connection is refused.
+        let calls =
+            [&third, &fourth].map(|registration| Call::start(Arc::clone(&registration.state)));
+        assert!(connections.open().is_none(), "none idle, no room");
+        // Shutdown closes the idle at once, the busy as their last call ends.
+        drop(calls);
+        connections.begin_shutdown();
+        assert!(third.state.close.is_cancelled() && fourth.state.close.is_cancelled());
+        assert!(
+            !first.state.close.is_cancelled(),
+            "its call is still running"
+        );
+        drop(call);
+        assert!(first.state.close.is_cancelled(), "closed as its call ended");
     }
 }

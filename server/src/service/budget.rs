@@ -172,7 +172,8 @@ impl<B> ChargedBody<B> {
                         .ok()
                 })
                 .ok_or_else(|| {
-                    tracing::warn!(
+                    // Counted by code among the calls; a log line each would flood.
+                    tracing::debug!(
                         message_bytes = length,
                         in_use_bytes = self.budget.in_use(),
                         budget_bytes = self.budget.bytes_max,
