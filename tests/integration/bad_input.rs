@@ -9,7 +9,7 @@ use featurestore_server::storage::keys::encode_row_key;
 use featurestore_tests::{TestServer, at, read, row, write};
 use tonic::Code;
 
-use crate::{raw_call, raw_grpc_call, status};
+use crate::{raw_body_call, raw_call, raw_grpc_call, status};
 
 /// Turns a valid row into a malformed one.
 type Damage = Box<dyn FnOnce(&mut proto::WriteRow)>;
@@ -588,6 +588,29 @@ async fn bodies_that_do_not_decode_are_invalid_arguments_naming_the_message() {
         malformed >= 20,
         "only {malformed} of the bodies were malformed"
     );
+    // Frames that are not whole: a body ending in the middle of a message, or of a frame
+    // header, and a compression flag that does not exist.
+    let mut cut = vec![0u8];
+    cut.extend_from_slice(&u32::try_from(valid.len()).expect("small").to_be_bytes());
+    cut.extend_from_slice(&valid[..10]);
+    let mut flag = vec![7u8];
+    flag.extend_from_slice(&u32::try_from(valid.len()).expect("small").to_be_bytes());
+    flag.extend_from_slice(&valid);
+    for (body, expected) in [
+        (cut, "ends in the middle of a message"),
+        (vec![0, 0, 0], "ends in the middle of a message"),
+        (flag, "compression flag is 7"),
+    ] {
+        let answer = raw_body_call(
+            &server,
+            "/featurestore.v1.FeatureStore/WriteFeatures",
+            &[],
+            body,
+        )
+        .await;
+        assert_eq!(answer.code, Some(Code::InvalidArgument), "{answer:?}");
+        assert!(answer.message.contains(expected), "{answer:?}");
+    }
     // In a stream too: the bulk load's first message.
     let answer = raw_call(
         &server,

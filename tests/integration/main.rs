@@ -142,6 +142,19 @@ async fn raw_call(
     headers: &[(&str, &str)],
     message: &[u8],
 ) -> RawAnswer {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    frame.extend_from_slice(message);
+    raw_body_call(server, path, headers, frame).await
+}
+
+/// [`raw_call`] with the request body as it is sent: gRPC frames, or anything.
+async fn raw_body_call(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> RawAnswer {
     let address = server.endpoint.trim_start_matches("http://").to_string();
     let socket = tokio::net::TcpStream::connect(&address)
         .await
@@ -161,11 +174,9 @@ async fn raw_call(
         request = request.header(*name, *value);
     }
     let request = request.body(()).expect("request");
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
-    frame.extend_from_slice(message);
-    let (response, mut body) = client.send_request(request, false).expect("send");
-    body.send_data(frame.into(), true)
+    let (response, mut sending) = client.send_request(request, false).expect("send");
+    sending
+        .send_data(body.into(), true)
         .expect("send the message");
     let response = response.await.expect("response");
     let http_status = response.status();

@@ -5,6 +5,9 @@
 //! the budget cannot hold is refused at once with RESOURCE_EXHAUSTED, whatever the number
 //! of connections and streams it came on.
 //!
+//! Reading the frames, it also refuses, as the caller's fault (INVALID_ARGUMENT), a body
+//! that ends in the middle of a message and a compression flag that does not exist.
+//!
 //! A message is charged twice its size: its bytes, and what they decode into. A stream
 //! (a bulk load) keeps only its last [`MESSAGES_HELD_PER_STREAM`] messages charged: the
 //! handler holds no more chunks than that at once.
@@ -157,6 +160,13 @@ impl<B> ChargedBody<B> {
                 return Ok(());
             }
             self.header_bytes = 0;
+            if self.header[0] > 1 {
+                // Only "uncompressed" (0) and "compressed" (1) exist.
+                return Err(tonic::Status::invalid_argument(format!(
+                    "a message's compression flag is {}; only 0 and 1 exist",
+                    self.header[0]
+                )));
+            }
             let length = u32::from_be_bytes(
                 self.header[1..]
                     .try_into()
@@ -220,6 +230,13 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) if this.header_bytes > 0 || this.payload_left > 0 => {
+                this.header_bytes = 0;
+                this.payload_left = 0;
+                Poll::Ready(Some(Err(Box::new(tonic::Status::invalid_argument(
+                    "the request body ends in the middle of a message",
+                )))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
