@@ -1,9 +1,69 @@
-//! A response body that holds something until the response has been sent (or dropped):
-//! how a call keeps its memory budget and its place among a connection's calls for exactly
-//! as long as it lasts.
+//! Holding something for exactly as long as a call lasts: [`HoldLayer`] takes a guard from
+//! each request and keeps it until the call's response has been sent (or dropped). How a
+//! call keeps its memory budget and its place among its connection's calls.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+/// Takes a guard from each request with `take` (which may also change the request) and
+/// holds it until the response has been sent.
+#[derive(Clone, Debug)]
+pub struct HoldLayer<F> {
+    take: F,
+}
+
+impl<F> HoldLayer<F> {
+    pub fn new(take: F) -> HoldLayer<F> {
+        HoldLayer { take }
+    }
+}
+
+impl<S, F: Clone> tower::Layer<S> for HoldLayer<F> {
+    type Service = Held<S, F>;
+
+    fn layer(&self, inner: S) -> Held<S, F> {
+        Held {
+            inner,
+            take: self.take.clone(),
+        }
+    }
+}
+
+/// See [`HoldLayer`].
+#[derive(Clone, Debug)]
+pub struct Held<S, F> {
+    inner: S,
+    take: F,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, F, G> tower::Service<http::Request<tonic::body::Body>> for Held<S, F>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    F: FnMut(&mut http::Request<tonic::body::Body>) -> G,
+    G: Unpin + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let guard = (self.take)(&mut request);
+        let response = self.inner.call(request);
+        Box::pin(async move { Ok(holding(response.await?, guard)) })
+    }
+}
 
 /// `inner`, holding `guard` until it is dropped.
 #[derive(Debug)]
@@ -13,7 +73,7 @@ pub struct Holding<G> {
 }
 
 /// The body of `response`, holding `guard` until it has been sent.
-pub fn holding<G: Unpin + Send + 'static>(
+fn holding<G: Unpin + Send + 'static>(
     response: http::Response<tonic::body::Body>,
     guard: G,
 ) -> http::Response<tonic::body::Body> {

@@ -15,11 +15,10 @@
 //!   grace is closed ([`Connections::close_all`]).
 //!
 //! Closing a connection ends its reads: hyper then ends the connection. Calls are counted
-//! per connection by [`CallsLayer`], which finds the connection in the request's
+//! per connection by [`calls_layer`], which finds the connection in the request's
 //! [`ConnectionInfo`].
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -485,63 +484,23 @@ async fn open(
     }
 }
 
+/// How [`calls_layer`] starts a call: on the connection the request came on.
+pub type TakeCall = fn(&mut http::Request<tonic::body::Body>) -> Option<Call>;
+
 /// Counts each call on its connection, from its request until its response has been sent
 /// (or dropped), so that idle connections can be told from busy ones.
-#[derive(Clone, Copy, Debug)]
-pub struct CallsLayer;
-
-impl<S> tower::Layer<S> for CallsLayer {
-    type Service = CountedCalls<S>;
-
-    fn layer(&self, inner: S) -> CountedCalls<S> {
-        CountedCalls { inner }
-    }
-}
-
-/// See [`CallsLayer`].
-#[derive(Clone, Debug)]
-pub struct CountedCalls<S> {
-    inner: S,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> tower::Service<http::Request<tonic::body::Body>> for CountedCalls<S>
-where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-        >,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let call = request
+pub fn calls_layer() -> crate::body::HoldLayer<TakeCall> {
+    crate::body::HoldLayer::new(|request| {
+        request
             .extensions()
             .get::<ConnectionInfo>()
-            .map(|info| Call::start(Arc::clone(&info.state)));
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(match call {
-                Some(call) => crate::body::holding(response, call),
-                None => response,
-            })
-        })
-    }
+            .map(|info| Call::start(Arc::clone(&info.state)))
+    })
 }
 
 /// A call in progress on a connection; ended when dropped.
 #[derive(Debug)]
-struct Call(Arc<ConnectionState>);
+pub struct Call(Arc<ConnectionState>);
 
 impl Call {
     fn start(state: Arc<ConnectionState>) -> Call {

@@ -317,7 +317,7 @@ pub async fn run_with_clock(
         .http2_max_local_error_reset_streams(Some(limits.local_error_reset_streams_max))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(connections::CallsLayer)
+        .layer(connections::calls_layer())
         .layer(observe::ObserveLayer::new(
             metrics,
             config.observability.slow_request_threshold,
@@ -325,7 +325,7 @@ pub async fn run_with_clock(
         .layer(gate::GateLayer::new(gate::GrpcContentType))
         .layer(gate::GateLayer::new(authenticator))
         .layer(service::deadline::DeadlineLayer)
-        .layer(service::budget::MemoryBudgetLayer::new(memory_budget))
+        .layer(memory_budget.layer())
         .layer(tower::util::MapResponseLayer::new(
             oversized_request_is_resource_exhausted,
         ))
@@ -381,7 +381,7 @@ fn serve_while_starting(
     let listener = TcpListener::from_std(listener)?;
     let ready = CancellationToken::new();
     let server = tonic::transport::Server::builder()
-        .layer(connections::CallsLayer)
+        .layer(connections::calls_layer())
         .layer(gate::GateLayer::new(gate::GrpcContentType))
         .layer(gate::GateLayer::new(health::Starting))
         .add_service(health)

@@ -56,75 +56,33 @@ impl MemoryBudget {
     }
 }
 
-/// Charges every request's messages to a [`MemoryBudget`].
-#[derive(Clone, Debug)]
-pub struct MemoryBudgetLayer {
-    budget: MemoryBudget,
-}
-
-impl MemoryBudgetLayer {
-    pub fn new(budget: MemoryBudget) -> MemoryBudgetLayer {
-        MemoryBudgetLayer { budget }
+impl MemoryBudget {
+    /// Charges every request's messages to the budget, for as long as its call lasts.
+    pub fn layer(
+        &self,
+    ) -> crate::body::HoldLayer<
+        impl FnMut(&mut http::Request<tonic::body::Body>) -> Held + Clone + use<>,
+    > {
+        let budget = self.clone();
+        crate::body::HoldLayer::new(move |request: &mut http::Request<tonic::body::Body>| {
+            let held: Held = Arc::default();
+            let body = std::mem::take(request.body_mut());
+            *request.body_mut() = tonic::body::Body::new(ChargedBody {
+                inner: body,
+                budget: budget.clone(),
+                held: Arc::clone(&held),
+                header: [0; FRAME_HEADER_BYTES],
+                header_bytes: 0,
+                payload_left: 0,
+            });
+            held
+        })
     }
-}
-
-impl<S> tower::Layer<S> for MemoryBudgetLayer {
-    type Service = Budgeted<S>;
-
-    fn layer(&self, inner: S) -> Budgeted<S> {
-        Budgeted {
-            inner,
-            budget: self.budget.clone(),
-        }
-    }
-}
-
-/// See [`MemoryBudgetLayer`].
-#[derive(Clone, Debug)]
-pub struct Budgeted<S> {
-    inner: S,
-    budget: MemoryBudget,
 }
 
 /// The budget a call holds, released when the last of its request body and its response
 /// body is dropped.
 type Held = Arc<Mutex<VecDeque<OwnedSemaphorePermit>>>;
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S> tower::Service<http::Request<tonic::body::Body>> for Budgeted<S>
-where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-        >,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let held: Held = Arc::default();
-        let request = request.map(|body| {
-            tonic::body::Body::new(ChargedBody {
-                inner: body,
-                budget: self.budget.clone(),
-                held: Arc::clone(&held),
-                header: [0; FRAME_HEADER_BYTES],
-                header_bytes: 0,
-                payload_left: 0,
-            })
-        });
-        let response = self.inner.call(request);
-        Box::pin(async move { Ok(crate::body::holding(response.await?, held)) })
-    }
-}
 
 /// A request body that charges each message to the budget as its frame header passes.
 #[derive(Debug)]
