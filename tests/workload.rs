@@ -136,6 +136,8 @@ pub fn user_write(user_id: u64, producer: &str) -> WriteRow {
 #[derive(Debug)]
 pub struct InProcessStore {
     pub core: Core,
+    /// The core's engine, for measurements below the core.
+    pub store: Arc<RocksStore>,
     pub storage: StorageConfig,
     directory: TempDir,
 }
@@ -148,7 +150,7 @@ impl InProcessStore {
             block_cache_bytes: 64 << 20,
             ..StorageConfig::default()
         };
-        let store: Arc<dyn Store> = Arc::new(
+        let store = Arc::new(
             RocksStore::open(
                 &directory.path().join("db"),
                 &storage,
@@ -163,7 +165,7 @@ impl InProcessStore {
         let core = Core::new(
             registry,
             policy,
-            store,
+            Arc::clone(&store) as Arc<dyn Store>,
             clock,
             CoreOptions::under(directory.path()),
         )
@@ -179,10 +181,10 @@ impl InProcessStore {
             };
             core.write(&request, batch as u64).expect("write");
         }
-        core.store.flush().expect("flush");
-        core.store.compact_features().expect("compact");
+        core.compact().expect("compact");
         InProcessStore {
             core,
+            store,
             storage,
             directory,
         }

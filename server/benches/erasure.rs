@@ -107,7 +107,7 @@ fn main() {
         )
         .expect("write");
     }
-    core.store.compact_features().expect("compact");
+    core.compact().expect("compact");
     let load = load_started.elapsed();
 
     let mut totals = Vec::new();

@@ -19,6 +19,7 @@ use crate::policy::{Policy, ValueFacts};
 use crate::registry::Registry;
 use crate::storage::{RowKey, Store, StoredRow, UserState};
 
+mod engine;
 mod load;
 #[cfg(test)]
 mod model;
@@ -77,8 +78,8 @@ pub struct Core {
     purge_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set at shutdown: purges and sweeps stop between two users.
     stopping: std::sync::atomic::AtomicBool,
-    /// The storage engine.
-    pub store: Arc<dyn Store>,
+    /// The storage engine; private, so that nothing goes around the domain's rules.
+    store: Arc<dyn Store>,
     /// The source of "now" for expiry, retention and idempotency.
     pub clock: Arc<dyn Clock>,
     /// How long an idempotency key's answer is replayed.
@@ -292,7 +293,10 @@ impl Core {
             self.record(receipt)?;
             // Deleted, not yet verified: what reappears here must be found and deleted.
             fail::fail_point!("erasure-deleted");
-            self.store.compact_user(user_id)?;
+            // An engine without files of its own to compact has nothing to rewrite.
+            if let Some(maintenance) = self.store.maintenance() {
+                maintenance.compact_user(user_id)?;
+            }
             receipt.compacted_at = Some(self.clock.now().unix_micros());
             self.record(receipt)?;
             // Bulk loads still open hold their own copy of the user's staged rows.
@@ -361,7 +365,7 @@ impl Core {
         let directory = self
             .backup_dir
             .join(format!("backup-{}", self.clock.now().unix_micros()));
-        self.store.checkpoint(&directory)?;
+        self.maintenance()?.checkpoint(&directory)?;
         let mut entry = self.audit_entry(AuditAction::BackupCreated, caller, None)?;
         entry.subject = directory.display().to_string();
         self.store.append_audit(&[entry])?;
@@ -519,7 +523,9 @@ impl Core {
             users_swept += 1;
             Ok(true)
         })?;
-        self.store.compact_features()?;
+        if let Some(maintenance) = self.store.maintenance() {
+            maintenance.compact_features()?;
+        }
         tracing::info!(users = users_swept, removed, "retention sweep finished");
         Ok((users_swept, removed))
     }

@@ -31,6 +31,8 @@ pub enum ErrorKind {
     Unavailable,
     /// Stored data is damaged.
     DataLoss,
+    /// The server's storage backend does not offer this.
+    Unsupported,
     /// A bug or an unexpected state in the server.
     Internal,
 }
@@ -85,6 +87,9 @@ pub enum Error {
     /// sequence, a resume from another input, ...).
     #[error("bulk-load job {job_id:?}: {problem}")]
     LoadJobConflict { job_id: String, problem: String },
+    /// The storage engine does not offer what the request needs.
+    #[error("the storage backend does not offer {capability}")]
+    Unsupported { capability: &'static str },
     #[error("bulk-load job {job_id:?} is attached to another stream; retry once it ends")]
     LoadJobBusy { job_id: String },
     /// The staging files of a job cannot be written or read.
@@ -107,6 +112,7 @@ impl Error {
             | Error::Storage(StorageError::GenerationChanged { .. }) => ErrorKind::Conflict,
             Error::WriteRaced { .. } | Error::LoadJobBusy { .. } => ErrorKind::Aborted,
             Error::Overloaded { .. } => ErrorKind::Overloaded,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::DeadlinePassed => ErrorKind::DeadlineExceeded,
             Error::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Error::Storage(StorageError::Engine(_)) => ErrorKind::Unavailable,

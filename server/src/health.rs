@@ -15,9 +15,9 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::domain::Core;
 use crate::gate::Gate;
 use crate::service::FeatureStoreService;
-use crate::storage::Store;
 
 /// The services whose status is reported, and "" for the server as a whole.
 const SERVICES: [&str; 5] = [
@@ -39,7 +39,7 @@ pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
 /// reports NOT_SERVING while the probe fails, SERVING again once it succeeds, until
 /// `shutdown`.
 pub async fn watch_storage(
-    store: Arc<dyn Store>,
+    core: Arc<Core>,
     reporter: HealthReporter,
     interval: Duration,
     shutdown: CancellationToken,
@@ -47,22 +47,8 @@ pub async fn watch_storage(
     let mut ticker = crate::Ticker::new(interval, shutdown.clone());
     let mut healthy = true;
     while ticker.tick().await {
-        let store = Arc::clone(&store);
-        let probed = tokio::task::spawn_blocking(move || {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_micros()
-                .to_le_bytes();
-            store.write_meta(PROBE_KEY, &stamp)?;
-            match store.read_meta(PROBE_KEY)? {
-                Some(read) if read == stamp => Ok(()),
-                _ => Err(crate::storage::StorageError::Engine(
-                    "the health probe did not read back what it wrote".to_string(),
-                )),
-            }
-        })
-        .await;
+        let core = Arc::clone(&core);
+        let probed = tokio::task::spawn_blocking(move || core.probe_storage()).await;
         let problem = match probed {
             Ok(Ok(())) => None,
             Ok(Err(error)) => Some(error.to_string()),
@@ -86,9 +72,6 @@ pub async fn watch_storage(
         }
     }
 }
-
-/// The `meta` key the storage probe writes.
-const PROBE_KEY: &str = "health-probe";
 
 /// Answers every call but health checks with UNAVAILABLE ("starting"): the gate of the
 /// server that holds the port while the database opens.

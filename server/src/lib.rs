@@ -199,7 +199,6 @@ pub async fn run_with_clock(
     };
     let store: Arc<dyn Store> = Arc::new(store);
     let core = {
-        let store = Arc::clone(&store);
         let options = CoreOptions {
             policy_path: config.policy_bundle_path.clone(),
             idempotency_window: config.idempotency_window,
@@ -291,7 +290,7 @@ pub async fn run_with_clock(
         .build_v1alpha()?;
 
     background_tasks.spawn(health::watch_storage(
-        Arc::clone(&store),
+        Arc::clone(&core_to_stop),
         health_reporter.clone(),
         config.storage.health_probe_interval,
         background.clone(),
@@ -356,9 +355,10 @@ pub async fn run_with_clock(
     };
     background.cancel();
     while background_tasks.join_next().await.is_some() {}
+    let core_to_flush = Arc::clone(&core_to_stop);
     tokio::task::spawn_blocking(move || core_to_stop.stop()).await?;
     served?;
-    tokio::task::spawn_blocking(move || store.flush())
+    tokio::task::spawn_blocking(move || core_to_flush.flush())
         .await?
         .context("cannot flush the database at shutdown")?;
     tracing::info!("stopped; database flushed");

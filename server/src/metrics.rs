@@ -673,7 +673,7 @@ impl Metrics {
     /// Reads the figures kept elsewhere (RocksDB, the policy in force, job records) and
     /// renders every metric in the Prometheus text format. Blocking: reads the database.
     pub fn render(&self, core: &Core) -> Result<String, crate::error::Error> {
-        let figures = core.store.engine_figures()?;
+        let figures = core.engine_figures()?;
         self.rocksdb.set(&figures);
         let in_force = core.policy_in_force();
         self.policy_bundle.clear();

@@ -262,7 +262,7 @@ impl Privacy for FeatureStoreService {
                 let Some(pseudonym) = core.pseudonym(user_id, false)? else {
                     return Ok((None, Vec::new()));
                 };
-                Ok((Some(pseudonym), core.store.audit_trail(&pseudonym, limit)?))
+                Ok((Some(pseudonym), core.audit_trail(&pseudonym, limit)?))
             })
             .await
             .map_err(status)?;
@@ -367,12 +367,7 @@ impl Admin for FeatureStoreService {
     ) -> Result<Response<proto::StoreStats>, Status> {
         let rows_sampled = self.stats_rows_sampled;
         let (figures, census) = self
-            .run_blocking(move |core| {
-                Ok((
-                    core.store.engine_figures()?,
-                    core.store.census(rows_sampled)?,
-                ))
-            })
+            .run_blocking(move |core| Ok((core.engine_figures()?, core.census(rows_sampled)?)))
             .await
             .map_err(status)?;
         let in_force = self.core.policy_in_force();
@@ -446,7 +441,7 @@ impl Admin for FeatureStoreService {
         _request: Request<proto::VerifyAuditLogRequest>,
     ) -> Result<Response<proto::AuditLogVerification>, Status> {
         let report = self
-            .run_blocking(|core| Ok(core.store.verify_audit()?))
+            .run_blocking(|core| core.verify_audit())
             .await
             .map_err(status)?;
         let (first_broken_sequence, problem) = report.first_broken.clone().unwrap_or_default();
@@ -547,6 +542,7 @@ fn status(error: Error) -> Status {
         ErrorKind::Conflict => Status::failed_precondition(message),
         ErrorKind::PermissionDenied => Status::permission_denied(message),
         ErrorKind::Aborted => Status::aborted(message),
+        ErrorKind::Unsupported => Status::unimplemented(message),
         ErrorKind::Overloaded => Status::resource_exhausted(message),
         ErrorKind::DeadlineExceeded => Status::deadline_exceeded(message),
         ErrorKind::Unavailable => {

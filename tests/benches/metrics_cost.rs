@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use featurestore_client::{Client, ClientOptions};
+use featurestore_server::storage::Maintenance;
 use featurestore_tests::TestServer;
 use featurestore_tests::workload::{InProcessStore, Random, random_read, registry_toml};
 use hdrhistogram::Histogram;
@@ -156,7 +157,7 @@ fn main() {
     {
         let building = Instant::now();
         let store = InProcessStore::with_users(users);
-        store.core.store.checkpoint(&database).expect("checkpoint");
+        store.store.checkpoint(&database).expect("checkpoint");
         eprintln!(
             "dataset: {users} users x 3 surfaces in {:.1} s",
             building.elapsed().as_secs_f64()

@@ -16,7 +16,7 @@ use featurestore::proto;
 use featurestore_server::registry::Registry;
 use featurestore_server::storage::codec::{RowView, decode_row};
 use featurestore_server::storage::keys::encode_row_key;
-use featurestore_server::storage::{RocksStore, RowFound, RowKey};
+use featurestore_server::storage::{RocksStore, RowFound, RowKey, Store};
 use featurestore_tests::workload::{InProcessStore, Random, random_read, registry_toml};
 use prost::Message;
 
@@ -115,7 +115,6 @@ fn read_path(c: &mut Criterion) {
         b.iter(|| {
             let mut found = 0;
             store
-                .core
                 .store
                 .visit_rows(&keys[cycle()], &mut |_, row| {
                     found += usize::from(matches!(row, RowFound::Row(_)));

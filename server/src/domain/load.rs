@@ -462,7 +462,7 @@ impl Core {
                     merged,
                     error: None,
                 };
-                let files = self.store.write_table_files(
+                let files = self.bulk_files()?.write_table_files(
                     &mut rows,
                     &tables,
                     self.bulk_load.table_file_bytes_max,
@@ -512,13 +512,13 @@ impl Core {
                 files.len()
             );
             if ingest {
-                self.store.ingest_table_files(&files)?;
+                self.bulk_files()?.ingest_table_files(&files)?;
                 *applied = true;
                 self.save_job(job, &[entry])?;
             } else {
                 job.updated_at = self.clock.now().unix_micros();
                 let bytes = serde_json::to_vec(&job).expect("a job record serializes");
-                self.store
+                self.bulk_files()?
                     .merge_rows(&small, (&job_key(&job_id), &bytes), &[entry])?;
                 *applied = true;
             }

@@ -355,7 +355,7 @@ impl StateMachineTest for StoreAgainstModel {
                     directory, clock, ..
                 } = system;
                 system = System::open(directory, clock);
-                let audit = system.core().store.verify_audit().expect("verify");
+                let audit = system.core().verify_audit().expect("verify");
                 assert!(audit.first_broken.is_none(), "{audit:?}");
                 true
             }

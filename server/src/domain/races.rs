@@ -65,9 +65,13 @@ fn an_erasure_whose_verification_finds_data_deletes_it_again() {
             if std::thread::current().id() == test_thread
                 && brought_back.fetch_add(1, Ordering::SeqCst) == 0
             {
-                store
-                    .merge_rows(&[(key, encode_row(&resurrected))], ("tests", b""), &[])
-                    .expect("bring a row back");
+                crate::storage::BulkFiles::merge_rows(
+                    store.as_ref(),
+                    &[(key, encode_row(&resurrected))],
+                    ("tests", b""),
+                    &[],
+                )
+                .expect("bring a row back");
             }
         }
     };

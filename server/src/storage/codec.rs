@@ -448,17 +448,6 @@ pub fn merge_value(row: &mut StoredRow, incoming: StoredValue) -> ValueOutcome {
     }
 }
 
-/// RocksDB associative merge operator over encoded rows: the per-feature last-writer-wins
-/// union of the existing row and every operand, whatever their order. An undecodable input
-/// makes the merge fail, which RocksDB reports as corruption of that key on read.
-pub fn merge_operator(
-    _key: &[u8],
-    existing: Option<&[u8]>,
-    operands: &rocksdb::MergeOperands,
-) -> Option<Vec<u8>> {
-    merge_operands(existing.into_iter().chain(operands)).ok()
-}
-
 /// Combines encoded rows into one, per feature the value that [`supersedes`] the others:
 /// the same result as applying them to the store in any order.
 pub fn merge_operands<'a>(

@@ -270,29 +270,45 @@ pub trait Store: Send + Sync + Debug + 'static {
         audit: &AuditEntry,
     ) -> Result<UserState, StorageError>;
 
-    /// Flushes everything to disk and compacts the user's ranges (rows, state, pseudonym
-    /// key), so that deleted bytes leave the files.
-    fn compact_user(&self, user_id: u64) -> Result<(), StorageError>;
-
     /// Whether any row or pseudonym key of the user is left.
     fn user_has_data(&self, user_id: u64) -> Result<bool, StorageError>;
 
     /// Marks an erasure pending for `user_id` as done.
     fn finish_erasure(&self, user_id: u64) -> Result<(), StorageError>;
 
-    /// Writes a consistent copy of the database to `directory`, which must not exist.
-    fn checkpoint(&self, directory: &std::path::Path) -> Result<(), StorageError>;
+    /// Writes a metadata value and appends audit entries, in one atomic write.
+    fn write_meta_audited(
+        &self,
+        key: &str,
+        value: &[u8],
+        audit: &[AuditEntry],
+    ) -> Result<(), StorageError>;
 
-    /// Flushes the features to disk and compacts them fully, so that bytes of deleted or
-    /// rewritten rows leave the engine's files.
-    fn compact_features(&self) -> Result<(), StorageError>;
+    /// Every metadata value whose key starts with `prefix`, in key order.
+    fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
 
-    /// Makes everything written so far durable in the engine's files.
-    fn flush(&self) -> Result<(), StorageError>;
+    /// The engine's bulk ingestion of sorted files, if it has one; bulk loads need it.
+    fn bulk_files(&self) -> Option<&dyn BulkFiles> {
+        None
+    }
 
+    /// The engine's maintenance (checkpoints, flushes, compaction), if it has any.
+    fn maintenance(&self) -> Option<&dyn Maintenance> {
+        None
+    }
+
+    /// The engine's own figures, if it keeps any.
+    fn engine_stats(&self) -> Option<&dyn EngineStats> {
+        None
+    }
+}
+
+/// Bulk ingestion: rows written into sorted files outside the engine, then added to it
+/// all at once. An engine offers it through [`Store::bulk_files`].
+pub trait BulkFiles {
     /// Writes `rows` (encoded rows, sorted by key, each key once) as merge operands into
     /// table files in `directory`, starting a new file past `file_bytes_max`, and returns
-    /// their paths. Nothing is visible until [`Store::ingest_table_files`].
+    /// their paths. Nothing is visible until [`BulkFiles::ingest_table_files`].
     fn write_table_files(
         &self,
         rows: &mut dyn Iterator<Item = (RowKey, Vec<u8>)>,
@@ -313,18 +329,30 @@ pub trait Store: Send + Sync + Debug + 'static {
         meta: (&str, &[u8]),
         audit: &[AuditEntry],
     ) -> Result<(), StorageError>;
+}
 
-    /// Writes a metadata value and appends audit entries, in one atomic write.
-    fn write_meta_audited(
-        &self,
-        key: &str,
-        value: &[u8],
-        audit: &[AuditEntry],
-    ) -> Result<(), StorageError>;
+/// What an engine with files on one machine offers to keep them: consistent copies,
+/// flushes and compaction (so that deleted bytes leave the files). Through
+/// [`Store::maintenance`].
+pub trait Maintenance {
+    /// Flushes everything to disk and compacts the user's ranges (rows, state, pseudonym
+    /// key), so that deleted bytes leave the files.
+    fn compact_user(&self, user_id: u64) -> Result<(), StorageError>;
 
-    /// Every metadata value whose key starts with `prefix`, in key order.
-    fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+    /// Writes a consistent copy of the database to `directory`, which must not exist.
+    fn checkpoint(&self, directory: &std::path::Path) -> Result<(), StorageError>;
 
+    /// Flushes the features to disk and compacts them fully, so that bytes of deleted or
+    /// rewritten rows leave the engine's files.
+    fn compact_features(&self) -> Result<(), StorageError>;
+
+    /// Makes everything written so far durable in the engine's files.
+    fn flush(&self) -> Result<(), StorageError>;
+}
+
+/// The engine's own figures, read at every metrics scrape and by `GetStorageStats`.
+/// Through [`Store::engine_stats`].
+pub trait EngineStats {
     /// The engine's own figures (properties and statistics): cheap, read at every metrics
     /// scrape.
     fn engine_figures(&self) -> Result<EngineFigures, StorageError>;
@@ -363,7 +391,7 @@ pub struct EngineFigures {
     pub writes_stopped: bool,
 }
 
-/// Rows and bytes per surface, counted or estimated by [`Store::census`].
+/// Rows and bytes per surface, counted or estimated by [`EngineStats::census`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Census {
     /// Whether every row was counted; otherwise the figures are scaled from a sample.

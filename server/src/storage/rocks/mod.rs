@@ -14,8 +14,7 @@ use featurestore::domain::Timestamp;
 use parking_lot::{Mutex, MutexGuard};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
-    DataBlockIndexType, IngestExternalFileOptions, Options, SstFileWriter, WriteBatch,
-    WriteOptions, compaction_filter::Decision,
+    DataBlockIndexType, Options, WriteBatch, WriteOptions, compaction_filter::Decision,
 };
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -29,8 +28,8 @@ use super::codec::{
 };
 use super::keys::{decode_row_key, encode_row_key, user_range};
 use super::{
-    AnswerBuilder, Applied, Census, EngineFigures, ErasureState, IdempotencyRecord, Revalidate,
-    RowFound, RowKey, RowRead, RowWrite, StorageError, Store, StoredRow, SurfaceCensus, UserState,
+    AnswerBuilder, Applied, BulkFiles, EngineStats, ErasureState, IdempotencyRecord, Maintenance,
+    Revalidate, RowFound, RowKey, RowRead, RowWrite, StorageError, Store, StoredRow, UserState,
 };
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
@@ -103,6 +102,17 @@ fn disk_full() -> StorageError {
     StorageError::Engine("IO error: No space left on device (failpoint engine-write)".to_string())
 }
 
+/// RocksDB associative merge operator over encoded rows: the per-feature last-writer-wins
+/// union of the existing row and every operand, whatever their order. An undecodable input
+/// makes the merge fail, which RocksDB reports as corruption of that key on read.
+pub fn merge_operator(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    codec::merge_operands(existing.into_iter().chain(operands)).ok()
+}
+
 /// Block-based table options of every column family holding data, on a shared cache.
 fn table_options(cache: &Cache) -> BlockBasedOptions {
     let mut table = BlockBasedOptions::default();
@@ -125,10 +135,7 @@ fn features_format(table: &BlockBasedOptions) -> Options {
     let mut options = Options::default();
     options.set_block_based_table_factory(table);
     options.set_compression_type(DBCompressionType::Lz4);
-    options.set_merge_operator_associative(
-        "featurestore.last_event_time_wins.v1",
-        codec::merge_operator,
-    );
+    options.set_merge_operator_associative("featurestore.last_event_time_wins.v1", merge_operator);
     options
 }
 
@@ -819,28 +826,6 @@ impl Store for RocksStore {
         Ok(state)
     }
 
-    fn compact_user(&self, user_id: u64) -> Result<(), StorageError> {
-        // Every column family is flushed, so that no write-ahead log file still holds the
-        // user's bytes, then each of the user's ranges is compacted to the bottom.
-        self.flush()?;
-        let mut options = rocksdb::CompactOptions::default();
-        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        let (start, end) = user_range(user_id);
-        self.db
-            .compact_range_cf_opt(self.cf(FEATURES_CF), Some(&start), Some(&end), &options);
-        let key = user_id.to_be_bytes();
-        let next = user_id.checked_add(1).map(u64::to_be_bytes);
-        for family in [USER_STATE_CF, PSEUDONYM_KEYS_CF] {
-            self.db.compact_range_cf_opt(
-                self.cf(family),
-                Some(&key[..]),
-                next.as_ref().map(|next| &next[..]),
-                &options,
-            );
-        }
-        Ok(())
-    }
-
     fn user_has_data(&self, user_id: u64) -> Result<bool, StorageError> {
         let has_rows = self.users_with_rows(user_id, 1)?.first() == Some(&user_id);
         Ok(has_rows || self.pseudonym_key(user_id, false)?.is_some())
@@ -861,102 +846,6 @@ impl Store for RocksStore {
                 &self.write_options,
             )
             .map_err(engine)
-    }
-
-    fn checkpoint(&self, directory: &Path) -> Result<(), StorageError> {
-        self.flush()?;
-        rocksdb::checkpoint::Checkpoint::new(&self.db)
-            .and_then(|checkpoint| checkpoint.create_checkpoint(directory))
-            .map_err(engine)
-    }
-
-    fn compact_features(&self) -> Result<(), StorageError> {
-        let features = self.cf(FEATURES_CF);
-        self.db.flush_cf(features).map_err(engine)?;
-        let mut options = rocksdb::CompactOptions::default();
-        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        self.db
-            .compact_range_cf_opt(features, None::<&[u8]>, None::<&[u8]>, &options);
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush_wal(true).map_err(engine)?;
-        self.db
-            .flush_cfs_opt(
-                &[
-                    self.cf(FEATURES_CF),
-                    self.cf(IDEMPOTENCY_CF),
-                    self.cf(USER_STATE_CF),
-                    self.cf(META_CF),
-                    self.cf(AUDIT_CF),
-                    self.cf(AUDIT_BY_USER_CF),
-                    self.cf(PSEUDONYM_KEYS_CF),
-                ],
-                &rocksdb::FlushOptions::default(),
-            )
-            .map_err(engine)
-    }
-
-    fn write_table_files(
-        &self,
-        rows: &mut dyn Iterator<Item = (RowKey, Vec<u8>)>,
-        directory: &Path,
-        file_bytes_max: u64,
-    ) -> Result<Vec<std::path::PathBuf>, StorageError> {
-        let mut files = Vec::new();
-        let mut writer: Option<SstFileWriter<'_>> = None;
-        for (key, operand) in rows {
-            if writer
-                .as_ref()
-                .is_none_or(|current| current.file_size() >= file_bytes_max)
-            {
-                if let Some(mut full) = writer.take() {
-                    full.finish().map_err(engine)?;
-                }
-                let path = directory.join(format!("table-{:06}.sst", files.len() + 1));
-                let next = SstFileWriter::create(&self.table_file_options);
-                next.open(&path).map_err(engine)?;
-                files.push(path);
-                writer = Some(next);
-            }
-            if let Some(current) = &mut writer {
-                current
-                    .merge(encode_row_key(key), operand)
-                    .map_err(engine)?;
-            }
-        }
-        if let Some(mut last) = writer {
-            last.finish().map_err(engine)?;
-        }
-        Ok(files)
-    }
-
-    fn ingest_table_files(&self, files: &[std::path::PathBuf]) -> Result<(), StorageError> {
-        if files.is_empty() {
-            return Ok(());
-        }
-        let mut options = IngestExternalFileOptions::default();
-        // Hard links when the staging directory is on the same file system: no copy.
-        options.set_move_files(true);
-        self.db
-            .ingest_external_file_cf_opts(self.cf(FEATURES_CF), &options, files.to_vec())
-            .map_err(engine)
-    }
-
-    fn merge_rows(
-        &self,
-        rows: &[(RowKey, Vec<u8>)],
-        meta: (&str, &[u8]),
-        audit: &[AuditEntry],
-    ) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        let features = self.cf(FEATURES_CF);
-        for (key, operand) in rows {
-            batch.merge_cf(features, encode_row_key(*key), operand);
-        }
-        batch.put_cf(self.cf(META_CF), meta.0.as_bytes(), meta.1);
-        self.write_with_audit(batch, audit)
     }
 
     fn write_meta_audited(
@@ -985,323 +874,19 @@ impl Store for RocksStore {
         Ok(found)
     }
 
-    fn engine_figures(&self) -> Result<EngineFigures, StorageError> {
-        let property = |cf: &str, name: &rocksdb::properties::PropName| {
-            self.db
-                .property_int_value_cf(self.cf(cf), name)
-                .map(Option::unwrap_or_default)
-                .map_err(engine)
-        };
-        let over_every_cf = |name: &rocksdb::properties::PropName| {
-            COLUMN_FAMILIES
-                .iter()
-                .try_fold(0u64, |sum, cf| Ok(sum + property(cf, name)?))
-        };
-        use rocksdb::properties;
-        let ticker = |ticker| {
-            self.statistics
-                .as_ref()
-                .map_or(0, |options| options.get_ticker_count(ticker))
-        };
-        use rocksdb::statistics::Ticker;
-        Ok(EngineFigures {
-            rows_estimate: property(FEATURES_CF, properties::ESTIMATE_NUM_KEYS)?,
-            user_states_estimate: property(USER_STATE_CF, properties::ESTIMATE_NUM_KEYS)?,
-            table_file_bytes: over_every_cf(properties::TOTAL_SST_FILES_SIZE)?,
-            memtable_bytes: over_every_cf(properties::CUR_SIZE_ALL_MEM_TABLES)?,
-            pending_compaction_bytes: over_every_cf(properties::ESTIMATE_PENDING_COMPACTION_BYTES)?,
-            running_compactions: self
-                .db
-                .property_int_value(properties::NUM_RUNNING_COMPACTIONS)
-                .map_err(engine)?
-                .unwrap_or_default(),
-            // Every column family holding data shares one cache.
-            block_cache_usage_bytes: property(FEATURES_CF, properties::BLOCK_CACHE_USAGE)?,
-            block_cache_capacity_bytes: property(FEATURES_CF, properties::BLOCK_CACHE_CAPACITY)?,
-            block_cache_hits: ticker(Ticker::BlockCacheHit),
-            block_cache_misses: ticker(Ticker::BlockCacheMiss),
-            write_stall_micros: ticker(Ticker::StallMicros),
-            writes_stopped: COLUMN_FAMILIES
-                .iter()
-                .map(|cf| property(cf, properties::IS_WRITE_STOPPED))
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .any(|stopped| stopped != 0),
-        })
+    fn bulk_files(&self) -> Option<&dyn BulkFiles> {
+        Some(self)
     }
 
-    fn census(&self, rows_max: usize) -> Result<Census, StorageError> {
-        /// Points of the user-id range a sample reads from.
-        const SAMPLE_POINTS: u64 = 64;
-        let rows_max = rows_max.max(SAMPLE_POINTS as usize);
-        let mut iterator = self.db.raw_iterator_cf(self.cf(FEATURES_CF));
-        iterator.seek_to_first();
-        let mut tally = CensusTally::default();
-        tally.read(&mut iterator, rows_max, None)?;
-        if !iterator.valid() {
-            iterator.status().map_err(engine)?;
-            return Ok(tally.finish(true, 1.0));
-        }
-        // Too many rows to count them all: read from points spread evenly between the
-        // first and the last user, each up to the next point.
-        let first = tally.first_user.expect("rows were read");
-        iterator.seek_to_last();
-        let last = match iterator.key().and_then(decode_row_key) {
-            Some(key) => key.user_id,
-            None => {
-                return Err(StorageError::Corrupt(
-                    "a key of the features column family is not a row key".to_string(),
-                ));
-            }
-        };
-        let step = ((last - first) / SAMPLE_POINTS).max(1);
-        let mut tally = CensusTally::default();
-        let rows_per_point = rows_max / SAMPLE_POINTS as usize;
-        for point in 0..SAMPLE_POINTS {
-            let Some(start) = first
-                .checked_add(point * step)
-                .filter(|&start| start <= last)
-            else {
-                break;
-            };
-            iterator.seek(start.to_be_bytes());
-            tally.read(&mut iterator, rows_per_point, start.checked_add(step))?;
-        }
-        iterator.status().map_err(engine)?;
-        let total = self
-            .db
-            .property_int_value_cf(self.cf(FEATURES_CF), rocksdb::properties::ESTIMATE_NUM_KEYS)
-            .map_err(engine)?
-            .unwrap_or_default();
-        let scale = total as f64 / tally.rows_read.max(1) as f64;
-        Ok(tally.finish(false, scale.max(1.0)))
+    fn maintenance(&self) -> Option<&dyn Maintenance> {
+        Some(self)
+    }
+
+    fn engine_stats(&self) -> Option<&dyn EngineStats> {
+        Some(self)
     }
 }
 
-/// Rows, bytes and users counted by [`Store::census`].
-#[derive(Default)]
-struct CensusTally {
-    rows_read: u64,
-    users: u64,
-    first_user: Option<u64>,
-    last_user: Option<u64>,
-    surfaces: std::collections::BTreeMap<SurfaceId, (u64, u64)>,
-}
-
-impl CensusTally {
-    /// Counts up to `rows_max` rows from where `iterator` stands, stopping before user
-    /// `until`.
-    fn read(
-        &mut self,
-        iterator: &mut rocksdb::DBRawIterator<'_>,
-        rows_max: usize,
-        until: Option<u64>,
-    ) -> Result<(), StorageError> {
-        let mut read = 0;
-        while read < rows_max {
-            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
-                break;
-            };
-            let Some(row) = decode_row_key(key) else {
-                return Err(StorageError::Corrupt(
-                    "a key of the features column family is not a row key".to_string(),
-                ));
-            };
-            if until.is_some_and(|until| row.user_id >= until) {
-                break;
-            }
-            self.first_user.get_or_insert(row.user_id);
-            if self.last_user != Some(row.user_id) {
-                self.users += 1;
-                self.last_user = Some(row.user_id);
-            }
-            let (rows, bytes) = self.surfaces.entry(row.surface).or_default();
-            *rows += 1;
-            *bytes += (key.len() + value.len()) as u64;
-            self.rows_read += 1;
-            read += 1;
-            iterator.next();
-        }
-        Ok(())
-    }
-
-    fn finish(self, exact: bool, scale: f64) -> Census {
-        let scaled = |count: u64| (count as f64 * scale).round() as u64;
-        Census {
-            exact,
-            rows_read: self.rows_read,
-            users: scaled(self.users),
-            surfaces: self
-                .surfaces
-                .into_iter()
-                .map(|(surface, (rows, bytes))| SurfaceCensus {
-                    surface,
-                    rows: scaled(rows),
-                    bytes: scaled(bytes),
-                })
-                .collect(),
-        }
-    }
-}
-
+mod extras;
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-    use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
-    use crate::storage::{StoredValue, ValueOutcome};
-    use featurestore::domain::Value;
-
-    fn open(dir: &Path) -> RocksStore {
-        let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(1_000)));
-        RocksStore::open(
-            dir,
-            &StorageConfig::default(),
-            Durability::Buffered,
-            Duration::from_secs(60),
-            clock,
-        )
-        .expect("open store")
-    }
-
-    fn value(feature: u16, event_time: i64, number: f32) -> StoredValue {
-        StoredValue {
-            feature: FeatureId(feature),
-            event_time: Timestamp::from_unix_micros(event_time),
-            write_time: Timestamp::from_unix_micros(event_time),
-            expires_at: Timestamp::MAX,
-            source: SourceId(1),
-            sensitivity: Sensitivity::None,
-            policy_version: 0,
-            origin_app: "facebook".to_string(),
-            topic_id: String::new(),
-            microphone_permission: false,
-            topic_confidence: None,
-            value: Value::Float(number),
-        }
-    }
-
-    mod conformance {
-        use super::*;
-        use crate::storage::conformance::{Opened, conformance_suite};
-
-        conformance_suite!(|| {
-            let directory = tempfile::tempdir().expect("temp dir");
-            let store = open(directory.path());
-            Opened {
-                store: Arc::new(store),
-                keep: Box::new(directory),
-            }
-        });
-    }
-
-    #[test]
-    fn merge_operands_apply_last_event_time_wins_in_any_order() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = open(dir.path());
-        let key = encode_row_key(RowKey {
-            user_id: 7,
-            surface: SurfaceId(1),
-        });
-        let cf = store.cf(FEATURES_CF);
-        let operand = |value| {
-            encode_row(&StoredRow {
-                values: vec![value],
-            })
-        };
-        // Newest first, then older ones: the newest must survive, also across a flush.
-        store
-            .db
-            .merge_cf(cf, key, operand(value(1, 300, 3.0)))
-            .expect("merge");
-        store
-            .db
-            .merge_cf(cf, key, operand(value(1, 100, 1.0)))
-            .expect("merge");
-        store
-            .db
-            .merge_cf(cf, key, operand(value(2, 50, 5.0)))
-            .expect("merge");
-        store.flush().expect("flush");
-        store
-            .db
-            .merge_cf(cf, key, operand(value(1, 200, 2.0)))
-            .expect("merge");
-        let reads = store
-            .read_rows(&[RowKey {
-                user_id: 7,
-                surface: SurfaceId(1),
-            }])
-            .expect("read");
-        let RowRead::Found(row) = &reads[0] else {
-            panic!("row missing: {reads:?}")
-        };
-        assert_eq!(
-            row.value(FeatureId(1)).map(|stored| &stored.value),
-            Some(&Value::Float(3.0))
-        );
-        assert_eq!(
-            row.value(FeatureId(2)).map(|stored| &stored.value),
-            Some(&Value::Float(5.0))
-        );
-    }
-
-    #[test]
-    fn corrupt_bytes_are_reported_per_row() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = open(dir.path());
-        let bad = RowKey {
-            user_id: 1,
-            surface: SurfaceId(1),
-        };
-        let good = RowKey {
-            user_id: 2,
-            surface: SurfaceId(1),
-        };
-        store
-            .db
-            .put_cf(store.cf(FEATURES_CF), encode_row_key(bad), b"not a row")
-            .expect("put");
-        let record = IdempotencyRecord {
-            key: "k".to_string(),
-            fingerprint: 1,
-            created_at: Timestamp::from_unix_micros(1),
-        };
-        let rows = [RowWrite {
-            key: good,
-            values: vec![value(1, 10, 1.0)],
-        }];
-        let applied = store
-            .apply_write(
-                &record,
-                Timestamp::from_unix_micros(0),
-                &[(good.user_id, 0)],
-                &rows,
-                &[],
-                &mut |outcomes| {
-                    assert_eq!(outcomes, [vec![ValueOutcome::Stored]]);
-                    b"answer".to_vec()
-                },
-            )
-            .expect("write");
-        assert_eq!(
-            applied,
-            Applied::Fresh {
-                answer: b"answer".to_vec()
-            }
-        );
-        let reads = store
-            .read_rows(&[
-                bad,
-                good,
-                RowKey {
-                    user_id: 3,
-                    surface: SurfaceId(1),
-                },
-            ])
-            .expect("read");
-        assert!(matches!(reads[0], RowRead::Corrupt(_)), "{reads:?}");
-        assert!(matches!(reads[1], RowRead::Found(_)), "{reads:?}");
-        assert_eq!(reads[2], RowRead::Missing);
-    }
-}
+mod tests;

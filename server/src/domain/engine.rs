@@ -1,0 +1,86 @@
+//! What the rest of the server asks of the storage engine, through the core: the engine's
+//! figures, the audit log, the health probe, durability at shutdown. The store itself is
+//! private to the core, so that nothing goes around the domain's rules; what an engine
+//! does not offer is answered with [`Error::Unsupported`].
+
+use crate::audit::{AuditRecord, ChainReport, Pseudonym};
+use crate::error::Error;
+use crate::storage::{BulkFiles, Census, EngineFigures, EngineStats, Maintenance, StorageError};
+
+use super::Core;
+
+/// The `meta` key the storage probe writes.
+const PROBE_KEY: &str = "health-probe";
+
+impl Core {
+    /// The engine's bulk ingestion of table files.
+    pub(super) fn bulk_files(&self) -> Result<&dyn BulkFiles, Error> {
+        self.store.bulk_files().ok_or(Error::Unsupported {
+            capability: "bulk loads of table files",
+        })
+    }
+
+    /// The engine's checkpoints, flushes and compaction.
+    pub(super) fn maintenance(&self) -> Result<&dyn Maintenance, Error> {
+        self.store.maintenance().ok_or(Error::Unsupported {
+            capability: "checkpoints and compaction",
+        })
+    }
+
+    fn engine_stats(&self) -> Result<&dyn EngineStats, Error> {
+        self.store.engine_stats().ok_or(Error::Unsupported {
+            capability: "engine figures",
+        })
+    }
+
+    /// The engine's own figures; an engine without any reports zeros.
+    pub fn engine_figures(&self) -> Result<EngineFigures, Error> {
+        match self.store.engine_stats() {
+            Some(stats) => Ok(stats.engine_figures()?),
+            None => Ok(EngineFigures::default()),
+        }
+    }
+
+    /// Rows and bytes per surface, counted when at most `rows_max`, else estimated.
+    pub fn census(&self, rows_max: usize) -> Result<Census, Error> {
+        Ok(self.engine_stats()?.census(rows_max)?)
+    }
+
+    /// Checks every chain of the audit log.
+    pub fn verify_audit(&self) -> Result<ChainReport, Error> {
+        Ok(self.store.verify_audit()?)
+    }
+
+    /// The audit records of one user, oldest first, at most `limit`.
+    pub fn audit_trail(&self, user: &Pseudonym, limit: usize) -> Result<Vec<AuditRecord>, Error> {
+        Ok(self.store.audit_trail(user, limit)?)
+    }
+
+    /// Makes everything written so far durable in the engine's files (a no-op for an
+    /// engine without maintenance: it acknowledges only what is durable).
+    pub fn flush(&self) -> Result<(), Error> {
+        match self.store.maintenance() {
+            Some(maintenance) => Ok(maintenance.flush()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes and compacts the features fully, so that bytes of deleted or rewritten
+    /// rows leave the engine's files.
+    pub fn compact(&self) -> Result<(), Error> {
+        Ok(self.maintenance()?.compact_features()?)
+    }
+
+    /// The health probe: a small write of the clock's time and its read-back.
+    pub fn probe_storage(&self) -> Result<(), Error> {
+        let stamp = self.clock.now().unix_micros().to_le_bytes();
+        self.store.write_meta(PROBE_KEY, &stamp)?;
+        match self.store.read_meta(PROBE_KEY)? {
+            Some(read) if read == stamp => Ok(()),
+            _ => Err(StorageError::Engine(
+                "the health probe did not read back what it wrote".to_string(),
+            )
+            .into()),
+        }
+    }
+}

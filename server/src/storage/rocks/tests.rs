@@ -1,0 +1,160 @@
+//! Tests of what only the RocksDB engine does: merge operands and corrupt bytes.
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
+use crate::storage::{StoredValue, ValueOutcome};
+use featurestore::domain::Value;
+
+fn open(dir: &Path) -> RocksStore {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(1_000)));
+    RocksStore::open(
+        dir,
+        &StorageConfig::default(),
+        Durability::Buffered,
+        Duration::from_secs(60),
+        clock,
+    )
+    .expect("open store")
+}
+
+fn value(feature: u16, event_time: i64, number: f32) -> StoredValue {
+    StoredValue {
+        feature: FeatureId(feature),
+        event_time: Timestamp::from_unix_micros(event_time),
+        write_time: Timestamp::from_unix_micros(event_time),
+        expires_at: Timestamp::MAX,
+        source: SourceId(1),
+        sensitivity: Sensitivity::None,
+        policy_version: 0,
+        origin_app: "facebook".to_string(),
+        topic_id: String::new(),
+        microphone_permission: false,
+        topic_confidence: None,
+        value: Value::Float(number),
+    }
+}
+
+mod conformance {
+    use super::*;
+    use crate::storage::conformance::{Opened, conformance_suite};
+
+    conformance_suite!(|| {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let store = open(directory.path());
+        Opened {
+            store: Arc::new(store),
+            keep: Box::new(directory),
+        }
+    });
+}
+
+#[test]
+fn merge_operands_apply_last_event_time_wins_in_any_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(dir.path());
+    let key = encode_row_key(RowKey {
+        user_id: 7,
+        surface: SurfaceId(1),
+    });
+    let cf = store.cf(FEATURES_CF);
+    let operand = |value| {
+        encode_row(&StoredRow {
+            values: vec![value],
+        })
+    };
+    // Newest first, then older ones: the newest must survive, also across a flush.
+    store
+        .db
+        .merge_cf(cf, key, operand(value(1, 300, 3.0)))
+        .expect("merge");
+    store
+        .db
+        .merge_cf(cf, key, operand(value(1, 100, 1.0)))
+        .expect("merge");
+    store
+        .db
+        .merge_cf(cf, key, operand(value(2, 50, 5.0)))
+        .expect("merge");
+    store.flush().expect("flush");
+    store
+        .db
+        .merge_cf(cf, key, operand(value(1, 200, 2.0)))
+        .expect("merge");
+    let reads = store
+        .read_rows(&[RowKey {
+            user_id: 7,
+            surface: SurfaceId(1),
+        }])
+        .expect("read");
+    let RowRead::Found(row) = &reads[0] else {
+        panic!("row missing: {reads:?}")
+    };
+    assert_eq!(
+        row.value(FeatureId(1)).map(|stored| &stored.value),
+        Some(&Value::Float(3.0))
+    );
+    assert_eq!(
+        row.value(FeatureId(2)).map(|stored| &stored.value),
+        Some(&Value::Float(5.0))
+    );
+}
+
+#[test]
+fn corrupt_bytes_are_reported_per_row() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(dir.path());
+    let bad = RowKey {
+        user_id: 1,
+        surface: SurfaceId(1),
+    };
+    let good = RowKey {
+        user_id: 2,
+        surface: SurfaceId(1),
+    };
+    store
+        .db
+        .put_cf(store.cf(FEATURES_CF), encode_row_key(bad), b"not a row")
+        .expect("put");
+    let record = IdempotencyRecord {
+        key: "k".to_string(),
+        fingerprint: 1,
+        created_at: Timestamp::from_unix_micros(1),
+    };
+    let rows = [RowWrite {
+        key: good,
+        values: vec![value(1, 10, 1.0)],
+    }];
+    let applied = store
+        .apply_write(
+            &record,
+            Timestamp::from_unix_micros(0),
+            &[(good.user_id, 0)],
+            &rows,
+            &[],
+            &mut |outcomes| {
+                assert_eq!(outcomes, [vec![ValueOutcome::Stored]]);
+                b"answer".to_vec()
+            },
+        )
+        .expect("write");
+    assert_eq!(
+        applied,
+        Applied::Fresh {
+            answer: b"answer".to_vec()
+        }
+    );
+    let reads = store
+        .read_rows(&[
+            bad,
+            good,
+            RowKey {
+                user_id: 3,
+                surface: SurfaceId(1),
+            },
+        ])
+        .expect("read");
+    assert!(matches!(reads[0], RowRead::Corrupt(_)), "{reads:?}");
+    assert!(matches!(reads[1], RowRead::Found(_)), "{reads:?}");
+    assert_eq!(reads[2], RowRead::Missing);
+}
