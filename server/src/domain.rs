@@ -664,7 +664,7 @@ impl Core {
             )?)
         })?;
         // Rows it re-stamped under a bundle replaced meanwhile are judged by the new one.
-        self.revalidate_if_policy_changed(&policy, &[(update.user_id, state.generation)])?;
+        self.revalidate_if_policy_changed(&policy, [update.user_id])?;
         Ok(state)
     }
 

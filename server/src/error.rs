@@ -109,7 +109,8 @@ impl Error {
             Error::Refused { .. } => ErrorKind::DeniedByPolicy,
             Error::IdempotencyKeyReused { .. }
             | Error::LoadJobConflict { .. }
-            | Error::Storage(StorageError::GenerationChanged { .. }) => ErrorKind::Conflict,
+            | Error::Storage(StorageError::GenerationChanged { .. })
+            | Error::Storage(StorageError::IdempotencyKeyReused) => ErrorKind::Conflict,
             Error::WriteRaced { .. } | Error::LoadJobBusy { .. } => ErrorKind::Aborted,
             Error::Overloaded { .. } => ErrorKind::Overloaded,
             Error::Unsupported { .. } => ErrorKind::Unsupported,

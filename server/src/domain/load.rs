@@ -18,7 +18,7 @@ use featurestore::domain::{WriteRequest, WriteRow};
 use featurestore::proto::ReasonCode;
 
 use super::Core;
-use super::write::{Decision, Plan, fence_refusal};
+use super::write::{Decision, fence_refusal};
 use crate::audit::AuditAction;
 use crate::error::Error;
 use crate::load::{
@@ -291,17 +291,15 @@ impl Core {
             rows: decided,
         };
         // The audit entries come from the decisions; the values are staged already.
-        let plan = Plan {
-            fence: Vec::new(),
-            writes: Vec::new(),
-            decisions,
-        };
-        let mut audit = self.audit_entries(&request, &plan, &policy)?;
-        audit[0].action = AuditAction::LoadChunk;
-        audit[0].subject = format!(
+        let (mut call, refusals) = self.audit_entries(&request, &decisions, &policy)?;
+        call.action = AuditAction::LoadChunk;
+        call.subject = format!(
             "job {job_id} chunk {sequence}: {} rows",
             summary.rows_received
         );
+        let audit = std::iter::once(call)
+            .chain(refusals.into_iter().map(|(_, entry)| entry))
+            .collect();
         Ok(PreparedChunk {
             sequence,
             summary,

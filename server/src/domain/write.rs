@@ -17,14 +17,15 @@ use crate::policy::{Policy, Reasons, TopicClass, ValueFacts};
 use crate::registry::{Feature, Source, Surface};
 use crate::storage::{
     Applied, ErasureState, IdempotencyRecord, RowKey, RowWrite, StorageError, StoredValue,
-    UserState, ValueOutcome,
+    UserState, UserWrite, ValueOutcome,
 };
 
 /// Times a write is decided again when a user's state changed between the decision and
 /// the write; past that the caller gets ABORTED and may retry.
 const DECISION_ATTEMPTS: usize = 3;
 
-/// Where an admitted value went: which storage row, and which value of it.
+/// Where an admitted value went: which storage row (in the order [`Core::decide_rows`]
+/// made them), and which value of it.
 #[derive(Clone, Copy)]
 pub(super) struct Placement {
     pub write: usize,
@@ -38,14 +39,34 @@ pub(super) enum Decision {
 }
 
 /// Everything decided for a request, ready to apply.
-pub(super) struct Plan {
-    /// (user, state generation decided with) for every user of the request.
-    pub fence: Vec<(u64, u64)>,
-    /// The admitted values, grouped by storage row.
-    pub writes: Vec<RowWrite>,
+struct Plan {
+    /// One share per user of the request, sorted by user id: the state generation it was
+    /// decided with, and its admitted values grouped by storage row.
+    shares: Vec<UserWrite>,
+    /// Where each storage row of the decisions went: (share, row of the share).
+    placed: Vec<(usize, usize)>,
     /// decisions[row][feature][target surface]
-    pub decisions: Vec<Vec<Vec<Decision>>>,
+    decisions: Vec<Vec<Vec<Decision>>>,
 }
+
+impl Plan {
+    /// The stored value an admitted decision placed.
+    fn value(&self, placement: Placement) -> &StoredValue {
+        let (share, row) = self.placed[placement.write];
+        &self.shares[share].rows[row].values[placement.value]
+    }
+
+    /// The index of `user_id`'s share.
+    fn share_of(&self, user_id: u64) -> usize {
+        self.shares
+            .binary_search_by_key(&user_id, |share| share.user_id)
+            .expect("every user of the request has a share")
+    }
+}
+
+/// The storage outcome of each admitted value, as far as known: per share, the outcomes
+/// of each value of each of its rows.
+type Outcomes = [Option<Vec<Vec<ValueOutcome>>>];
 
 /// The request-level refusal of a row, if its user's state refuses every write: the user
 /// is erased, the producer saw an older generation than the current one, or it states a
@@ -87,13 +108,20 @@ impl Core {
         let mut attempt = 1;
         loop {
             let now = self.clock.now();
-            let plan = {
+            let mut plan = {
                 let _span =
                     tracing::debug_span!("policy", rows = request.rows.len(), attempt).entered();
                 self.plan(request, &policy, now)?
             };
             // The worst moment for a user's state to change: decided, not yet applied.
             fail::fail_point!("write-decided");
+            let (call, refusals) = self.audit_entries(request, &plan.decisions, &policy)?;
+            // The call's record goes with the first user's share, each refusal with its user's.
+            plan.shares[0].audit.push(call);
+            for (user_id, entry) in refusals {
+                let share = plan.share_of(user_id);
+                plan.shares[share].audit.push(entry);
+            }
             let record = IdempotencyRecord {
                 key: request.idempotency_key.clone(),
                 fingerprint,
@@ -102,41 +130,39 @@ impl Core {
             let replay_since = Timestamp::from_unix_micros(now.unix_micros().saturating_sub(
                 i64::try_from(self.idempotency_window.as_micros()).unwrap_or(i64::MAX),
             ));
-            let mut fresh = None;
-            let span = tracing::debug_span!("storage", writes = plan.writes.len()).entered();
+            let mut outcomes: Vec<Option<Vec<Vec<ValueOutcome>>>> = vec![None; plan.shares.len()];
+            let span = tracing::debug_span!("storage", users = plan.shares.len()).entered();
             let applied = self.store.apply_write(
                 &record,
                 replay_since,
-                &plan.fence,
-                &plan.writes,
-                &self.audit_entries(request, &plan, &policy)?,
-                &mut |outcomes| {
-                    let response = answer(request, &plan, Some(outcomes), &policy);
-                    let encoded = response.encode_to_vec();
-                    fresh = Some(response);
-                    encoded
+                &plan.shares,
+                &mut |share, share_outcomes| {
+                    outcomes[share] = Some(share_outcomes.to_vec());
+                    let user_id = plan.shares[share].user_id;
+                    let rows = rows_of(request, user_id);
+                    let fragment = proto::WriteFeaturesResponse {
+                        rows: answer_rows(request, &plan, &rows, Some(&outcomes)),
+                        replayed: false,
+                        policy_bundle_hash: policy.hash.clone(),
+                    };
+                    fragment.encode_to_vec()
                 },
             );
             drop(span);
             return match applied {
-                Ok(Applied::Fresh { .. }) => {
-                    self.revalidate_if_policy_changed(&policy, &plan.fence)?;
-                    Ok(fresh.expect("the store builds the answer of every fresh write"))
-                }
-                Ok(Applied::Replayed {
-                    fingerprint: stored,
-                    answer,
-                }) => {
-                    if stored != fingerprint {
-                        return Err(Error::IdempotencyKeyReused {
-                            key: request.idempotency_key.clone(),
-                        });
+                Ok(applied) => {
+                    let response = compose(request, &plan, &applied, &outcomes, &policy)?;
+                    if !response.replayed {
+                        self.revalidate_if_policy_changed(
+                            &policy,
+                            plan.shares.iter().map(|share| share.user_id),
+                        )?;
                     }
-                    let mut response = proto::WriteFeaturesResponse::decode(answer.as_slice())
-                        .map_err(|error| Error::CorruptReplay(error.to_string()))?;
-                    response.replayed = true;
                     Ok(response)
                 }
+                Err(StorageError::IdempotencyKeyReused) => Err(Error::IdempotencyKeyReused {
+                    key: request.idempotency_key.clone(),
+                }),
                 Err(StorageError::GenerationChanged { user_id, .. })
                     if attempt < DECISION_ATTEMPTS =>
                 {
@@ -162,26 +188,27 @@ impl Core {
     pub(super) fn revalidate_if_policy_changed(
         &self,
         decided_with: &Arc<Policy>,
-        fence: &[(u64, u64)],
+        users: impl IntoIterator<Item = u64>,
     ) -> Result<(), Error> {
         let policy = self.policy();
         if Arc::ptr_eq(decided_with, &policy) {
             return Ok(());
         }
-        for (user_id, _) in fence {
-            self.revalidate_user(*user_id, &policy, "policy-purge")?;
+        for user_id in users {
+            self.revalidate_user(user_id, &policy, "policy-purge")?;
         }
         Ok(())
     }
 
-    /// The audit entries of a write: one for the call, one per feature refused on some or
-    /// all of its target surfaces. Never a value.
+    /// The audit entries of a write: one for the call, and one per feature refused on some
+    /// or all of its target surfaces, with its user's id. Never a value.
+    #[allow(clippy::type_complexity)]
     pub(super) fn audit_entries(
         &self,
         request: &WriteRequest,
-        plan: &Plan,
+        decisions: &[Vec<Vec<Decision>>],
         policy: &Policy,
-    ) -> Result<Vec<AuditEntry>, Error> {
+    ) -> Result<(AuditEntry, Vec<(u64, AuditEntry)>), Error> {
         let caller = request
             .rows
             .first()
@@ -189,10 +216,10 @@ impl Core {
         let mut call = self.audit_entry(AuditAction::Write, caller, None)?;
         call.bundle_hash.clone_from(&policy.hash);
         call.subject = format!("{} rows", request.rows.len());
-        let mut entries = vec![call];
+        let mut entries = Vec::new();
         // One pseudonym lookup per user, however many of its values were refused.
         let mut pseudonyms: HashMap<u64, Option<Pseudonym>> = HashMap::new();
-        for (row, row_decisions) in request.rows.iter().zip(&plan.decisions) {
+        for (row, row_decisions) in request.rows.iter().zip(decisions) {
             for (feature, decisions) in row.features.iter().zip(row_decisions) {
                 let mut refused_surfaces = Vec::new();
                 let mut reasons = Reasons::NONE;
@@ -224,10 +251,10 @@ impl Core {
                 entry.surfaces = refused_surfaces.join(",");
                 entry.subject.clone_from(&feature.name);
                 entry.reasons = reasons.bits();
-                entries.push(entry);
+                entries.push((row.user_id, entry));
             }
         }
-        Ok(entries)
+        Ok((call, entries))
     }
 
     /// Decides a write exactly as [`Core::write`] would, without storing anything.
@@ -236,7 +263,16 @@ impl Core {
         let now = self.clock.now();
         match self.plan(request, &policy, now) {
             Ok(plan) => Ok(proto::ExplainWriteResponse {
-                verdicts: Some(answer(request, &plan, None, &policy)),
+                verdicts: Some(proto::WriteFeaturesResponse {
+                    rows: answer_rows(
+                        request,
+                        &plan,
+                        &(0..request.rows.len()).collect::<Vec<_>>(),
+                        None,
+                    ),
+                    replayed: false,
+                    policy_bundle_hash: policy.hash.clone(),
+                }),
                 request_refusal: ReasonCode::Unspecified as i32,
                 refused_row: 0,
                 policy_bundle_hash: policy.hash.clone(),
@@ -295,20 +331,32 @@ impl Core {
                 });
             }
         }
-        let mut fence: Vec<(u64, u64)> = request
-            .rows
-            .iter()
-            .map(|row| {
-                let generation = states.get(&row.user_id).map_or(0, |state| state.generation);
-                (row.user_id, generation)
+        let mut users: Vec<u64> = request.rows.iter().map(|row| row.user_id).collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut shares: Vec<UserWrite> = users
+            .into_iter()
+            .map(|user_id| UserWrite {
+                user_id,
+                generation: states.get(&user_id).map_or(0, |state| state.generation),
+                rows: Vec::new(),
+                audit: Vec::new(),
             })
             .collect();
-        fence.sort_unstable();
-        fence.dedup();
         let (writes, decisions) = self.decide_rows(&request.rows, &states, policy, now);
+        let placed = writes
+            .into_iter()
+            .map(|write| {
+                let share = shares
+                    .binary_search_by_key(&write.key.user_id, |share| share.user_id)
+                    .expect("every user of the request has a share");
+                shares[share].rows.push(write);
+                (share, shares[share].rows.len() - 1)
+            })
+            .collect();
         Ok(Plan {
-            fence,
-            writes,
+            shares,
+            placed,
             decisions,
         })
     }
@@ -502,48 +550,96 @@ impl Core {
     }
 }
 
-/// Builds the response from the decisions and the storage outcomes (`None` for a dry
-/// run: admitted values are reported ADMITTED).
-fn answer(
+/// The indices of the request's rows for `user_id`, in request order.
+fn rows_of(request: &WriteRequest, user_id: u64) -> Vec<usize> {
+    (0..request.rows.len())
+        .filter(|&index| request.rows[index].user_id == user_id)
+        .collect()
+}
+
+/// The results of the request's rows at `indices`, from the decisions and the storage
+/// outcomes (`None` for a dry run: admitted values are reported ADMITTED).
+fn answer_rows(
     request: &WriteRequest,
     plan: &Plan,
-    outcomes: Option<&[Vec<ValueOutcome>]>,
-    policy: &Policy,
-) -> proto::WriteFeaturesResponse {
-    let rows = request
-        .rows
+    indices: &[usize],
+    outcomes: Option<&Outcomes>,
+) -> Vec<proto::RowResult> {
+    indices
         .iter()
-        .zip(&plan.decisions)
-        .map(|(row, row_decisions)| proto::RowResult {
-            verdicts: row
-                .features
-                .iter()
-                .zip(row_decisions)
-                .map(|(feature, surface_decisions)| {
-                    verdict(
-                        &feature.name,
-                        &row.target_surfaces,
-                        surface_decisions,
-                        &plan.writes,
-                        outcomes,
-                    )
-                })
-                .collect(),
+        .map(|&index| {
+            let row = &request.rows[index];
+            proto::RowResult {
+                verdicts: row
+                    .features
+                    .iter()
+                    .zip(&plan.decisions[index])
+                    .map(|(feature, surface_decisions)| {
+                        verdict(
+                            &feature.name,
+                            &row.target_surfaces,
+                            surface_decisions,
+                            plan,
+                            outcomes,
+                        )
+                    })
+                    .collect(),
+            }
         })
-        .collect();
-    proto::WriteFeaturesResponse {
-        rows,
-        replayed: false,
-        policy_bundle_hash: policy.hash.clone(),
+        .collect()
+}
+
+/// The response to a write from what the store did with each user's share: the answer
+/// built now for a share applied now, the answer stored then for a share replayed.
+fn compose(
+    request: &WriteRequest,
+    plan: &Plan,
+    applied: &[Applied],
+    outcomes: &Outcomes,
+    policy: &Policy,
+) -> Result<proto::WriteFeaturesResponse, Error> {
+    let all = (0..request.rows.len()).collect::<Vec<_>>();
+    let mut rows = answer_rows(request, plan, &all, Some(outcomes));
+    let mut replayed = 0;
+    let mut stored_hash = None;
+    for (share, applied) in plan.shares.iter().zip(applied) {
+        let Applied::Replayed { answer } = applied else {
+            continue;
+        };
+        let fragment = proto::WriteFeaturesResponse::decode(answer.as_slice())
+            .map_err(|error| Error::CorruptReplay(error.to_string()))?;
+        let indices = rows_of(request, share.user_id);
+        if fragment.rows.len() != indices.len() {
+            return Err(Error::CorruptReplay(format!(
+                "the stored answer for user {} has {} rows, the request {}",
+                share.user_id,
+                fragment.rows.len(),
+                indices.len()
+            )));
+        }
+        for (index, row) in indices.into_iter().zip(fragment.rows) {
+            rows[index] = row;
+        }
+        stored_hash.get_or_insert(fragment.policy_bundle_hash);
+        replayed += 1;
     }
+    let replayed = replayed == plan.shares.len();
+    Ok(proto::WriteFeaturesResponse {
+        rows,
+        replayed,
+        policy_bundle_hash: match stored_hash {
+            Some(hash) if replayed => hash,
+            _ => policy.hash.clone(),
+        },
+    })
 }
 
 fn verdict(
     feature: &str,
     target_surfaces: &[String],
     decisions: &[Decision],
-    writes: &[RowWrite],
-    outcomes: Option<&[Vec<ValueOutcome>]>,
+    plan: &Plan,
+    outcomes: Option<&Outcomes>,
 ) -> proto::FeatureVerdict {
     let mut reasons = Reasons::NONE;
     let mut admitted = 0;
@@ -554,17 +650,16 @@ fn verdict(
         .map(|(surface, decision)| match decision {
             Decision::Admitted(placement) => {
                 admitted += 1;
-                expires_at = expires_at.max(
-                    writes[placement.write].values[placement.value]
-                        .expires_at
-                        .unix_micros(),
-                );
-                let outcome =
-                    match outcomes.map(|outcomes| outcomes[placement.write][placement.value]) {
-                        Some(ValueOutcome::Stored) => proto::Outcome::Stored,
-                        Some(ValueOutcome::Superseded) => proto::Outcome::Superseded,
-                        None => proto::Outcome::Admitted,
-                    };
+                expires_at = expires_at.max(plan.value(*placement).expires_at.unix_micros());
+                let (share, row) = plan.placed[placement.write];
+                let outcome = match outcomes
+                    .and_then(|outcomes| outcomes[share].as_ref())
+                    .map(|share_outcomes| share_outcomes[row][placement.value])
+                {
+                    Some(ValueOutcome::Stored) => proto::Outcome::Stored,
+                    Some(ValueOutcome::Superseded) => proto::Outcome::Superseded,
+                    None => proto::Outcome::Admitted,
+                };
                 proto::SurfaceOutcome {
                     surface: surface.clone(),
                     outcome: outcome as i32,

@@ -13,7 +13,7 @@ use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
 
 use super::{
     Applied, ErasureState, IdempotencyRecord, RowKey, RowRead, RowWrite, StorageError, Store,
-    StoredRow, StoredValue, UserState, ValueOutcome,
+    StoredRow, StoredValue, UserState, UserWrite, ValueOutcome,
 };
 use crate::audit::{AuditAction, AuditEntry, pseudonym};
 use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
@@ -29,12 +29,14 @@ pub struct Opened {
 macro_rules! conformance_suite {
     ($open:expr) => {
         $crate::storage::conformance::conformance_suite!(@tests $open;
-            a_write_decided_on_another_generation_is_refused_whole,
+            a_share_decided_on_another_generation_is_refused_whole,
             a_write_for_a_user_being_erased_is_refused,
             rows_of_a_user_the_fence_does_not_name_are_refused,
             the_latest_event_time_wins_per_feature,
             merge_operands_follow_the_same_order,
             a_retry_is_answered_with_the_first_answer_and_changes_nothing,
+            a_retry_completes_exactly_the_users_not_yet_applied,
+            a_key_reused_for_another_request_is_refused,
             a_state_change_revalidates_the_users_rows_in_the_same_step,
             a_state_change_with_an_expected_generation_is_refused_when_it_moved,
             erasure_leaves_nothing_of_the_user,
@@ -138,21 +140,49 @@ fn set_state(store: &dyn Store, user_id: u64, jurisdiction: &str) -> u64 {
         .generation
 }
 
-/// Applies `rows` fenced on `fence`, answering with the outcomes' debug text.
+/// The shares of a write: for each (user, generation) of `fence`, the user's rows of
+/// `rows`; rows of a user the fence does not name go into the first share.
+fn shares(fence: &[(u64, u64)], rows: &[RowWrite]) -> Vec<UserWrite> {
+    let mut shares: Vec<UserWrite> = fence
+        .iter()
+        .map(|&(user_id, generation)| UserWrite {
+            user_id,
+            generation,
+            rows: Vec::new(),
+            audit: vec![entry(AuditAction::FeatureDenied, Some(user_id))],
+        })
+        .collect();
+    for row in rows {
+        let share = shares
+            .iter()
+            .position(|share| share.user_id == row.key.user_id)
+            .unwrap_or(0);
+        shares[share].rows.push(row.clone());
+    }
+    shares
+}
+
+/// Applies `rows` fenced on `fence` under `record`, answering each share with its
+/// outcomes' debug text.
+fn apply_all(
+    store: &dyn Store,
+    record: &IdempotencyRecord,
+    fence: &[(u64, u64)],
+    rows: &[RowWrite],
+) -> Result<Vec<Applied>, StorageError> {
+    store.apply_write(record, at(-60), &shares(fence, rows), &mut |_, outcomes| {
+        format!("{outcomes:?}").into_bytes()
+    })
+}
+
+/// Applies `rows` fenced on `fence`; what happened to the first user's share.
 fn apply(
     store: &dyn Store,
     key: &str,
     fence: &[(u64, u64)],
     rows: &[RowWrite],
 ) -> Result<Applied, StorageError> {
-    store.apply_write(
-        &idempotency(key, 0),
-        at(-60),
-        fence,
-        rows,
-        &[entry(AuditAction::Write, None)],
-        &mut |outcomes| format!("{outcomes:?}").into_bytes(),
-    )
+    apply_all(store, &idempotency(key, 0), fence, rows).map(|mut applied| applied.remove(0))
 }
 
 fn row(store: &dyn Store, user_id: u64, surface: SurfaceId) -> Option<StoredRow> {
@@ -180,29 +210,74 @@ fn audit_records(store: &dyn Store) -> u64 {
     report.records_checked
 }
 
-pub fn a_write_decided_on_another_generation_is_refused_whole(open: Open<'_>) {
+/// A share decided on another generation is not applied, nothing of it: no row, no
+/// idempotency record, no audit record; a share of another user in the same write is
+/// applied whole or not at all, and a retry completes what was not applied.
+pub fn a_share_decided_on_another_generation_is_refused_whole(open: Open<'_>) {
     let opened = open();
     let store = opened.store.as_ref();
     let first = set_state(store, 1, "US");
     let second = set_state(store, 2, "US");
-    let records = audit_records(store);
     let rows = [
         write(1, SURFACE, vec![value(1, 0, 1.0)]),
+        write(1, OTHER_SURFACE, vec![value(1, 0, 1.5)]),
         write(2, SURFACE, vec![value(1, 0, 2.0)]),
     ];
-    for stale in [(first, second - 1), (first + 1, second), (0, second)] {
-        let refused = apply(store, "w", &[(1, stale.0), (2, stale.1)], &rows);
-        assert!(
-            matches!(refused, Err(StorageError::GenerationChanged { .. })),
-            "{stale:?}: {refused:?}"
-        );
-        assert_eq!(row(store, 1, SURFACE), None, "nothing of user 1");
-        assert_eq!(row(store, 2, SURFACE), None, "nothing of user 2");
-        assert_eq!(audit_records(store), records, "no audit record");
-    }
-    // The idempotency record was not written either: the same key applies now.
-    let applied = apply(store, "w", &[(1, first), (2, second)], &rows).expect("applied");
-    assert!(matches!(applied, Applied::Fresh { .. }), "{applied:?}");
+    let user_1_whole =
+        |store: &dyn Store| match (row(store, 1, SURFACE), row(store, 1, OTHER_SURFACE)) {
+            (None, None) => false,
+            (Some(_), Some(_)) => true,
+            partial => panic!("user 1's share was applied in part: {partial:?}"),
+        };
+    let records = audit_records(store);
+    let refused = apply(store, "w", &[(1, first), (2, second - 1)], &rows);
+    assert!(
+        matches!(
+            refused,
+            Err(StorageError::GenerationChanged { user_id: 2, .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(row(store, 2, SURFACE), None, "nothing of user 2");
+    let user_1_applied = user_1_whole(store);
+    assert_eq!(
+        audit_records(store),
+        records + u64::from(user_1_applied),
+        "only an applied share's audit record"
+    );
+    // The user the write came first to: refused whatever the other's share.
+    let refused = apply(store, "w2", &[(1, first + 1), (2, second)], &rows);
+    assert!(
+        matches!(
+            refused,
+            Err(StorageError::GenerationChanged { user_id: 1, .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        user_1_whole(store),
+        user_1_applied,
+        "nothing more of user 1"
+    );
+    assert_eq!(row(store, 2, SURFACE), None, "nothing of user 2");
+    // The refused share's idempotency record was not written: the same key applies it
+    // now, and replays what was applied before.
+    let applied = apply_all(
+        store,
+        &idempotency("w", 0),
+        &[(1, first), (2, second)],
+        &rows,
+    )
+    .expect("applied");
+    assert_eq!(
+        (
+            matches!(applied[0], Applied::Replayed { .. }),
+            matches!(applied[1], Applied::Fresh { .. })
+        ),
+        (user_1_applied, true),
+        "{applied:?}"
+    );
+    assert!(user_1_whole(store));
     assert_eq!(
         row(store, 2, SURFACE).and_then(|row| number(&row, 1)),
         Some(2.0)
@@ -378,7 +453,6 @@ pub fn a_retry_is_answered_with_the_first_answer_and_changes_nothing(open: Open<
     assert_eq!(
         retry,
         Applied::Replayed {
-            fingerprint: 42,
             answer: answer.clone()
         }
     );
@@ -388,12 +462,11 @@ pub fn a_retry_is_answered_with_the_first_answer_and_changes_nothing(open: Open<
         .apply_write(
             &idempotency("k", 120),
             at(60),
-            &[(1, 0)],
-            &[write(1, SURFACE, vec![value(1, 20, 2.0)])],
-            &[],
-            &mut |_| b"again".to_vec(),
+            &shares(&[(1, 0)], &[write(1, SURFACE, vec![value(1, 20, 2.0)])]),
+            &mut |_, _| b"again".to_vec(),
         )
-        .expect("write");
+        .expect("write")
+        .remove(0);
     assert_eq!(
         later,
         Applied::Fresh {
@@ -401,6 +474,95 @@ pub fn a_retry_is_answered_with_the_first_answer_and_changes_nothing(open: Open<
         }
     );
     assert_eq!(number(&row(store, 1, SURFACE).expect("row"), 1), Some(2.0));
+}
+
+/// A write whose first attempt reached only some users (a per-user engine that failed
+/// between two shares) is completed by its retry: the users applied are replayed with
+/// their first answer and not applied again, the others are applied.
+pub fn a_retry_completes_exactly_the_users_not_yet_applied(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    let first = apply(
+        store,
+        "k",
+        &[(1, 0)],
+        &[write(1, SURFACE, vec![value(1, 10, 1.0)])],
+    )
+    .expect("the first user's share");
+    let Applied::Fresh { answer } = first else {
+        panic!("{first:?}")
+    };
+    let records = audit_records(store);
+    let retry = apply_all(
+        store,
+        &idempotency("k", 0),
+        &[(1, 0), (2, 0)],
+        &[
+            write(1, SURFACE, vec![value(1, 20, 9.0)]),
+            write(2, SURFACE, vec![value(1, 20, 2.0)]),
+        ],
+    )
+    .expect("retry");
+    assert_eq!(retry[0], Applied::Replayed { answer });
+    assert!(matches!(retry[1], Applied::Fresh { .. }), "{retry:?}");
+    assert_eq!(
+        number(&row(store, 1, SURFACE).expect("row"), 1),
+        Some(1.0),
+        "not applied again"
+    );
+    assert_eq!(
+        number(&row(store, 2, SURFACE).expect("row"), 1),
+        Some(2.0),
+        "completed"
+    );
+    assert_eq!(
+        audit_records(store),
+        records + 1,
+        "the completed share's audit record only"
+    );
+    // Once every user is applied, the whole write replays.
+    let again = apply_all(
+        store,
+        &idempotency("k", 0),
+        &[(1, 0), (2, 0)],
+        &[write(2, SURFACE, vec![value(1, 30, 3.0)])],
+    )
+    .expect("retry");
+    assert!(
+        again
+            .iter()
+            .all(|applied| matches!(applied, Applied::Replayed { .. }))
+    );
+    assert_eq!(number(&row(store, 2, SURFACE).expect("row"), 1), Some(2.0));
+}
+
+/// An idempotency key used for another request (another fingerprint) that shares a user
+/// is refused, and nothing of the new request is applied.
+pub fn a_key_reused_for_another_request_is_refused(open: Open<'_>) {
+    let opened = open();
+    let store = opened.store.as_ref();
+    apply(
+        store,
+        "k",
+        &[(1, 0)],
+        &[write(1, SURFACE, vec![value(1, 10, 1.0)])],
+    )
+    .expect("write");
+    let other = IdempotencyRecord {
+        fingerprint: 43,
+        ..idempotency("k", 0)
+    };
+    let reused = apply_all(
+        store,
+        &other,
+        &[(1, 0)],
+        &[write(1, SURFACE, vec![value(1, 20, 2.0)])],
+    );
+    assert!(
+        matches!(reused, Err(StorageError::IdempotencyKeyReused)),
+        "{reused:?}"
+    );
+    assert_eq!(number(&row(store, 1, SURFACE).expect("row"), 1), Some(1.0));
 }
 
 pub fn a_state_change_revalidates_the_users_rows_in_the_same_step(open: Open<'_>) {

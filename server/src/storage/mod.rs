@@ -101,7 +101,8 @@ pub enum ValueOutcome {
     Superseded,
 }
 
-/// Identifies a write for idempotent retries.
+/// Identifies a write for idempotent retries. The store keeps one record per user of the
+/// write: (key, user) → fingerprint, time, and the answer built for that user.
 #[derive(Clone, Debug)]
 pub struct IdempotencyRecord {
     pub key: String,
@@ -110,13 +111,27 @@ pub struct IdempotencyRecord {
     pub created_at: Timestamp,
 }
 
-/// The answer of [`Store::apply_write`].
+/// One user's share of a write: applied all or nothing, in one atomic step with the check
+/// of the user's state (the fence), the user's idempotency record and its audit entries.
+#[derive(Clone, Debug)]
+pub struct UserWrite {
+    pub user_id: u64,
+    /// The generation of the user's state the write was decided with; 0 for no state.
+    pub generation: u64,
+    /// The user's rows to merge (possibly none: every value refused).
+    pub rows: Vec<RowWrite>,
+    /// Audit entries appended with the user's share.
+    pub audit: Vec<AuditEntry>,
+}
+
+/// What [`Store::apply_write`] did with one user's share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
-    /// The write was applied now; the answer was built from its outcomes.
+    /// Applied now; the answer stored with it was built from its outcomes.
     Fresh { answer: Vec<u8> },
-    /// A write with this idempotency key was already applied; nothing changed.
-    Replayed { fingerprint: u64, answer: Vec<u8> },
+    /// Already applied under this idempotency key (with the same fingerprint): nothing
+    /// changed; the answer stored then.
+    Replayed { answer: Vec<u8> },
 }
 
 /// Where a user is in erasure.
@@ -157,21 +172,30 @@ pub enum StorageError {
         user_id: u64,
         current_generation: u64,
     },
-    /// A write holds rows of a user its fence does not name: a bug of the caller, refused
+    /// A user's share of a write holds rows of another user: a bug of the caller, refused
     /// rather than applied unchecked.
-    #[error("a write holds rows of user {user_id}, which its fence does not name")]
+    #[error("a write holds rows of user {user_id} in the share of another user")]
     Unfenced { user_id: u64 },
+    /// The idempotency key was used for another request (another fingerprint) that
+    /// shares a user with this one.
+    #[error("the idempotency key was already used for another request")]
+    IdempotencyKeyReused,
 }
 
 /// Decides again which values of a stored row may stay, given the user's state: returns
 /// the row to keep (values removed or re-stamped), or the row unchanged.
 pub type Revalidate<'a> = &'a mut dyn FnMut(Option<&UserState>, RowKey, StoredRow) -> StoredRow;
 
-/// Builds the answer to store with a write, from the outcome of each value of each row.
-pub type AnswerBuilder<'a> = &'a mut dyn FnMut(&[Vec<ValueOutcome>]) -> Vec<u8>;
+/// Builds the answer to store with one user's share of a write, from the share's index in
+/// the write and the outcome of each value of each of its rows.
+pub type AnswerBuilder<'a> = &'a mut dyn FnMut(usize, &[Vec<ValueOutcome>]) -> Vec<u8>;
 
-/// A feature store's storage engine. Implementations must make [`Store::apply_write`]
-/// atomic and serialize writes that touch the same row or idempotency key.
+/// What every storage backend offers, in the feature store's terms. Every guarantee is
+/// stated per user, so that an engine that spreads users over machines can keep it: a
+/// user's share of a write, a change of the user's state and the user's erasure are each
+/// one atomic step, checked against the user's state in that step; no promise spans two
+/// users. An engine may give more (RocksDB applies a whole write in one batch); callers
+/// rely only on what is written here, and the conformance suite checks exactly that.
 pub trait Store: Send + Sync + Debug + 'static {
     /// Reads the rows of `keys`, one answer per key, in order.
     fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError>;
@@ -185,27 +209,28 @@ pub trait Store: Send + Sync + Debug + 'static {
         visit: &mut dyn FnMut(usize, RowFound<'_>),
     ) -> Result<(), StorageError>;
 
-    /// Merges `rows` into the store (per feature, the latest event time wins) together with
-    /// the idempotency record, all or nothing. When a record with the same key created at
-    /// or after `replay_since` exists, nothing is written and its answer is returned.
-    /// Otherwise the fence is checked in the same atomic step that applies the write:
-    /// `fence` lists (user id, generation the write was decided with; 0 for no state) for
-    /// every user of `rows`, sorted by user id, each once. If any of them now has another
-    /// generation, or an erasure began, nothing is written and
-    /// [`StorageError::GenerationChanged`] is returned, so that no write decided on an
-    /// outdated user state is ever applied; rows of a user the fence does not name are
-    /// refused with [`StorageError::Unfenced`].
-    /// The `audit` entries are appended to the audit log in the same atomic write: a write
-    /// that cannot be audited is not applied.
+    /// Applies a write, user by user in the order of `users` (sorted by user id, each
+    /// once), and answers per user. Each user's share is atomic: its rows are merged (per
+    /// feature, the latest event time wins), its idempotency record and its audit entries
+    /// are written, in one step that first checks the fence: if the user's state now has
+    /// another generation than the share was decided with, or an erasure began, the
+    /// share is not applied and [`StorageError::GenerationChanged`] is returned, so that
+    /// no write decided on an outdated user state is ever applied. A share whose record
+    /// for `idempotency.key` was created at or after `replay_since` is not applied again:
+    /// it is answered [`Applied::Replayed`] with the answer stored then, so that a retry
+    /// completes exactly the users not yet applied. A record with another fingerprint
+    /// refuses the write with [`StorageError::IdempotencyKeyReused`].
+    ///
+    /// On an error, the shares before the failing one may have been applied (the engine
+    /// says whether); none after it is. Rows of another user in a share are refused with
+    /// [`StorageError::Unfenced`]. A write that cannot be audited is not applied.
     fn apply_write(
         &self,
         idempotency: &IdempotencyRecord,
         replay_since: Timestamp,
-        fence: &[(u64, u64)],
-        rows: &[RowWrite],
-        audit: &[AuditEntry],
+        users: &[UserWrite],
         answer: AnswerBuilder<'_>,
-    ) -> Result<Applied, StorageError>;
+    ) -> Result<Vec<Applied>, StorageError>;
 
     /// The states of `users`, one answer per user, in order.
     fn read_user_states(&self, users: &[u64]) -> Result<Vec<Option<UserState>>, StorageError>;

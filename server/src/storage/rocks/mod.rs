@@ -29,7 +29,8 @@ use super::codec::{
 use super::keys::{decode_row_key, encode_row_key, user_range};
 use super::{
     AnswerBuilder, Applied, BulkFiles, EngineStats, ErasureState, IdempotencyRecord, Maintenance,
-    Revalidate, RowFound, RowKey, RowRead, RowWrite, StorageError, Store, StoredRow, UserState,
+    Revalidate, RowFound, RowKey, RowRead, StorageError, Store, StoredRow, UserState, UserWrite,
+    ValueOutcome,
 };
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
@@ -59,7 +60,9 @@ const WRITE_LOCK_STRIPES: usize = 1024;
 /// Data block size: small, because a read wants one row of a few hundred bytes and every
 /// block it misses in the cache is read and decompressed whole.
 const BLOCK_BYTES: usize = 4 * 1024;
-const IDEMPOTENCY_RECORD_VERSION: u8 = 1;
+/// Records of version 1 held one answer per request under the bare idempotency key; they
+/// are no longer read, and expire like the others.
+const IDEMPOTENCY_RECORD_VERSION: u8 = 2;
 /// version:u8 created_at:i64 fingerprint:u64
 const IDEMPOTENCY_HEADER_LEN: usize = 17;
 
@@ -291,59 +294,130 @@ impl RocksStore {
             .collect()
     }
 
-    /// Refuses a write unless every row belongs to a user of `fence` (sorted by user id)
-    /// and every user of `fence` still has the generation the write was decided with (0
-    /// for no state) and no erasure. The caller holds the users' stripes, so that the
-    /// answer stays true until its batch is written.
-    fn check_fence(&self, fence: &[(u64, u64)], rows: &[RowWrite]) -> Result<(), StorageError> {
-        debug_assert!(fence.windows(2).all(|pair| pair[0].0 < pair[1].0));
-        if let Some(row) = rows.iter().find(|row| {
-            fence
-                .binary_search_by_key(&row.key.user_id, |(user_id, _)| *user_id)
-                .is_err()
-        }) {
+    /// Refuses a user's share unless its rows are the user's, and the user still has the
+    /// generation the share was decided with (0 for no state) and no erasure. The caller
+    /// holds the user's stripe, so that the answer stays true until its batch is written.
+    fn check_fence(&self, share: &UserWrite) -> Result<(), StorageError> {
+        if let Some(row) = share
+            .rows
+            .iter()
+            .find(|row| row.key.user_id != share.user_id)
+        {
             return Err(StorageError::Unfenced {
                 user_id: row.key.user_id,
             });
         }
-        let users: Vec<u64> = fence.iter().map(|(user_id, _)| *user_id).collect();
-        for (&(user_id, decided), state) in fence.iter().zip(self.read_user_states(&users)?) {
-            let current_generation = state.as_ref().map_or(0, |state| state.generation);
-            let erased = state.is_some_and(|state| state.erasure != ErasureState::None);
-            if current_generation != decided || erased {
-                return Err(StorageError::GenerationChanged {
-                    user_id,
-                    current_generation,
-                });
-            }
+        let state = self
+            .read_user_states(&[share.user_id])?
+            .pop()
+            .expect("one answer per user");
+        let current_generation = state.as_ref().map_or(0, |state| state.generation);
+        let erased = state.is_some_and(|state| state.erasure != ErasureState::None);
+        if current_generation != share.generation || erased {
+            return Err(StorageError::GenerationChanged {
+                user_id: share.user_id,
+                current_generation,
+            });
         }
         Ok(())
     }
 
+    /// The idempotency records of `key` for each of `users`: (created at, fingerprint,
+    /// answer), `None` where there is none.
+    #[allow(clippy::type_complexity)]
     fn read_idempotency(
         &self,
         key: &str,
-    ) -> Result<Option<(Timestamp, u64, Vec<u8>)>, StorageError> {
-        let Some(bytes) = self
-            .db
-            .get_pinned_cf(self.cf(IDEMPOTENCY_CF), key.as_bytes())
-            .map_err(engine)?
-        else {
-            return Ok(None);
-        };
-        let created_at = idempotency_created_at(&bytes)
-            .ok_or_else(|| StorageError::Corrupt("idempotency record".to_string()))?;
-        let fingerprint = u64::from_le_bytes(
-            bytes[9..17]
-                .try_into()
-                .expect("header length checked above"),
-        );
-        Ok(Some((
-            created_at,
-            fingerprint,
-            bytes[IDEMPOTENCY_HEADER_LEN..].to_vec(),
-        )))
+        users: &[UserWrite],
+    ) -> Result<Vec<Option<(Timestamp, u64, Vec<u8>)>>, StorageError> {
+        let keys: Vec<Vec<u8>> = users
+            .iter()
+            .map(|share| idempotency_key(key, share.user_id))
+            .collect();
+        self.db
+            .batched_multi_get_cf(self.cf(IDEMPOTENCY_CF), keys.iter(), false)
+            .into_iter()
+            .map(|result| {
+                let Some(bytes) = result.map_err(engine)? else {
+                    return Ok(None);
+                };
+                if bytes.first() != Some(&IDEMPOTENCY_RECORD_VERSION) {
+                    return Ok(None);
+                }
+                let created_at = idempotency_created_at(&bytes)
+                    .ok_or_else(|| StorageError::Corrupt("idempotency record".to_string()))?;
+                let fingerprint = u64::from_le_bytes(
+                    bytes[9..17]
+                        .try_into()
+                        .expect("header length checked above"),
+                );
+                Ok(Some((
+                    created_at,
+                    fingerprint,
+                    bytes[IDEMPOTENCY_HEADER_LEN..].to_vec(),
+                )))
+            })
+            .collect()
     }
+
+    /// Merges a user's share into `batch`: reads the rows it touches, merges each value
+    /// (per feature, the latest event time wins), and puts the rows that changed. Returns
+    /// the outcome of each value of each row. The caller holds the user's stripe.
+    fn merge_share(
+        &self,
+        share: &UserWrite,
+        batch: &mut WriteBatch,
+    ) -> Result<Vec<Vec<ValueOutcome>>, StorageError> {
+        let mut distinct: Vec<RowKey> = share.rows.iter().map(|row| row.key).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut current: Vec<StoredRow> = Vec::with_capacity(distinct.len());
+        for (key, read) in distinct.iter().zip(self.read_rows(&distinct)?) {
+            current.push(match read {
+                RowRead::Found(row) => row,
+                RowRead::Missing => StoredRow::default(),
+                RowRead::Corrupt(problem) => {
+                    return Err(StorageError::Corrupt(format!(
+                        "row of user {} surface {}: {problem}",
+                        key.user_id, key.surface.0
+                    )));
+                }
+            });
+        }
+        let mut changed = vec![false; distinct.len()];
+        let outcomes = share
+            .rows
+            .iter()
+            .map(|row| {
+                let slot = distinct
+                    .binary_search(&row.key)
+                    .expect("every row key is in the distinct list");
+                row.values
+                    .iter()
+                    .map(|value| {
+                        let outcome = merge_value(&mut current[slot], value.clone());
+                        changed[slot] |= outcome == ValueOutcome::Stored;
+                        outcome
+                    })
+                    .collect()
+            })
+            .collect();
+        let features_cf = self.cf(FEATURES_CF);
+        for ((key, row), changed) in distinct.iter().zip(&current).zip(changed) {
+            if changed {
+                batch.put_cf(features_cf, encode_row_key(*key), encode_row(row));
+            }
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The key of a user's idempotency record: the big-endian user id, then the request's key.
+fn idempotency_key(key: &str, user_id: u64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + key.len());
+    bytes.extend_from_slice(&user_id.to_be_bytes());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
 }
 
 impl RocksStore {
@@ -437,7 +511,8 @@ impl RocksStore {
 }
 
 fn idempotency_created_at(record: &[u8]) -> Option<Timestamp> {
-    if record.len() < IDEMPOTENCY_HEADER_LEN || record[0] != IDEMPOTENCY_RECORD_VERSION {
+    if record.len() < IDEMPOTENCY_HEADER_LEN || !matches!(record[0], 1 | IDEMPOTENCY_RECORD_VERSION)
+    {
         return None;
     }
     let created_at = i64::from_le_bytes(record[1..9].try_into().ok()?);
@@ -499,84 +574,69 @@ impl Store for RocksStore {
         &self,
         idempotency: &IdempotencyRecord,
         replay_since: Timestamp,
-        fence: &[(u64, u64)],
-        rows: &[RowWrite],
-        audit: &[AuditEntry],
+        users: &[UserWrite],
         answer: AnswerBuilder<'_>,
-    ) -> Result<Applied, StorageError> {
-        let users: Vec<[u8; 8]> = rows
-            .iter()
-            .map(|row| row.key.user_id)
-            .chain(fence.iter().map(|(user_id, _)| *user_id))
-            .map(u64::to_be_bytes)
-            .collect();
-        let _guards = self.lock_stripes(
-            std::iter::once(idempotency.key.as_bytes())
-                .chain(users.iter().map(|user| user.as_slice())),
+    ) -> Result<Vec<Applied>, StorageError> {
+        debug_assert!(
+            users
+                .windows(2)
+                .all(|pair| pair[0].user_id < pair[1].user_id)
         );
-
-        if let Some((created_at, fingerprint, answer)) = self.read_idempotency(&idempotency.key)?
-            && created_at >= replay_since
-        {
-            return Ok(Applied::Replayed {
-                fingerprint,
-                answer,
-            });
-        }
-        // Under the users' stripes: no state changes until the batch below is written.
-        self.check_fence(fence, rows)?;
-
-        // Current state of every distinct row the write touches.
-        let mut distinct: Vec<RowKey> = rows.iter().map(|row| row.key).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let mut current: Vec<StoredRow> = Vec::with_capacity(distinct.len());
-        for (key, read) in distinct.iter().zip(self.read_rows(&distinct)?) {
-            current.push(match read {
-                RowRead::Found(row) => row,
-                RowRead::Missing => StoredRow::default(),
-                RowRead::Corrupt(problem) => {
-                    return Err(StorageError::Corrupt(format!(
-                        "row of user {} surface {}: {problem}",
-                        key.user_id, key.surface.0
-                    )));
-                }
-            });
-        }
-        let mut changed = vec![false; distinct.len()];
-        let outcomes: Vec<Vec<_>> = rows
+        let user_keys: Vec<[u8; 8]> = users
             .iter()
-            .map(|row| {
-                let slot = distinct
-                    .binary_search(&row.key)
-                    .expect("every row key is in the distinct list");
-                row.values
-                    .iter()
-                    .map(|value| {
-                        let outcome = merge_value(&mut current[slot], value.clone());
-                        changed[slot] |= outcome == super::ValueOutcome::Stored;
-                        outcome
-                    })
-                    .collect()
-            })
+            .map(|share| share.user_id.to_be_bytes())
             .collect();
-        let answer = answer(&outcomes);
+        // A user's stripe covers its rows, its state and its idempotency records.
+        let _guards = self.lock_stripes(user_keys.iter().map(|key| key.as_slice()));
 
-        let mut batch = WriteBatch::default();
-        let features_cf = self.cf(FEATURES_CF);
-        for ((key, row), changed) in distinct.iter().zip(&current).zip(changed) {
-            if changed {
-                batch.put_cf(features_cf, encode_row_key(*key), encode_row(row));
+        let mut applied: Vec<Option<Applied>> = vec![None; users.len()];
+        for (slot, record) in applied
+            .iter_mut()
+            .zip(self.read_idempotency(&idempotency.key, users)?)
+        {
+            if let Some((created_at, fingerprint, answer)) = record
+                && created_at >= replay_since
+            {
+                if fingerprint != idempotency.fingerprint {
+                    return Err(StorageError::IdempotencyKeyReused);
+                }
+                *slot = Some(Applied::Replayed { answer });
             }
         }
-        let mut record = Vec::with_capacity(IDEMPOTENCY_HEADER_LEN + answer.len());
-        record.push(IDEMPOTENCY_RECORD_VERSION);
-        record.extend_from_slice(&idempotency.created_at.unix_micros().to_le_bytes());
-        record.extend_from_slice(&idempotency.fingerprint.to_le_bytes());
-        record.extend_from_slice(&answer);
-        batch.put_cf(self.cf(IDEMPOTENCY_CF), idempotency.key.as_bytes(), record);
-        self.write_with_audit(batch, audit)?;
-        Ok(Applied::Fresh { answer })
+        // Under the users' stripes: no state changes until the batch below is written.
+        for (share, slot) in users.iter().zip(&applied) {
+            if slot.is_none() {
+                self.check_fence(share)?;
+            }
+        }
+
+        // RocksDB applies every user's share in one batch: all of the write or none.
+        let mut batch = WriteBatch::default();
+        let mut audit = Vec::new();
+        for (index, (share, slot)) in users.iter().zip(&mut applied).enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let outcomes = self.merge_share(share, &mut batch)?;
+            let answer = answer(index, &outcomes);
+            let mut record = Vec::with_capacity(IDEMPOTENCY_HEADER_LEN + answer.len());
+            record.push(IDEMPOTENCY_RECORD_VERSION);
+            record.extend_from_slice(&idempotency.created_at.unix_micros().to_le_bytes());
+            record.extend_from_slice(&idempotency.fingerprint.to_le_bytes());
+            record.extend_from_slice(&answer);
+            batch.put_cf(
+                self.cf(IDEMPOTENCY_CF),
+                idempotency_key(&idempotency.key, share.user_id),
+                record,
+            );
+            audit.extend(share.audit.iter().cloned());
+            *slot = Some(Applied::Fresh { answer });
+        }
+        self.write_with_audit(batch, &audit)?;
+        Ok(applied
+            .into_iter()
+            .map(|slot| slot.expect("every share is replayed or applied"))
+            .collect())
     }
 
     fn read_user_states(&self, users: &[u64]) -> Result<Vec<Option<UserState>>, StorageError> {

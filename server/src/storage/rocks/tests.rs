@@ -3,7 +3,7 @@
 use super::*;
 use crate::clock::ManualClock;
 use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
-use crate::storage::{StoredValue, ValueOutcome};
+use crate::storage::{RowWrite, StoredValue, ValueOutcome};
 use featurestore::domain::Value;
 
 fn open(dir: &Path) -> RocksStore {
@@ -129,10 +129,13 @@ fn corrupt_bytes_are_reported_per_row() {
         .apply_write(
             &record,
             Timestamp::from_unix_micros(0),
-            &[(good.user_id, 0)],
-            &rows,
-            &[],
-            &mut |outcomes| {
+            &[UserWrite {
+                user_id: good.user_id,
+                generation: 0,
+                rows: rows.to_vec(),
+                audit: Vec::new(),
+            }],
+            &mut |_, outcomes| {
                 assert_eq!(outcomes, [vec![ValueOutcome::Stored]]);
                 b"answer".to_vec()
             },
@@ -140,9 +143,9 @@ fn corrupt_bytes_are_reported_per_row() {
         .expect("write");
     assert_eq!(
         applied,
-        Applied::Fresh {
+        [Applied::Fresh {
             answer: b"answer".to_vec()
-        }
+        }]
     );
     let reads = store
         .read_rows(&[
