@@ -422,7 +422,7 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                         .collect::<Vec<_>>()
                         .join(",");
                     vec![
-                        record.sequence.to_string(),
+                        format!("{}/{}", record.partition, record.sequence),
                         format_time(record.time_unix_micros),
                         record.action.clone(),
                         record.caller.clone(),
@@ -435,7 +435,13 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             print_table(
                 out,
                 &[
-                    "sequence", "time", "action", "caller", "subject", "surfaces", "reasons",
+                    "chain/seq",
+                    "time",
+                    "action",
+                    "caller",
+                    "subject",
+                    "surfaces",
+                    "reasons",
                 ],
                 &rows,
             )?;
@@ -605,17 +611,26 @@ pub async fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             if verification.intact {
                 writeln!(
                     out,
-                    "audit log intact: {} records checked",
-                    verification.records_checked
+                    "audit log intact: {} records checked in {} {}",
+                    verification.records_checked,
+                    verification.chains.len(),
+                    if verification.chains.len() == 1 {
+                        "chain"
+                    } else {
+                        "chains"
+                    }
                 )?;
             } else {
-                writeln!(
-                    out,
-                    "audit log BROKEN at record {}: {} ({} records before it check out)",
-                    verification.first_broken_sequence,
-                    verification.problem,
-                    verification.records_checked
-                )?;
+                for chain in verification.chains.iter().filter(|chain| !chain.intact) {
+                    writeln!(
+                        out,
+                        "audit chain {} BROKEN at record {}: {} ({} records before it check out)",
+                        chain.partition,
+                        chain.first_broken_sequence,
+                        chain.problem,
+                        chain.records_checked
+                    )?;
+                }
                 return Ok(EXIT_AUDIT_BROKEN);
             }
         }

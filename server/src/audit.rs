@@ -1,6 +1,9 @@
 //! The audit log's records: what happened, under which bundle, to whom (pseudonymized),
-//! and never a feature value. Records are chained by hash, so that changing, removing or
-//! reordering any of them is detected by [`verify_chain`].
+//! and never a feature value. The log is one hash chain per partition of the users
+//! ([`partition_of`]), so that appending never serializes the whole store: a user's
+//! records are appended in the same atomic step as the change they record, to the user's
+//! chain. Changing, removing or reordering a record, or moving it to another chain, is
+//! detected by [`verify_chain`].
 
 use featurestore::domain::Timestamp;
 use hmac::{Hmac, Mac};
@@ -10,7 +13,16 @@ use sha2::{Digest, Sha256};
 pub const PSEUDONYM_LEN: usize = 16;
 /// Length of a record hash, in bytes.
 pub const HASH_LEN: usize = 32;
-const RECORD_VERSION: u8 = 1;
+/// Records of version 1 were written before the log had partitions; they belong to chain 0.
+const RECORD_VERSION_SINGLE_CHAIN: u8 = 1;
+const RECORD_VERSION: u8 = 2;
+
+/// The chain a user's records go to, among `partitions`. Records about no single user go
+/// to chain 0.
+pub fn partition_of(user_id: u64, partitions: u32) -> u32 {
+    debug_assert!(partitions > 0);
+    (xxhash_rust::xxh3::xxh3_64(&user_id.to_be_bytes()) % u64::from(partitions.max(1))) as u32
+}
 
 /// A keyed hash of a user id: the same user always gets the same pseudonym under one key,
 /// and without the key the pseudonym can neither be computed nor reversed.
@@ -98,6 +110,9 @@ pub struct AuditEntry {
 /// An entry as stored: numbered and chained.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditRecord {
+    /// The chain the record belongs to.
+    pub partition: u32,
+    /// Its number in the chain, from 0.
     pub sequence: u64,
     pub entry: AuditEntry,
     /// Hash of the previous record (zeros for the first).
@@ -117,9 +132,18 @@ pub fn pseudonym(key: &[u8; 32], user_id: u64) -> Pseudonym {
         .expect("a SHA-256 MAC has 32 bytes")
 }
 
-/// Encodes an entry's fields (all but the chain).
-fn encode_entry(sequence: u64, entry: &AuditEntry, bytes: &mut Vec<u8>) {
-    bytes.push(RECORD_VERSION);
+/// Encodes an entry's fields (all but the links), in the record's version.
+fn encode_entry(
+    version: u8,
+    partition: u32,
+    sequence: u64,
+    entry: &AuditEntry,
+    bytes: &mut Vec<u8>,
+) {
+    bytes.push(version);
+    if version != RECORD_VERSION_SINGLE_CHAIN {
+        bytes.extend_from_slice(&partition.to_le_bytes());
+    }
     bytes.extend_from_slice(&sequence.to_le_bytes());
     bytes.extend_from_slice(&entry.time.unix_micros().to_le_bytes());
     bytes.push(entry.action as u8);
@@ -143,17 +167,40 @@ fn encode_entry(sequence: u64, entry: &AuditEntry, bytes: &mut Vec<u8>) {
     bytes.extend_from_slice(&entry.reasons.to_le_bytes());
 }
 
-/// Numbers and chains an entry after the record whose hash is `previous_hash`.
-pub fn chain(sequence: u64, entry: AuditEntry, previous_hash: [u8; HASH_LEN]) -> AuditRecord {
+/// Numbers and chains an entry after the record of chain `partition` whose hash is
+/// `previous_hash`.
+pub fn chain(
+    partition: u32,
+    sequence: u64,
+    entry: AuditEntry,
+    previous_hash: [u8; HASH_LEN],
+) -> AuditRecord {
     let mut body = Vec::with_capacity(160);
-    encode_entry(sequence, &entry, &mut body);
+    encode_entry(RECORD_VERSION, partition, sequence, &entry, &mut body);
     let hash = record_hash(&body, &previous_hash);
     AuditRecord {
+        partition,
         sequence,
         entry,
         previous_hash,
         hash,
     }
+}
+
+/// Encodes a record as the log did before it had partitions (chain 0 only): what a
+/// database written then holds.
+#[cfg(test)]
+pub fn encode_single_chain_record(
+    sequence: u64,
+    entry: &AuditEntry,
+    previous_hash: [u8; HASH_LEN],
+) -> (Vec<u8>, [u8; HASH_LEN]) {
+    let mut bytes = Vec::with_capacity(160 + 2 * HASH_LEN);
+    encode_entry(RECORD_VERSION_SINGLE_CHAIN, 0, sequence, entry, &mut bytes);
+    let hash = record_hash(&bytes, &previous_hash);
+    bytes.extend_from_slice(&previous_hash);
+    bytes.extend_from_slice(&hash);
+    (bytes, hash)
 }
 
 fn record_hash(body: &[u8], previous_hash: &[u8; HASH_LEN]) -> [u8; HASH_LEN] {
@@ -166,7 +213,13 @@ fn record_hash(body: &[u8], previous_hash: &[u8; HASH_LEN]) -> [u8; HASH_LEN] {
 /// Encodes a chained record: `body previous_hash hash`.
 pub fn encode_record(record: &AuditRecord) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(160 + 2 * HASH_LEN);
-    encode_entry(record.sequence, &record.entry, &mut bytes);
+    encode_entry(
+        RECORD_VERSION,
+        record.partition,
+        record.sequence,
+        &record.entry,
+        &mut bytes,
+    );
     bytes.extend_from_slice(&record.previous_hash);
     bytes.extend_from_slice(&record.hash);
     bytes
@@ -195,9 +248,11 @@ pub fn decode_record(bytes: &[u8]) -> Result<AuditRecord, AuditDecodeError> {
         cursor = remaining;
         Ok(taken)
     };
-    if take(1)?[0] != RECORD_VERSION {
-        return Err(AuditDecodeError("unknown version"));
-    }
+    let partition = match take(1)?[0] {
+        RECORD_VERSION_SINGLE_CHAIN => 0,
+        RECORD_VERSION => u32::from_le_bytes(take(4)?.try_into().map_err(|_| truncated.clone())?),
+        _ => return Err(AuditDecodeError("unknown version")),
+    };
     let sequence = u64::from_le_bytes(take(8)?.try_into().map_err(|_| truncated.clone())?);
     let time = Timestamp::from_unix_micros(i64::from_le_bytes(
         take(8)?.try_into().map_err(|_| truncated.clone())?,
@@ -230,6 +285,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<AuditRecord, AuditDecodeError> {
     let [caller, bundle_hash, surfaces, subject] =
         <[String; 4]>::try_from(texts).map_err(|_| truncated)?;
     Ok(AuditRecord {
+        partition,
         sequence,
         entry: AuditEntry {
             time,
@@ -246,21 +302,48 @@ pub fn decode_record(bytes: &[u8]) -> Result<AuditRecord, AuditDecodeError> {
     })
 }
 
-/// What checking the chain found.
+/// What checking one chain found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainReport {
+    pub partition: u32,
     pub records_checked: u64,
     /// The first record whose content, hash, link or number is wrong, and why.
     pub first_broken: Option<(u64, String)>,
 }
 
-/// Checks stored records in sequence order: each decodes, is numbered one after the
-/// previous, links to the previous record's hash, and hashes to what it says.
-pub fn verify_chain<'a>(records: impl Iterator<Item = (u64, &'a [u8])>) -> ChainReport {
+/// What checking the whole log found: one report per chain that holds records, by
+/// partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    pub chains: Vec<ChainReport>,
+}
+
+impl AuditReport {
+    /// Records checked over every chain.
+    pub fn records_checked(&self) -> u64 {
+        self.chains.iter().map(|chain| chain.records_checked).sum()
+    }
+
+    /// The first broken chain, if any.
+    pub fn first_broken(&self) -> Option<&ChainReport> {
+        self.chains
+            .iter()
+            .find(|chain| chain.first_broken.is_some())
+    }
+}
+
+/// Checks the stored records of chain `partition` in sequence order: each decodes, says
+/// it belongs to this chain, is numbered one after the previous, links to the previous
+/// record's hash, and hashes to what it says.
+pub fn verify_chain<'a>(
+    partition: u32,
+    records: impl Iterator<Item = (u64, &'a [u8])>,
+) -> ChainReport {
     let mut previous = [0u8; HASH_LEN];
     let mut checked = 0;
     for (key_sequence, bytes) in records {
         let broken = |why: &str| ChainReport {
+            partition,
             records_checked: checked,
             first_broken: Some((key_sequence, why.to_string())),
         };
@@ -268,6 +351,9 @@ pub fn verify_chain<'a>(records: impl Iterator<Item = (u64, &'a [u8])>) -> Chain
             Ok(record) => record,
             Err(error) => return broken(&error.to_string()),
         };
+        if record.partition != partition {
+            return broken("it belongs to another chain: a record was moved");
+        }
         if record.sequence != key_sequence || record.sequence != checked {
             return broken("out of sequence: a record was removed or moved");
         }
@@ -275,7 +361,13 @@ pub fn verify_chain<'a>(records: impl Iterator<Item = (u64, &'a [u8])>) -> Chain
             return broken("does not link to the previous record");
         }
         let mut body = Vec::with_capacity(bytes.len());
-        encode_entry(record.sequence, &record.entry, &mut body);
+        encode_entry(
+            bytes[0],
+            record.partition,
+            record.sequence,
+            &record.entry,
+            &mut body,
+        );
         if record_hash(&body, &previous) != record.hash {
             return broken("its content does not match its hash");
         }
@@ -283,6 +375,7 @@ pub fn verify_chain<'a>(records: impl Iterator<Item = (u64, &'a [u8])>) -> Chain
         checked += 1;
     }
     ChainReport {
+        partition,
         records_checked: checked,
         first_broken: None,
     }
@@ -309,7 +402,12 @@ mod tests {
         let mut previous = [0; HASH_LEN];
         (0..entries)
             .map(|index| {
-                let record = chain(index as u64, entry(&format!("feature_{index}")), previous);
+                let record = chain(
+                    3,
+                    index as u64,
+                    entry(&format!("feature_{index}")),
+                    previous,
+                );
                 previous = record.hash;
                 encode_record(&record)
             })
@@ -318,6 +416,7 @@ mod tests {
 
     fn verify(records: &[Vec<u8>]) -> ChainReport {
         verify_chain(
+            3,
             records
                 .iter()
                 .enumerate()
@@ -333,9 +432,23 @@ mod tests {
         assert_eq!(
             verify(&records),
             ChainReport {
+                partition: 3,
                 records_checked: 5,
                 first_broken: None
             }
+        );
+        assert_eq!(
+            verify_chain(
+                4,
+                records
+                    .iter()
+                    .enumerate()
+                    .map(|(index, bytes)| (index as u64, bytes.as_slice()))
+            )
+            .first_broken
+            .map(|(sequence, _)| sequence),
+            Some(0),
+            "a chain's records are not another chain's"
         );
     }
 
@@ -362,6 +475,44 @@ mod tests {
             verify(&swapped).first_broken.map(|(sequence, _)| sequence),
             Some(1)
         );
+    }
+
+    #[test]
+    fn records_written_before_partitions_verify_as_chain_zero() {
+        let mut previous = [0; HASH_LEN];
+        let mut records: Vec<Vec<u8>> = (0..3)
+            .map(|index| {
+                let (bytes, hash) =
+                    encode_single_chain_record(index, &entry(&format!("old_{index}")), previous);
+                previous = hash;
+                bytes
+            })
+            .collect();
+        // New records continue the chain after the old ones.
+        let record = chain(0, 3, entry("new"), previous);
+        records.push(encode_record(&record));
+        let report = verify_chain(
+            0,
+            records
+                .iter()
+                .enumerate()
+                .map(|(index, bytes)| (index as u64, bytes.as_slice())),
+        );
+        assert_eq!((report.records_checked, report.first_broken), (4, None));
+        assert_eq!(
+            decode_record(&records[1]).expect("decodes").entry,
+            entry("old_1")
+        );
+    }
+
+    /// A user's chain is part of what is stored: the function may never change, or the
+    /// chains of existing databases would mix users.
+    #[test]
+    fn the_partition_of_a_user_is_fixed() {
+        let partitions: Vec<u32> = [0, 1, 7, 42].map(|user| partition_of(user, 64)).to_vec();
+        assert_eq!(partitions, [25, 51, 60, 44]);
+        assert_eq!(partition_of(42, 1), 0);
+        assert!((0..1000).all(|user| partition_of(user, 16_384) < 16_384));
     }
 
     #[test]

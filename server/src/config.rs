@@ -308,6 +308,10 @@ pub struct StorageConfig {
     /// Whether RocksDB keeps statistics (block cache hits and misses, write stalls) for the
     /// metrics: counters only, a small cost per lookup.
     pub statistics: bool,
+    /// Hash chains of the audit log, each holding the records of the users hashed to it
+    /// (records about no single user go to chain 0): appends to different chains never
+    /// wait for each other. Fixed when the database is created; a database keeps its own.
+    pub audit_partitions: u32,
 }
 
 impl Default for StorageConfig {
@@ -319,6 +323,7 @@ impl Default for StorageConfig {
             background_jobs: 2,
             health_probe_interval: Duration::from_secs(5),
             statistics: true,
+            audit_partitions: 64,
         }
     }
 }

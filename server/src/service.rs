@@ -335,6 +335,7 @@ fn hex(bytes: &[u8]) -> String {
 fn audit_record_to_proto(record: AuditRecord) -> proto::AuditRecord {
     let entry = record.entry;
     proto::AuditRecord {
+        partition: record.partition,
         sequence: record.sequence,
         time_unix_micros: entry.time.unix_micros(),
         action: entry.action.name().to_string(),
@@ -444,12 +445,29 @@ impl Admin for FeatureStoreService {
             .run_blocking(|core| core.verify_audit())
             .await
             .map_err(status)?;
-        let (first_broken_sequence, problem) = report.first_broken.clone().unwrap_or_default();
+        let chains: Vec<proto::AuditChainVerification> = report
+            .chains
+            .iter()
+            .map(|chain| {
+                let (first_broken_sequence, problem) =
+                    chain.first_broken.clone().unwrap_or_default();
+                proto::AuditChainVerification {
+                    partition: chain.partition,
+                    records_checked: chain.records_checked,
+                    intact: chain.first_broken.is_none(),
+                    first_broken_sequence,
+                    problem,
+                }
+            })
+            .collect();
+        let first_broken = chains.iter().find(|chain| !chain.intact);
         Ok(Response::new(proto::AuditLogVerification {
-            records_checked: report.records_checked,
-            intact: report.first_broken.is_none(),
-            first_broken_sequence,
-            problem,
+            records_checked: report.records_checked(),
+            intact: first_broken.is_none(),
+            first_broken_sequence: first_broken.map_or(0, |chain| chain.first_broken_sequence),
+            problem: first_broken.map_or_else(String::new, |chain| chain.problem.clone()),
+            first_broken_partition: first_broken.map_or(0, |chain| chain.partition),
+            chains,
         }))
     }
 

@@ -91,16 +91,17 @@ async fn tampering_with_a_record_is_detected() {
     {
         let db = featurestore_tests::open_database_directly(&directory);
         let audit = db.cf_handle("audit").expect("audit column family");
-        let key = 3u64.to_be_bytes();
-        let record = db
-            .get_cf(audit, key)
-            .expect("get")
-            .expect("record 3 exists");
-        let text = String::from_utf8_lossy(&record).to_string();
+        // Records are keyed (chain, sequence): the user's chain holds all five.
+        let (key, record) = db
+            .iterator_cf(audit, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("read"))
+            .find(|(_, record)| String::from_utf8_lossy(record).contains("interest_fitness_health"))
+            .expect("the health refusal is recorded");
         assert!(
-            text.contains("interest_fitness_health"),
-            "record 3 is the health refusal"
+            key.ends_with(&3u64.to_be_bytes()),
+            "the health refusal is record 3 of its chain"
         );
+        let (key, record) = (key.to_vec(), record.to_vec());
         let position = record
             .windows(b"interest_fitness_health".len())
             .position(|window| window == b"interest_fitness_health")
@@ -117,6 +118,13 @@ async fn tampering_with_a_record_is_detected() {
     assert!(!verification.intact);
     assert_eq!(verification.first_broken_sequence, 3);
     assert_eq!(verification.records_checked, 3);
+    let broken: Vec<_> = verification
+        .chains
+        .iter()
+        .filter(|chain| !chain.intact)
+        .collect();
+    assert_eq!(broken.len(), 1, "only the user's chain: {verification:?}");
+    assert_eq!(broken[0].partition, verification.first_broken_partition);
     assert!(
         verification.problem.contains("does not match its hash"),
         "{verification:?}"

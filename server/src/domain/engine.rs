@@ -3,7 +3,7 @@
 //! private to the core, so that nothing goes around the domain's rules; what an engine
 //! does not offer is answered with [`Error::Unsupported`].
 
-use crate::audit::{AuditRecord, ChainReport, Pseudonym};
+use crate::audit::{AuditRecord, AuditReport, Pseudonym};
 use crate::error::Error;
 use crate::storage::{BulkFiles, Census, EngineFigures, EngineStats, Maintenance, StorageError};
 
@@ -47,7 +47,7 @@ impl Core {
     }
 
     /// Checks every chain of the audit log.
-    pub fn verify_audit(&self) -> Result<ChainReport, Error> {
+    pub fn verify_audit(&self) -> Result<AuditReport, Error> {
         Ok(self.store.verify_audit()?)
     }
 

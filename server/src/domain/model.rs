@@ -356,7 +356,7 @@ impl StateMachineTest for StoreAgainstModel {
                 } = system;
                 system = System::open(directory, clock);
                 let audit = system.core().verify_audit().expect("verify");
-                assert!(audit.first_broken.is_none(), "{audit:?}");
+                assert!(audit.first_broken().is_none(), "{audit:?}");
                 true
             }
         };

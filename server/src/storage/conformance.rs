@@ -206,8 +206,8 @@ fn number(row: &StoredRow, feature: u16) -> Option<f32> {
 
 fn audit_records(store: &dyn Store) -> u64 {
     let report = store.verify_audit().expect("verify");
-    assert_eq!(report.first_broken, None, "the audit chain is intact");
-    report.records_checked
+    assert_eq!(report.first_broken(), None, "every audit chain is intact");
+    report.records_checked()
 }
 
 /// A share decided on another generation is not applied, nothing of it: no row, no
@@ -696,26 +696,76 @@ pub fn erasure_leaves_nothing_of_the_user(open: Open<'_>) {
     assert_eq!(number(&row(store, 2, SURFACE).expect("row"), 1), Some(2.0));
 }
 
+/// A user's records go to the user's chain in the step of the change they record; records
+/// about no single user's change to chain 0; every chain verifies on its own, and a
+/// user's trail gathers the user's records from every chain, oldest first.
 pub fn audit_records_are_chained_and_found_by_user(open: Open<'_>) {
     let opened = open();
     let store = opened.store.as_ref();
     let before = audit_records(store);
+    let at_second = |seconds, action, user| AuditEntry {
+        time: at(seconds),
+        ..entry(action, user)
+    };
+    store
+        .set_user_state(
+            &update(1, "US"),
+            at(1),
+            &mut |_, _, row| row,
+            &at_second(1, AuditAction::UserStateSet, Some(1)),
+        )
+        .expect("set the state");
+    let mut shares = shares(&[(1, 1)], &[write(1, SURFACE, vec![value(1, 0, 1.0)])]);
+    shares[0].audit = vec![at_second(2, AuditAction::FeatureDenied, Some(1))];
+    store
+        .apply_write(&idempotency("w", 0), at(-60), &shares, &mut |_, _| {
+            Vec::new()
+        })
+        .expect("write");
     store
         .append_audit(&[
-            entry(AuditAction::FeatureDenied, Some(1)),
-            entry(AuditAction::FeatureDenied, Some(2)),
-            entry(AuditAction::FeatureTransformed, Some(1)),
+            at_second(3, AuditAction::LoadChunk, Some(1)),
+            at_second(3, AuditAction::FeatureDenied, Some(2)),
         ])
         .expect("append");
-    assert_eq!(audit_records(store), before + 3);
+    // Users spread over the chains.
+    for user_id in 10..40 {
+        set_state(store, user_id, "US");
+    }
+    assert_eq!(audit_records(store), before + 4 + 30);
+    let report = store.verify_audit().expect("verify");
+    let mut partitions: Vec<u32> = report.chains.iter().map(|chain| chain.partition).collect();
+    partitions.dedup();
+    assert_eq!(
+        partitions.len(),
+        report.chains.len(),
+        "one report per chain"
+    );
+
     let trail = store
         .audit_trail(&pseudonym(&[7; 32], 1), 10)
         .expect("trail");
     let actions: Vec<AuditAction> = trail.iter().map(|record| record.entry.action).collect();
     assert_eq!(
         actions,
-        [AuditAction::FeatureDenied, AuditAction::FeatureTransformed]
+        [
+            AuditAction::UserStateSet,
+            AuditAction::FeatureDenied,
+            AuditAction::LoadChunk
+        ]
     );
+    assert_eq!(
+        trail[0].partition, trail[1].partition,
+        "the user's changes are recorded in the user's chain"
+    );
+    assert_eq!(
+        trail[2].partition, 0,
+        "records about no single user's change: chain 0"
+    );
+    let oldest = store
+        .audit_trail(&pseudonym(&[7; 32], 1), 1)
+        .expect("trail");
+    assert_eq!(oldest, trail[..1]);
 }
 
 pub fn reads_answer_every_key_in_request_order(open: Open<'_>) {

@@ -15,7 +15,7 @@ use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
 
 pub use rocks::{COLUMN_FAMILIES, RocksStore};
 
-use crate::audit::{AuditEntry, AuditRecord, ChainReport, Pseudonym};
+use crate::audit::{AuditEntry, AuditRecord, AuditReport, Pseudonym};
 use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
 
 /// The unit of storage: everything stored for one user on one surface.
@@ -256,7 +256,7 @@ pub trait Store: Send + Sync + Debug + 'static {
     -> Result<Vec<AuditRecord>, StorageError>;
 
     /// Checks the whole audit chain.
-    fn verify_audit(&self) -> Result<ChainReport, StorageError>;
+    fn verify_audit(&self) -> Result<AuditReport, StorageError>;
 
     /// Passes every row of `user_id` through `revalidate` with the user's current state,
     /// serialized with writes for the user, and writes the changes in one batch. Returns

@@ -67,7 +67,7 @@ impl BulkFiles for RocksStore {
             batch.merge_cf(features, encode_row_key(*key), operand);
         }
         batch.put_cf(self.cf(META_CF), meta.0.as_bytes(), meta.1);
-        self.write_with_audit(batch, audit)
+        self.write_with_audit(batch, &chain_zero(audit))
     }
 }
 

@@ -18,10 +18,7 @@ use rocksdb::{
 };
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::audit::{
-    AuditEntry, AuditRecord, ChainReport, HASH_LEN, PSEUDONYM_LEN, Pseudonym, chain, decode_record,
-    encode_record, verify_chain,
-};
+use crate::audit::{AuditEntry, AuditRecord, AuditReport, Pseudonym};
 
 use super::codec::{
     self, RowView, decode_row, decode_user_state, encode_row, encode_user_state, merge_value,
@@ -72,9 +69,12 @@ pub struct RocksStore {
     db: DB,
     /// Options of every write: the WAL is always on; `sync` follows the durability mode.
     write_options: WriteOptions,
-    /// The next audit sequence number and the hash of the last record. Appends hold it
-    /// until their batch is written, so the chain is written in order.
-    audit_tail: Mutex<(u64, [u8; HASH_LEN])>,
+    /// The number of audit chains, fixed when the database was created.
+    audit_partitions: u32,
+    /// Per audit chain, its next sequence number and the hash of its last record. Appends
+    /// hold the tails of the chains they append to until their batch is written, so each
+    /// chain is written in order.
+    audit_tails: Vec<Mutex<audit::Tail>>,
     /// Writes that touch the same user or idempotency key take the same stripe, so a
     /// read-modify-write never interleaves with another, and a user-state change never
     /// interleaves with a write for that user.
@@ -250,24 +250,13 @@ impl RocksStore {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(durability == Durability::Sync);
         write_options.disable_wal(false);
-        let audit_tail = {
-            let mut iterator = db.raw_iterator_cf(db.cf_handle(AUDIT_CF).expect("created above"));
-            iterator.seek_to_last();
-            let tail = match iterator.value() {
-                Some(bytes) => {
-                    let record = decode_record(bytes)
-                        .map_err(|error| StorageError::Corrupt(error.to_string()))?;
-                    (record.sequence + 1, record.hash)
-                }
-                None => (0, [0; HASH_LEN]),
-            };
-            iterator.status().map_err(engine)?;
-            tail
-        };
+        let audit_partitions = audit::open_partitions(&db, config.audit_partitions)?;
+        let audit_tails = audit::read_tails(&db, audit_partitions)?;
         Ok(RocksStore {
             db,
             write_options,
-            audit_tail: Mutex::new(audit_tail),
+            audit_partitions,
+            audit_tails,
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             table_file_options,
             statistics: config.statistics.then_some(db_options),
@@ -412,6 +401,11 @@ impl RocksStore {
     }
 }
 
+/// Entries about no single user's change, for chain 0.
+fn chain_zero(entries: &[AuditEntry]) -> Vec<(u32, AuditEntry)> {
+    entries.iter().map(|entry| (0, entry.clone())).collect()
+}
+
 /// The key of a user's idempotency record: the big-endian user id, then the request's key.
 fn idempotency_key(key: &str, user_id: u64) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(8 + key.len());
@@ -421,44 +415,6 @@ fn idempotency_key(key: &str, user_id: u64) -> Vec<u8> {
 }
 
 impl RocksStore {
-    /// Writes `batch` together with `entries` appended to the audit log, in order.
-    fn write_with_audit(
-        &self,
-        mut batch: WriteBatch,
-        entries: &[AuditEntry],
-    ) -> Result<(), StorageError> {
-        let mut tail = self.audit_tail.lock();
-        let (mut sequence, mut previous) = *tail;
-        for entry in entries {
-            fail::fail_point!("audit-append", |_| Err(StorageError::Engine(
-                "the audit log cannot be appended to (failpoint audit-append)".to_string()
-            )));
-            let record = chain(sequence, entry.clone(), previous);
-            batch.put_cf(
-                self.cf(AUDIT_CF),
-                sequence.to_be_bytes(),
-                encode_record(&record),
-            );
-            if let Some(user) = &entry.user {
-                let mut index_key = [0u8; PSEUDONYM_LEN + 8];
-                index_key[..PSEUDONYM_LEN].copy_from_slice(user);
-                index_key[PSEUDONYM_LEN..].copy_from_slice(&sequence.to_be_bytes());
-                batch.put_cf(self.cf(AUDIT_BY_USER_CF), index_key, []);
-            }
-            previous = record.hash;
-            sequence += 1;
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        fail::fail_point!("engine-write", |_| Err(disk_full()));
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(engine)?;
-        *tail = (sequence, previous);
-        Ok(())
-    }
-
     /// Adds to `batch` the changes `revalidate` makes to the rows of `user_id`; the caller
     /// holds the user's stripe. Returns how many values were removed.
     fn revalidate_rows(
@@ -629,7 +585,8 @@ impl Store for RocksStore {
                 idempotency_key(&idempotency.key, share.user_id),
                 record,
             );
-            audit.extend(share.audit.iter().cloned());
+            let partition = self.partition(share.user_id);
+            audit.extend(share.audit.iter().map(|entry| (partition, entry.clone())));
             *slot = Some(Applied::Fresh { answer });
         }
         self.write_with_audit(batch, &audit)?;
@@ -692,12 +649,12 @@ impl Store for RocksStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
         self.revalidate_rows(update.user_id, Some(&state), revalidate, &mut batch)?;
-        self.write_with_audit(batch, std::slice::from_ref(audit))?;
+        self.write_with_audit(batch, &[(self.partition(update.user_id), audit.clone())])?;
         Ok(state)
     }
 
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
-        self.write_with_audit(WriteBatch::default(), entries)
+        self.write_with_audit(WriteBatch::default(), &chain_zero(entries))
     }
 
     fn audit_trail(
@@ -705,54 +662,11 @@ impl Store for RocksStore {
         user: &Pseudonym,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StorageError> {
-        let mut sequences = Vec::new();
-        let mut iterator = self.db.raw_iterator_cf(self.cf(AUDIT_BY_USER_CF));
-        iterator.seek(user);
-        while sequences.len() < limit && iterator.valid() {
-            let Some(key) = iterator.key() else { break };
-            if !key.starts_with(user) {
-                break;
-            }
-            let sequence = key[PSEUDONYM_LEN..]
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| {
-                    StorageError::Corrupt("an audit index key has no sequence number".to_string())
-                })?;
-            sequences.push(sequence.to_be_bytes());
-            iterator.next();
-        }
-        iterator.status().map_err(engine)?;
-        self.db
-            .batched_multi_get_cf(self.cf(AUDIT_CF), sequences.iter(), true)
-            .into_iter()
-            .map(|result| {
-                let bytes = result.map_err(engine)?.ok_or_else(|| {
-                    StorageError::Corrupt("an indexed audit record is missing".to_string())
-                })?;
-                decode_record(&bytes).map_err(|error| StorageError::Corrupt(error.to_string()))
-            })
-            .collect()
+        self.read_audit_trail(user, limit)
     }
 
-    fn verify_audit(&self) -> Result<ChainReport, StorageError> {
-        let mut iterator = self.db.raw_iterator_cf(self.cf(AUDIT_CF));
-        iterator.seek_to_first();
-        let mut records = Vec::new();
-        while iterator.valid() {
-            let (Some(key), Some(value)) = (iterator.key(), iterator.value()) else {
-                break;
-            };
-            let sequence = key.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
-            records.push((sequence, value.to_vec()));
-            iterator.next();
-        }
-        iterator.status().map_err(engine)?;
-        Ok(verify_chain(
-            records
-                .iter()
-                .map(|(sequence, bytes)| (*sequence, bytes.as_slice())),
-        ))
+    fn verify_audit(&self) -> Result<AuditReport, StorageError> {
+        self.verify_audit_chains()
     }
 
     fn revalidate_user(
@@ -882,7 +796,7 @@ impl Store for RocksStore {
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
         batch.delete_range_cf(self.cf(FEATURES_CF), start, end);
         batch.delete_cf(self.cf(PSEUDONYM_KEYS_CF), key);
-        self.write_with_audit(batch, std::slice::from_ref(audit))?;
+        self.write_with_audit(batch, &[(self.partition(user_id), audit.clone())])?;
         Ok(state)
     }
 
@@ -916,7 +830,7 @@ impl Store for RocksStore {
     ) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(META_CF), key.as_bytes(), value);
-        self.write_with_audit(batch, audit)
+        self.write_with_audit(batch, &chain_zero(audit))
     }
 
     fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
@@ -947,6 +861,7 @@ impl Store for RocksStore {
     }
 }
 
+mod audit;
 mod extras;
 #[cfg(test)]
 mod tests;

@@ -161,3 +161,107 @@ fn corrupt_bytes_are_reported_per_row() {
     assert!(matches!(reads[1], RowRead::Found(_)), "{reads:?}");
     assert_eq!(reads[2], RowRead::Missing);
 }
+
+/// A database written when the audit log was one chain (records under their 8-byte
+/// sequence, index entries under pseudonym + sequence, no partition count) opens with
+/// those records moved to chain 0, bytes unchanged: the chain verifies, the user's trail
+/// finds them, and new records continue the chain.
+#[test]
+fn a_single_chain_audit_log_is_moved_to_chain_zero() {
+    use crate::audit::{
+        AuditAction, AuditEntry, PSEUDONYM_LEN, encode_single_chain_record, pseudonym,
+    };
+
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let user = pseudonym(&[9; 32], 42);
+    let entry = |action, subject: &str| AuditEntry {
+        time: Timestamp::from_unix_micros(1_000),
+        action,
+        caller: "tests".to_string(),
+        bundle_hash: "00".repeat(32),
+        user: Some(user),
+        surfaces: String::new(),
+        subject: subject.to_string(),
+        reasons: 0,
+    };
+    // Open once to create the column families, then put the old layout in place.
+    drop(open(directory.path()));
+    {
+        let mut options = Options::default();
+        options.create_missing_column_families(true);
+        let db = DB::open_cf(&options, directory.path(), COLUMN_FAMILIES).expect("open raw");
+        let meta = db.cf_handle(META_CF).expect("meta");
+        db.delete_cf(meta, "audit_partitions").expect("delete");
+        let records = db.cf_handle(AUDIT_CF).expect("audit");
+        let index = db.cf_handle(AUDIT_BY_USER_CF).expect("index");
+        let mut previous = [0; 32];
+        for (sequence, subject) in ["old_a", "old_b", "old_c"].into_iter().enumerate() {
+            let sequence = sequence as u64;
+            let (bytes, hash) = encode_single_chain_record(
+                sequence,
+                &entry(AuditAction::FeatureDenied, subject),
+                previous,
+            );
+            previous = hash;
+            db.put_cf(records, sequence.to_be_bytes(), bytes)
+                .expect("put");
+            let mut index_key = user.to_vec();
+            index_key.extend_from_slice(&sequence.to_be_bytes());
+            assert_eq!(index_key.len(), PSEUDONYM_LEN + 8);
+            db.put_cf(index, index_key, []).expect("put");
+        }
+    }
+
+    let store = open(directory.path());
+    let report = store.verify_audit().expect("verify");
+    assert_eq!(report.chains.len(), 1, "{report:?}");
+    assert_eq!(
+        (
+            report.chains[0].partition,
+            report.chains[0].records_checked,
+            report.first_broken()
+        ),
+        (0, 3, None)
+    );
+    let subjects = |store: &RocksStore| -> Vec<String> {
+        store
+            .audit_trail(&user, 10)
+            .expect("trail")
+            .into_iter()
+            .map(|record| record.entry.subject)
+            .collect()
+    };
+    assert_eq!(subjects(&store), ["old_a", "old_b", "old_c"]);
+    store
+        .append_audit(&[entry(AuditAction::LoadChunk, "new")])
+        .expect("append");
+    let report = store.verify_audit().expect("verify");
+    assert_eq!((report.records_checked(), report.first_broken()), (4, None));
+    assert_eq!(subjects(&store), ["old_a", "old_b", "old_c", "new"]);
+    drop(store);
+    // Opening again finds nothing more to move, and the chain still verifies.
+    let store = open(directory.path());
+    assert_eq!(store.verify_audit().expect("verify").records_checked(), 4);
+}
+
+#[test]
+fn an_audit_partition_count_out_of_range_is_refused() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    for partitions in [0, 16_385] {
+        let opened = RocksStore::open(
+            directory.path(),
+            &StorageConfig {
+                audit_partitions: partitions,
+                ..StorageConfig::default()
+            },
+            Durability::Buffered,
+            Duration::from_secs(60),
+            Arc::new(ManualClock::new(Timestamp::from_unix_micros(1_000))),
+        );
+        let message = opened.expect_err("refused").to_string();
+        assert!(
+            message.contains("storage.audit_partitions must be 1 to 16384"),
+            "{message}"
+        );
+    }
+}
