@@ -10,7 +10,7 @@ use featurestore::domain::{
 };
 use featurestore_server::clock::ManualClock;
 use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::domain::{Core, CoreOptions};
+use featurestore_server::core::{Core, CoreOptions};
 use featurestore_server::policy::Policy;
 use featurestore_server::registry::Registry;
 use featurestore_server::storage::{RocksStore, Store};

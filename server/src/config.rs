@@ -8,8 +8,6 @@ use std::time::Duration;
 use featurestore::RequestLimits;
 use serde::{Deserialize, Serialize};
 
-pub use crate::auth::{AuthConfig, AuthMode, PrincipalConfig};
-
 /// Everything the server needs to run.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -392,6 +390,74 @@ impl Default for BulkLoadConfig {
             chunks_decided_at_once: 1,
             abandoned_after: Duration::from_secs(7 * 24 * 60 * 60),
             finished_jobs_kept: Duration::from_secs(30 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// How callers are authenticated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Every call but health checks needs a configured principal. The default.
+    #[default]
+    Required,
+    /// No authentication: every caller may do everything. For a development machine only;
+    /// the server logs a warning at start.
+    Disabled,
+}
+
+/// The `[auth]` section of the config.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub principals: Vec<PrincipalConfig>,
+}
+
+/// One caller and its roles, as configured.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    /// Shown in logs and errors.
+    pub name: String,
+    /// SHA-256 (hex) of each bearer token this principal may present; several allow a
+    /// rotation without downtime. `featurestore-server new-token` makes a token and its hash.
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    /// Names of its client certificate, over mutual TLS: the subject's common name, or a
+    /// DNS or URI subject alternative name.
+    #[serde(default)]
+    pub certificate_names: Vec<String>,
+    /// Reader role: the surfaces it may read ("*" for all).
+    #[serde(default)]
+    pub read_surfaces: Vec<String>,
+    /// Writer role: the sources it may write values of ("*" for all); writes, explains and
+    /// bulk loads.
+    #[serde(default)]
+    pub write_sources: Vec<String>,
+    /// The producer ids its writes may state; empty for any.
+    #[serde(default)]
+    pub write_producers: Vec<String>,
+    /// Privacy role: user states, audit trails, erasure.
+    #[serde(default)]
+    pub privacy: bool,
+    /// Admin role: policy reload, audit-log verification, sweep, backup.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl PrincipalConfig {
+    /// A principal with no credential and no role yet.
+    pub fn named(name: &str) -> PrincipalConfig {
+        PrincipalConfig {
+            name: name.to_string(),
+            token_sha256: Vec::new(),
+            certificate_names: Vec::new(),
+            read_surfaces: Vec::new(),
+            write_sources: Vec::new(),
+            write_producers: Vec::new(),
+            privacy: false,
+            admin: false,
         }
     }
 }

@@ -16,11 +16,10 @@
 //!
 //! Closing a connection ends its reads: hyper then ends the connection. Calls are counted
 //! per connection by [`calls_layer`], which finds the connection in the request's
-//! [`ConnectionInfo`].
+//! [`ConnectionInfo`](crate::connection_info::ConnectionInfo).
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,13 +27,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::connection_info::{CallCount, ConnectionInfo};
 use crate::tls::Tls;
 
 /// The first bytes of every HTTP/2 connection, from the client.
@@ -128,7 +127,7 @@ pub struct ConnectionState {
     reader: Mutex<Option<Waker>>,
 }
 
-impl ConnectionState {
+impl CallCount for ConnectionState {
     fn call_started(&self) {
         self.calls.fetch_add(1, Ordering::SeqCst);
     }
@@ -144,7 +143,9 @@ impl ConnectionState {
             }
         }
     }
+}
 
+impl ConnectionState {
     fn is_idle(&self) -> bool {
         self.calls.load(Ordering::SeqCst) == 0
     }
@@ -244,17 +245,6 @@ impl Drop for Registration {
     }
 }
 
-/// What the request handlers may learn about a call's connection: put into every
-/// request's extensions by tonic.
-#[derive(Clone, Debug)]
-pub struct ConnectionInfo {
-    pub remote: Option<SocketAddr>,
-    /// The client's certificate chain, its own certificate first, over mutual TLS.
-    pub peer_certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
-    /// The connection, for counting its calls.
-    state: Arc<ConnectionState>,
-}
-
 /// The byte stream under a connection.
 #[derive(Debug)]
 enum Transport {
@@ -279,12 +269,12 @@ impl tonic::transport::server::Connected for Connection {
     type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> ConnectionInfo {
-        let state = Arc::clone(&self.registration.state);
+        let calls: Arc<dyn CallCount> = Arc::clone(&self.registration.state) as Arc<dyn CallCount>;
         match &self.transport {
             Transport::Plain(stream) => ConnectionInfo {
                 remote: stream.peer_addr().ok(),
                 peer_certificates: None,
-                state,
+                calls,
             },
             Transport::Tls(stream) => {
                 let (tcp, session) = stream.get_ref();
@@ -293,7 +283,7 @@ impl tonic::transport::server::Connected for Connection {
                     peer_certificates: session.peer_certificates().map(|chain| {
                         Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect())
                     }),
-                    state,
+                    calls,
                 }
             }
         }
@@ -494,18 +484,18 @@ pub fn calls_layer() -> crate::body::HoldLayer<TakeCall> {
         request
             .extensions()
             .get::<ConnectionInfo>()
-            .map(|info| Call::start(Arc::clone(&info.state)))
+            .map(|info| Call::start(Arc::clone(&info.calls)))
     })
 }
 
 /// A call in progress on a connection; ended when dropped.
 #[derive(Debug)]
-pub struct Call(Arc<ConnectionState>);
+pub struct Call(Arc<dyn CallCount>);
 
 impl Call {
-    fn start(state: Arc<ConnectionState>) -> Call {
-        state.call_started();
-        Call(state)
+    fn start(calls: Arc<dyn CallCount>) -> Call {
+        calls.call_started();
+        Call(calls)
     }
 }
 
@@ -563,7 +553,7 @@ mod tests {
             *registration.state.idle_since.lock() -= Duration::from_secs(idle);
         }
         // The first is busy: the second, idle for longest, makes room.
-        let call = Call::start(Arc::clone(&first.state));
+        let call = Call::start(Arc::clone(&first.state) as Arc<dyn CallCount>);
         let fourth = connections.open().expect("room made");
         assert!(
             second.state.close.is_cancelled(),
@@ -572,8 +562,8 @@ mod tests {
         assert!(!first.state.close.is_cancelled() && !third.state.close.is_cancelled());
         assert_eq!(connections.count(), 3);
         // Every one busy: a new connection is refused.
-        let calls =
-            [&third, &fourth].map(|registration| Call::start(Arc::clone(&registration.state)));
+        let calls = [&third, &fourth]
+            .map(|registration| Call::start(Arc::clone(&registration.state) as Arc<dyn CallCount>));
         assert!(connections.open().is_none(), "none idle, no room");
         // Shutdown closes the idle at once, the busy as their last call ends.
         drop(calls);

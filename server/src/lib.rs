@@ -2,24 +2,24 @@
 //! core and the gRPC service, assembled by [`run`].
 
 pub mod audit;
-pub mod auth;
 pub mod body;
 pub mod clock;
 pub mod config;
+pub mod connection_info;
 pub mod connections;
-pub mod domain;
+pub mod core;
 pub mod erasure;
 pub mod error;
-pub mod gate;
-pub mod health;
-pub mod load;
 pub mod logging;
+pub mod methods;
 pub mod metrics;
 pub mod observe;
 pub mod policy;
 pub mod registry;
 pub mod service;
+pub mod staging;
 pub mod storage;
+pub mod ticker;
 pub mod tls;
 
 use std::sync::Arc;
@@ -34,10 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::domain::{Core, CoreOptions};
+use crate::core::{Core, CoreOptions};
 use crate::policy::Policy;
 use crate::registry::Registry;
-use crate::service::FeatureStoreService;
+use crate::service::{FeatureStoreService, auth, gate, health};
 use crate::storage::{RocksStore, Store};
 
 /// The sockets a server answers on.
@@ -125,7 +125,7 @@ pub async fn run_with_clock(
             .as_ref()
             .is_some_and(|tls| tls.client_ca_path.is_some()),
     )?);
-    if authenticator.mode() == auth::AuthMode::Disabled {
+    if authenticator.mode() == config::AuthMode::Disabled {
         let address = listener.local_addr()?;
         anyhow::ensure!(
             address.ip().is_loopback(),
@@ -399,36 +399,13 @@ fn serve_while_starting(
     Ok((listener, ready.drop_guard()))
 }
 
-/// Ticks every `interval`, the first after one interval, until shutdown; a tick missed
-/// while the work of the last one ran is not made up for.
-pub(crate) struct Ticker {
-    ticks: tokio::time::Interval,
-    shutdown: CancellationToken,
-}
-
-impl Ticker {
-    pub(crate) fn new(interval: std::time::Duration, shutdown: CancellationToken) -> Ticker {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ticker { ticks, shutdown }
-    }
-
-    /// Waits for the next tick; false once shutdown begins.
-    pub(crate) async fn tick(&mut self) -> bool {
-        tokio::select! {
-            () = self.shutdown.cancelled() => false,
-            _ = self.ticks.tick() => true,
-        }
-    }
-}
-
 /// Runs the retention sweep every `interval` until shutdown.
 async fn sweep_periodically(
     core: Arc<Core>,
     interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = Ticker::new(interval, shutdown);
+    let mut ticker = ticker::Ticker::new(interval, shutdown);
     while ticker.tick().await {
         let core = Arc::clone(&core);
         match tokio::task::spawn_blocking(move || core.sweep()).await {

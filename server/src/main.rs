@@ -71,7 +71,7 @@ enum Command {
 
 /// Runs a subcommand that prints something and exits.
 fn run_command(command: Command) -> anyhow::Result<()> {
-    use featurestore_server::auth::{hash_token, new_token};
+    use featurestore_server::service::auth::{hash_token, new_token};
     match command {
         Command::NewToken { name } => {
             let token = new_token()?;

@@ -1,9 +1,12 @@
 //! The gRPC services: decode a request into domain types once, run the domain core on the
 //! blocking pool, and encode the answer. The only place that builds a `tonic::Status`.
 
+pub mod auth;
 mod backfill;
 pub mod budget;
 pub(crate) mod deadline;
+pub mod gate;
+pub mod health;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,14 +23,15 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::audit::AuditRecord;
-use crate::auth::principal_of;
-use crate::domain::Core;
+use crate::core::Core;
+use crate::core::read_tally::ReadTally;
 use crate::erasure::Receipt;
 use crate::error::{Error, ErrorKind};
-use crate::metrics::{Metrics, ReadTally};
+use crate::metrics::Metrics;
 use crate::observe::{ReadBatch, log_decoded};
 use crate::policy::Reasons;
 use crate::policy::bundle::reason_name;
+use crate::service::auth::principal_of;
 use crate::storage::{ErasureState, UserState};
 
 /// Implements `featurestore.v1.FeatureStore`.

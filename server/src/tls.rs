@@ -2,7 +2,7 @@
 //! Certificates are reloaded without a restart: the files are checked every
 //! `tls.reload_interval`, and a changed set that loads whole replaces the one in force for
 //! every later handshake (a set that does not load is logged and the old one kept). The
-//! handshakes themselves run in [`crate::connections`], each within
+//! handshakes themselves run in `connections.rs`, each within
 //! `tls.handshake_timeout`.
 
 use std::path::Path;
@@ -144,7 +144,7 @@ pub async fn reload_periodically(tls: Arc<Tls>, shutdown: CancellationToken) {
     if interval.is_zero() {
         return;
     }
-    let mut ticker = crate::Ticker::new(interval, shutdown);
+    let mut ticker = crate::ticker::Ticker::new(interval, shutdown);
     while ticker.tick().await {
         match tls.reload_if_changed() {
             Ok(true) => tracing::info!("TLS certificates reloaded"),

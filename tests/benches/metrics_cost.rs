@@ -105,7 +105,8 @@ impl Mode {
 /// adding the tally and the call to the shared metrics (only when on). Nanoseconds per
 /// read, for each.
 fn recording_nanos() -> (f64, f64) {
-    use featurestore_server::metrics::{Metrics, ReadTally, ages_on};
+    use featurestore_server::core::read_tally::{ReadTally, ages_on};
+    use featurestore_server::metrics::Metrics;
     use featurestore_server::registry::SurfaceId;
     const KEYS: usize = 500;
     const VALUES_PER_KEY: usize = 21;

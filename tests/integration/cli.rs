@@ -222,11 +222,11 @@ async fn cli_errors_are_clear() {
 #[tokio::test]
 async fn the_cli_authenticates_with_its_token() {
     use featurestore_server::config::{AuthMode, PrincipalConfig};
-    let token = featurestore_server::auth::new_token().expect("a token");
+    let token = featurestore_server::service::auth::new_token().expect("a token");
     let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
         config.auth.mode = AuthMode::Required;
         config.auth.principals = vec![PrincipalConfig {
-            token_sha256: vec![featurestore_server::auth::hash_token(&token)],
+            token_sha256: vec![featurestore_server::service::auth::hash_token(&token)],
             admin: true,
             ..PrincipalConfig::named("operators")
         }];

@@ -665,7 +665,7 @@ async fn a_request_id_appears_in_the_servers_log_lines() {
 #[tokio::test]
 async fn stats_count_rows_per_surface_and_mask_token_hashes() {
     let token = "stats-test-token-0123456789";
-    let hash = featurestore_server::auth::hash_token(token);
+    let hash = featurestore_server::service::auth::hash_token(token);
     let server = TestServer::start_with(tempfile::tempdir().expect("a directory"), |config| {
         config.auth.mode = featurestore_server::config::AuthMode::Required;
         let mut operators = featurestore_server::config::PrincipalConfig::named("operators");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use featurestore::domain::{AgeBand, UserStateUpdate};
 use featurestore_server::clock::Clock;
 use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::domain::{Core, CoreOptions};
+use featurestore_server::core::{Core, CoreOptions};
 use featurestore_server::policy::Policy;
 use featurestore_server::registry::Registry;
 use featurestore_server::storage::{RocksStore, Store};

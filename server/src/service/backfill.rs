@@ -12,11 +12,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{FeatureStoreService, status};
-use crate::auth::{Principal, principal_of};
-use crate::domain::{ChunkOutcome, Core, LoadAttachment, PreparedChunk};
+use crate::core::{ChunkOutcome, Core, LoadAttachment, PreparedChunk};
 use crate::error::Error;
-use crate::load::{JobRecord, JobState, Summary};
 use crate::metrics::Metrics;
+use crate::service::auth::{Principal, principal_of};
+use crate::staging::{JobRecord, JobState, Summary};
 
 /// Malformed rows listed in one acknowledgement; all are counted.
 const INVALID_ROWS_LISTED_MAX: usize = 100;

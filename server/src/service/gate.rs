@@ -1,6 +1,6 @@
 //! A tower layer that lets a call through or answers it at once, before its body is read:
 //! the shape of the content-type check ([`GrpcContentType`]), of authentication
-//! ([`crate::auth`]) and of the server while it starts ([`crate::health`]).
+//! ([`crate::service::auth`]) and of the server while it starts ([`crate::service::health`]).
 
 use std::future::Future;
 use std::pin::Pin;

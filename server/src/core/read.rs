@@ -6,9 +6,9 @@ use std::fmt::Display;
 use featurestore::domain::{ReadRequest, Timestamp, Value, ValueType};
 use featurestore::proto;
 
+use super::read_tally::{ReadTally, ages_on};
 use super::{Core, PolicyInForce};
 use crate::error::Error;
-use crate::metrics::{ReadTally, ages_on};
 use crate::registry::{Feature, Surface};
 use crate::storage::codec::{CodecError, Payload, Provenance, RowView};
 use crate::storage::{RowFound, RowKey};

@@ -21,7 +21,7 @@ use super::Core;
 use super::write::{Decision, fence_refusal};
 use crate::audit::AuditAction;
 use crate::error::Error;
-use crate::load::{
+use crate::staging::{
     JOB_KEY_PREFIX, JobRecord, JobState, MergedRows, StagedRow, StagedUser, Summary, chunk_path,
     job_id_problem, job_key, read_users, sync_directory, write_chunk,
 };
@@ -142,13 +142,13 @@ impl Core {
         if let Some(problem) = job_id_problem(job_id) {
             return Err(InvalidRequest::new("start.job_id", problem).into());
         }
-        if source_fingerprint.len() > crate::load::FINGERPRINT_BYTES_MAX {
+        if source_fingerprint.len() > crate::staging::FINGERPRINT_BYTES_MAX {
             return Err(InvalidRequest::new(
                 "start.source_fingerprint",
                 format!(
                     "is {} bytes; at most {} are allowed",
                     source_fingerprint.len(),
-                    crate::load::FINGERPRINT_BYTES_MAX
+                    crate::staging::FINGERPRINT_BYTES_MAX
                 ),
             )
             .into());

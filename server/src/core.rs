@@ -19,18 +19,19 @@ use crate::policy::{Policy, ValueFacts};
 use crate::registry::Registry;
 use crate::storage::{RowKey, Store, StoredRow, UserState};
 
+mod bulk_loads;
 mod engine;
-mod load;
 #[cfg(test)]
 mod model;
 #[cfg(test)]
 mod races;
 mod read;
+pub mod read_tally;
 #[cfg(test)]
 mod tests;
 mod write;
 
-pub use load::{ChunkOutcome, LoadAttachment, PreparedChunk};
+pub use bulk_loads::{ChunkOutcome, LoadAttachment, PreparedChunk};
 
 /// Meta key holding the hash of the bundle every stored value was last validated under.
 const VALIDATED_POLICY_KEY: &str = "validated_policy_hash";

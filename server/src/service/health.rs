@@ -15,9 +15,9 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::domain::Core;
-use crate::gate::Gate;
+use crate::core::Core;
 use crate::service::FeatureStoreService;
+use crate::service::gate::Gate;
 
 /// The services whose status is reported, and "" for the server as a whole.
 const SERVICES: [&str; 5] = [
@@ -44,7 +44,7 @@ pub async fn watch_storage(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = crate::Ticker::new(interval, shutdown.clone());
+    let mut ticker = crate::ticker::Ticker::new(interval, shutdown.clone());
     let mut healthy = true;
     while ticker.tick().await {
         let core = Arc::clone(&core);

@@ -13,80 +13,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use featurestore::domain::{ReadRequest, WriteRow};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::{AuthConfig, AuthMode, PrincipalConfig};
+pub use crate::methods::{Needs, Role, needs};
 use crate::error::Error;
-use crate::gate::Gate;
 use crate::registry::Registry;
-
-/// How callers are authenticated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AuthMode {
-    /// Every call but health checks needs a configured principal. The default.
-    #[default]
-    Required,
-    /// No authentication: every caller may do everything. For a development machine only;
-    /// the server logs a warning at start.
-    Disabled,
-}
-
-/// The `[auth]` section of the config.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    pub mode: AuthMode,
-    pub principals: Vec<PrincipalConfig>,
-}
-
-/// One caller and its roles, as configured.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrincipalConfig {
-    /// Shown in logs and errors.
-    pub name: String,
-    /// SHA-256 (hex) of each bearer token this principal may present; several allow a
-    /// rotation without downtime. `featurestore-server new-token` makes a token and its hash.
-    #[serde(default)]
-    pub token_sha256: Vec<String>,
-    /// Names of its client certificate, over mutual TLS: the subject's common name, or a
-    /// DNS or URI subject alternative name.
-    #[serde(default)]
-    pub certificate_names: Vec<String>,
-    /// Reader role: the surfaces it may read ("*" for all).
-    #[serde(default)]
-    pub read_surfaces: Vec<String>,
-    /// Writer role: the sources it may write values of ("*" for all); writes, explains and
-    /// bulk loads.
-    #[serde(default)]
-    pub write_sources: Vec<String>,
-    /// The producer ids its writes may state; empty for any.
-    #[serde(default)]
-    pub write_producers: Vec<String>,
-    /// Privacy role: user states, audit trails, erasure.
-    #[serde(default)]
-    pub privacy: bool,
-    /// Admin role: policy reload, audit-log verification, sweep, backup.
-    #[serde(default)]
-    pub admin: bool,
-}
-
-impl PrincipalConfig {
-    /// A principal with no credential and no role yet.
-    pub fn named(name: &str) -> PrincipalConfig {
-        PrincipalConfig {
-            name: name.to_string(),
-            token_sha256: Vec::new(),
-            certificate_names: Vec::new(),
-            read_surfaces: Vec::new(),
-            write_sources: Vec::new(),
-            write_producers: Vec::new(),
-            privacy: false,
-            admin: false,
-        }
-    }
-}
+use crate::service::gate::Gate;
 
 /// A set of names, or all of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,61 +46,6 @@ impl Scope {
 
     fn is_empty(&self) -> bool {
         matches!(self, Scope::Only(names) if names.is_empty())
-    }
-}
-
-/// The roles a method needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Reader,
-    Writer,
-    Privacy,
-    Admin,
-}
-
-/// What a call needs before it runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Needs {
-    /// Health checks: load balancers call them without credentials.
-    Nothing,
-    /// Any authenticated principal: the registry's listings and reflection.
-    AnyPrincipal,
-    Role(Role),
-    /// No rule allows it.
-    Refused,
-}
-
-/// The rule of the method at `path` (`/package.Service/Method`).
-pub fn needs(path: &str) -> Needs {
-    let Some((service, method)) = path.strip_prefix('/').and_then(|path| path.split_once('/'))
-    else {
-        return Needs::Refused;
-    };
-    match (service, method) {
-        ("grpc.health.v1.Health", "Check" | "Watch") => Needs::Nothing,
-        (
-            "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection",
-            "ServerReflectionInfo",
-        ) => Needs::AnyPrincipal,
-        ("featurestore.v1.FeatureStore", "ListFeatures" | "ListSurfaces") => Needs::AnyPrincipal,
-        ("featurestore.v1.FeatureStore", "GetFeatures") => Needs::Role(Role::Reader),
-        ("featurestore.v1.FeatureStore", "WriteFeatures" | "ExplainWrite") => {
-            Needs::Role(Role::Writer)
-        }
-        (
-            "featurestore.v1.Backfill",
-            "BulkLoad" | "GetLoadJob" | "AbortLoadJob" | "ListLoadJobs",
-        ) => Needs::Role(Role::Writer),
-        (
-            "featurestore.v1.Privacy",
-            "SetUserState" | "GetUserState" | "GetAuditTrail" | "EraseUser" | "GetErasureStatus",
-        ) => Needs::Role(Role::Privacy),
-        (
-            "featurestore.v1.Admin",
-            "ReloadPolicy" | "GetPolicyStatus" | "VerifyAuditLog" | "SweepExpired" | "CreateBackup"
-            | "GetStats",
-        ) => Needs::Role(Role::Admin),
-        _ => Needs::Refused,
     }
 }
 
@@ -461,7 +339,7 @@ impl Authenticator {
         }
         let certificates = request
             .extensions()
-            .get::<crate::connections::ConnectionInfo>()
+            .get::<crate::connection_info::ConnectionInfo>()
             .and_then(|connection| connection.peer_certificates.clone());
         let Some(certificates) = certificates else {
             return Err(Refusal::Unauthenticated(
