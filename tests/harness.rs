@@ -93,6 +93,7 @@ impl ChildServer {
     /// The server's endpoint once it serves, or None if it exited first.
     pub async fn endpoint(&mut self, directory: &std::path::Path) -> Option<String> {
         let started = std::time::Instant::now();
+        let mut ticks = poll_every(Duration::from_millis(10));
         loop {
             if let Ok(address) = std::fs::read_to_string(directory.join("address")) {
                 let endpoint = format!("http://{address}");
@@ -106,7 +107,7 @@ impl ChildServer {
                 started.elapsed() < Duration::from_secs(120),
                 "the server did not start within two minutes"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            ticks.tick().await;
         }
     }
 
@@ -349,6 +350,7 @@ impl TestServer {
     /// policy's status then.
     pub async fn wait_for_purge(&self) -> featurestore::proto::PolicyStatus {
         let started = std::time::Instant::now();
+        let mut ticks = poll_every(Duration::from_millis(10));
         loop {
             let status = self
                 .client
@@ -362,7 +364,7 @@ impl TestServer {
                 started.elapsed() < Duration::from_secs(30),
                 "the purge did not finish within 30 s"
             );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            ticks.tick().await;
         }
     }
 }
@@ -374,6 +376,7 @@ impl TestServer {
 pub async fn until_serving(endpoint: &str, mut ended: impl FnMut() -> bool) {
     use tonic_health::pb::health_check_response::ServingStatus;
     let started = std::time::Instant::now();
+    let mut ticks = poll_every(Duration::from_millis(10));
     while !ended() && started.elapsed() < Duration::from_secs(60) {
         let Ok(endpoint) = tonic::transport::Endpoint::from_shared(endpoint.to_string()) else {
             return;
@@ -391,7 +394,9 @@ pub async fn until_serving(endpoint: &str, mut ended: impl FnMut() -> bool) {
             Ok(ServingStatus::Serving) => return,
             // Plaintext to a TLS server: nothing to learn here.
             Err(status) if status.code() == tonic::Code::Unknown => return,
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => {
+                ticks.tick().await;
+            }
         }
     }
 }
@@ -506,12 +511,29 @@ pub async fn files_still_containing(
     needle: &[u8],
 ) -> Vec<std::path::PathBuf> {
     let mut left = files_containing(directory, needle);
+    let mut ticks = poll_every(Duration::from_millis(20));
     for _ in 0..100 {
         if left.is_empty() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        ticks.tick().await;
         left = files_containing(directory, needle);
     }
     left
+}
+
+/// Paces a loop that waits for an effect the test cannot be told of (a server starting, a
+/// purge finishing, a file leaving the disk): the loop checks, and awaits the next tick
+/// before it checks again. Every such loop also has a deadline that fails the test.
+pub fn poll_every(period: Duration) -> tokio::time::Interval {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
+/// A deliberate delay between the actions of a stress or crash test, to vary how they
+/// interleave; never a wait for an effect (see [`poll_every`]). The only sleep of the
+/// test suite.
+pub async fn pause(duration: Duration) {
+    tokio::time::sleep(duration).await;
 }

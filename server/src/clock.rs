@@ -1,5 +1,7 @@
-//! The injected source of time. Every TTL, expiry and idempotency window is computed from
-//! a [`Clock`], so tests move time instead of sleeping.
+//! The one place the server reads the system's clocks. Every TTL, expiry and idempotency
+//! window is computed from an injected [`Clock`], so tests move time instead of sleeping;
+//! durations that are never stored (deadlines, latencies, idle times) come from
+//! [`monotonic_now`] and [`tokio_now`].
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +28,18 @@ impl Clock for SystemClock {
             });
         Timestamp::from_unix_micros(micros)
     }
+}
+
+/// The monotonic clock, for durations that are never stored nor compared with a stored
+/// time: request deadlines and latencies.
+pub fn monotonic_now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+/// Tokio's monotonic clock, for its timers (intervals, idle timeouts): it stands still
+/// in a test that pauses tokio's time.
+pub fn tokio_now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// A clock that only moves when told to, for tests.

@@ -134,7 +134,7 @@ impl CallCount for ConnectionState {
 
     fn call_ended(&self) {
         if self.calls.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *self.idle_since.lock() = Instant::now();
+            *self.idle_since.lock() = crate::clock::tokio_now();
             if self.shutdown.is_cancelled() {
                 self.close.cancel();
             }
@@ -192,7 +192,7 @@ impl Connections {
         let state = Arc::new(ConnectionState {
             id: self.next_id.fetch_add(1, Ordering::SeqCst),
             calls: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            idle_since: Mutex::new(crate::clock::tokio_now()),
             close: CancellationToken::new(),
             shutdown: self.shutdown.clone(),
             reader: Mutex::new(None),

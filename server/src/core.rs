@@ -531,6 +531,15 @@ impl Core {
         Ok((users_swept, removed))
     }
 
+    /// Waits for the latest purge to finish.
+    #[cfg(test)]
+    pub(crate) fn join_purge(&self) {
+        let purge = self.purge_thread.lock().take();
+        if let Some(purge) = purge {
+            purge.join().expect("the purge thread does not panic");
+        }
+    }
+
     /// Stops purges and sweeps between two users and waits for the latest purge thread;
     /// an unfinished purge runs again at the next start.
     pub fn stop(&self) {

@@ -303,6 +303,7 @@ pub async fn run_with_clock(
     if let Some(tls) = &tls {
         background_tasks.spawn(tls::reload_periodically(
             Arc::clone(tls),
+            metrics.clone(),
             background.clone(),
         ));
     }

@@ -5,6 +5,8 @@
 //! Every label takes its values from a small fixed set (methods, status codes, batch-size
 //! buckets, surfaces, reasons, states); nothing about a user ever becomes a label.
 
+mod engine;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -27,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
 use crate::core::read_tally::{AGE_BUCKETS_SECONDS, ReadTally, SurfaceAges};
+use crate::methods::{Needs, needs};
 use crate::policy::bundle::reason_name;
 use crate::registry::SurfaceId;
-use crate::methods::{Needs, needs};
 use crate::staging::JobState;
+use engine::RocksdbGauges;
 
 /// Upper bounds of the request-duration buckets, in seconds: 100 µs to 10 s.
 const DURATION_BUCKETS_SECONDS: [f64; 16] = [
@@ -211,6 +214,8 @@ pub struct Metrics {
     write_outcomes: Family<OutcomeLabels, Counter>,
     write_refusals: Family<ReasonLabels, Counter>,
     bulk_load_rows: Family<ResultLabels, Counter>,
+    /// Changed TLS files found by the periodic check: put in force, or refused.
+    tls_reloads: Family<ResultLabels, Counter>,
     bulk_load_jobs: Family<StateLabels, Gauge>,
     policy_bundle: Family<BundleLabels, Gauge>,
     policy_loaded_at: Gauge<f64, AtomicU64>,
@@ -223,23 +228,6 @@ impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
-}
-
-/// RocksDB's figures, set at each scrape.
-#[derive(Default)]
-struct RocksdbGauges {
-    rows_estimate: Gauge,
-    user_states_estimate: Gauge,
-    table_file_bytes: Gauge,
-    memtable_bytes: Gauge,
-    pending_compaction_bytes: Gauge,
-    running_compactions: Gauge,
-    block_cache_usage_bytes: Gauge,
-    block_cache_capacity_bytes: Gauge,
-    block_cache_hits: Counter,
-    block_cache_misses: Counter,
-    write_stall_seconds: Counter<f64, AtomicU64>,
-    writes_stopped: Gauge,
 }
 
 const ROW_STATUSES: [proto::RowStatus; 3] = [
@@ -380,6 +368,12 @@ impl Metrics {
             "(value, target surface) pairs refused by WriteFeatures, by reason (a pair refused for two reasons counts under both)",
             write_refusals.clone(),
         );
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "changed TLS certificate files found by the periodic check, by result (loaded: put in force; refused: they do not load, the previous ones stay)",
+            tls_reloads.clone(),
+        );
         let bulk_load_rows = Family::<ResultLabels, Counter>::default();
         registry.register(
             "bulk_load_rows",
@@ -427,12 +421,13 @@ impl Metrics {
             write_verdicts,
             write_outcomes,
             write_refusals,
+            tls_reloads,
             bulk_load_rows,
             bulk_load_jobs,
             policy_bundle,
             policy_loaded_at,
             uptime,
-            started: Instant::now(),
+            started: crate::clock::monotonic_now(),
             rocksdb,
         }
     }
@@ -589,6 +584,15 @@ impl Metrics {
         }
     }
 
+    /// Counts a check of the TLS files that found them changed: `loaded` when the new ones
+    /// were put in force.
+    pub fn tls_reload(&self, loaded: bool) {
+        let result = if loaded { "loaded" } else { "refused" };
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     /// Reads the figures kept elsewhere (RocksDB, the policy in force, job records) and
     /// renders every metric in the Prometheus text format. Blocking: reads the database.
     pub fn render(&self, core: &Core) -> Result<String, crate::error::Error> {
@@ -643,111 +647,6 @@ fn outcome_label(outcome: proto::Outcome) -> &'static str {
     }
 }
 
-impl RocksdbGauges {
-    fn register(&self, registry: &mut Registry) {
-        let gauges: [(&str, &str, &Gauge); 9] = [
-            (
-                "estimated_rows",
-                "RocksDB's estimate of the (user, surface) rows stored",
-                &self.rows_estimate,
-            ),
-            (
-                "estimated_user_states",
-                "RocksDB's estimate of the users with a stored privacy state",
-                &self.user_states_estimate,
-            ),
-            (
-                "table_file_bytes",
-                "Bytes of table (SST) files, over every column family",
-                &self.table_file_bytes,
-            ),
-            (
-                "memtable_bytes",
-                "Bytes in memtables, over every column family",
-                &self.memtable_bytes,
-            ),
-            (
-                "pending_compaction_bytes",
-                "Bytes compaction has to rewrite to bring the levels to their targets",
-                &self.pending_compaction_bytes,
-            ),
-            (
-                "running_compactions",
-                "Compactions running now",
-                &self.running_compactions,
-            ),
-            (
-                "block_cache_usage_bytes",
-                "Bytes held in the block cache",
-                &self.block_cache_usage_bytes,
-            ),
-            (
-                "block_cache_capacity_bytes",
-                "Capacity of the block cache",
-                &self.block_cache_capacity_bytes,
-            ),
-            (
-                "writes_stopped",
-                "1 while RocksDB stops writes until compaction catches up",
-                &self.writes_stopped,
-            ),
-        ];
-        for (name, help, gauge) in gauges {
-            registry.register(name, help, gauge.clone());
-        }
-        registry.register(
-            "block_cache_hits",
-            "Block cache lookups that found their block (statistics on)",
-            self.block_cache_hits.clone(),
-        );
-        registry.register(
-            "block_cache_misses",
-            "Block cache lookups that read the block from a file (statistics on)",
-            self.block_cache_misses.clone(),
-        );
-        registry.register(
-            "write_stall_seconds",
-            "Time writes were delayed or stopped by RocksDB (statistics on)",
-            self.write_stall_seconds.clone(),
-        );
-    }
-
-    fn set(&self, figures: &crate::storage::EngineFigures) {
-        let gauge = |gauge: &Gauge, value: u64| {
-            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
-        };
-        gauge(&self.rows_estimate, figures.rows_estimate);
-        gauge(&self.user_states_estimate, figures.user_states_estimate);
-        gauge(&self.table_file_bytes, figures.table_file_bytes);
-        gauge(&self.memtable_bytes, figures.memtable_bytes);
-        gauge(
-            &self.pending_compaction_bytes,
-            figures.pending_compaction_bytes,
-        );
-        gauge(&self.running_compactions, figures.running_compactions);
-        gauge(
-            &self.block_cache_usage_bytes,
-            figures.block_cache_usage_bytes,
-        );
-        gauge(
-            &self.block_cache_capacity_bytes,
-            figures.block_cache_capacity_bytes,
-        );
-        gauge(&self.writes_stopped, u64::from(figures.writes_stopped));
-        // RocksDB keeps these totals itself; the counters catch up to them.
-        let catch_up = |counter: &Counter, total: u64| {
-            counter.inc_by(total.saturating_sub(counter.get()));
-        };
-        catch_up(&self.block_cache_hits, figures.block_cache_hits);
-        catch_up(&self.block_cache_misses, figures.block_cache_misses);
-        let stalled = figures.write_stall_micros as f64 / 1e6;
-        let counted = self.write_stall_seconds.get();
-        if stalled > counted {
-            self.write_stall_seconds.inc_by(stalled - counted);
-        }
-    }
-}
-
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -798,96 +697,4 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rendered(metrics: &Metrics) -> String {
-        let mut text = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut text, &metrics.registry)
-            .expect("the registry renders");
-        text
-    }
-
-    #[test]
-    fn ages_fall_in_the_bucket_of_their_upper_bound() {
-        let mut ages = SurfaceAges::default();
-        ages.add(-5);
-        ages.add(60 * 1_000_000);
-        ages.add(61 * 1_000_000);
-        ages.add(100 * 24 * 60 * 60 * 1_000_000);
-        assert_eq!(
-            ages.buckets[0], 2,
-            "zero (from the future) and exactly a minute"
-        );
-        assert_eq!(ages.buckets[1], 1);
-        assert_eq!(
-            ages.buckets[AGE_BUCKETS_SECONDS.len()],
-            1,
-            "older than 90 days"
-        );
-        assert_eq!(ages.count, 4);
-    }
-
-    #[test]
-    fn a_write_is_counted_per_value_per_surface_and_per_reason() {
-        let metrics = Metrics::new([(SurfaceId(1), "feed".to_string())]);
-        let refused = |reasons: Vec<i32>| proto::SurfaceOutcome {
-            surface: "ads".to_string(),
-            outcome: proto::Outcome::Refused as i32,
-            reasons,
-        };
-        let stored = proto::SurfaceOutcome {
-            surface: "feed".to_string(),
-            outcome: proto::Outcome::Stored as i32,
-            reasons: Vec::new(),
-        };
-        let sensitive = proto::ReasonCode::SensitiveTopicForAds as i32;
-        let minor = proto::ReasonCode::MinorOrUnknownAgeForAds as i32;
-        let response = proto::WriteFeaturesResponse {
-            rows: vec![proto::RowResult {
-                verdicts: vec![
-                    proto::FeatureVerdict {
-                        verdict: proto::Verdict::AllowWithTransform as i32,
-                        surfaces: vec![stored.clone(), refused(vec![sensitive, minor])],
-                        ..Default::default()
-                    },
-                    proto::FeatureVerdict {
-                        verdict: proto::Verdict::Deny as i32,
-                        surfaces: vec![refused(vec![sensitive])],
-                        ..Default::default()
-                    },
-                ],
-            }],
-            ..Default::default()
-        };
-        metrics.write(&response);
-        // A replayed answer wrote nothing and counts nothing.
-        metrics.write(&proto::WriteFeaturesResponse {
-            replayed: true,
-            ..response
-        });
-        let text = rendered(&metrics);
-        for line in [
-            "featurestore_write_verdicts_total{verdict=\"allow_with_transform\"} 1",
-            "featurestore_write_verdicts_total{verdict=\"deny\"} 1",
-            "featurestore_write_outcomes_total{outcome=\"stored\"} 1",
-            "featurestore_write_outcomes_total{outcome=\"refused\"} 2",
-            "featurestore_write_refusals_total{reason=\"SENSITIVE_TOPIC_FOR_ADS\"} 2",
-            "featurestore_write_refusals_total{reason=\"MINOR_OR_UNKNOWN_AGE_FOR_ADS\"} 1",
-        ] {
-            assert!(text.contains(line), "{line} missing from:\n{text}");
-        }
-    }
-
-    #[test]
-    fn made_up_paths_share_one_label() {
-        let metrics = Metrics::new([]);
-        let known = metrics.method("/featurestore.v1.FeatureStore/GetFeatures");
-        assert_eq!(&*known.method.0, "GetFeatures");
-        assert_eq!(&*known.service.0, "featurestore.v1.FeatureStore");
-        for path in ["/featurestore.v1.FeatureStore/Nope", "/x/y", "nonsense"] {
-            assert_eq!(&*metrics.method(path).method.0, "unknown");
-        }
-        assert_eq!(metrics.methods.read().len(), 1);
-    }
-}
+mod tests;

@@ -137,7 +137,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let started = Instant::now();
+        let started = crate::clock::monotonic_now();
         request.extensions_mut().insert(Received(started));
         let id = self.layer.ids.of(&request);
         let path = request.uri().path();
@@ -163,7 +163,7 @@ where
             let mut response = response.await?;
             response.headers_mut().insert(REQUEST_ID, id);
             let mut finish = finish;
-            finish.answered = Instant::now();
+            finish.answered = crate::clock::monotonic_now();
             finish.read_batch = response
                 .extensions()
                 .get::<ReadBatch>()

@@ -89,7 +89,7 @@ impl FeatureStoreService {
             stopping,
             load_permits: Arc::new(Semaphore::new(options.chunks_decided_at_once.max(1))),
             metrics: options.metrics,
-            started: Instant::now(),
+            started: crate::clock::monotonic_now(),
             config_shown: options.config_shown.into(),
             stats_rows_sampled: options.stats_rows_sampled,
         }
@@ -120,7 +120,7 @@ impl FeatureStoreService {
             let _entered = span.enter();
             let _permit = permit;
             // The wait for a blocking thread may have taken the rest of the time.
-            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            if deadline.is_some_and(|deadline| crate::clock::monotonic_now() >= deadline) {
                 return Err(Error::DeadlinePassed);
             }
             work(&core)

@@ -13,7 +13,7 @@ pub struct Ticker {
 
 impl Ticker {
     pub fn new(interval: std::time::Duration, shutdown: CancellationToken) -> Ticker {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut ticks = tokio::time::interval_at(crate::clock::tokio_now() + interval, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ticker { ticks, shutdown }
     }

@@ -139,14 +139,22 @@ fn server_config(config: &TlsConfig) -> anyhow::Result<ServerConfig> {
 
 /// Checks the TLS files every `tls.reload_interval` until `shutdown`, and puts a changed
 /// set in force.
-pub async fn reload_periodically(tls: Arc<Tls>, shutdown: CancellationToken) {
+pub async fn reload_periodically(
+    tls: Arc<Tls>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    shutdown: CancellationToken,
+) {
     let interval = tls.config.reload_interval;
     if interval.is_zero() {
         return;
     }
     let mut ticker = crate::ticker::Ticker::new(interval, shutdown);
     while ticker.tick().await {
-        match tls.reload_if_changed() {
+        let reloaded = tls.reload_if_changed();
+        if let (Some(metrics), Ok(true) | Err(_)) = (&metrics, &reloaded) {
+            metrics.tls_reload(reloaded.is_ok());
+        }
+        match reloaded {
             Ok(true) => tracing::info!("TLS certificates reloaded"),
             Ok(false) => {}
             Err(error) => {

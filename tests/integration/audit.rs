@@ -92,16 +92,22 @@ async fn tampering_with_a_record_is_detected() {
         let db = featurestore_tests::open_database_directly(&directory);
         let audit = db.cf_handle("audit").expect("audit column family");
         // Records are keyed (chain, sequence): the user's chain holds all five.
-        let (key, record) = db
-            .iterator_cf(audit, rocksdb::IteratorMode::Start)
-            .map(|item| item.expect("read"))
-            .find(|(_, record)| String::from_utf8_lossy(record).contains("interest_fitness_health"))
-            .expect("the health refusal is recorded");
+        let mut records = db.raw_iterator_cf(audit);
+        records.seek_to_first();
+        let mut found = None;
+        while let (Some(key), Some(record)) = (records.key(), records.value()) {
+            if String::from_utf8_lossy(record).contains("interest_fitness_health") {
+                found = Some((key.to_vec(), record.to_vec()));
+                break;
+            }
+            records.next();
+        }
+        drop(records);
+        let (key, record) = found.expect("the health refusal is recorded");
         assert!(
             key.ends_with(&3u64.to_be_bytes()),
             "the health refusal is record 3 of its chain"
         );
-        let (key, record) = (key.to_vec(), record.to_vec());
         let position = record
             .windows(b"interest_fitness_health".len())
             .position(|window| window == b"interest_fitness_health")

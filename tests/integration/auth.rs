@@ -464,6 +464,7 @@ async fn wait_until_serving(server: &TestServer, authority: &TestAuthority) {
             .expect("endpoint")
             .tls_config(tls.tonic_config())
             .expect("TLS settings");
+    let mut ticks = featurestore_tests::poll_every(std::time::Duration::from_millis(10));
     for _ in 0..3000 {
         if let Ok(channel) = endpoint.connect().await {
             let answer = tonic_health::pb::health_client::HealthClient::new(channel)
@@ -478,7 +479,7 @@ async fn wait_until_serving(server: &TestServer, authority: &TestAuthority) {
                 return;
             }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        ticks.tick().await;
     }
     panic!("the TLS server did not start serving");
 }
@@ -632,6 +633,7 @@ async fn renewed_certificates_are_put_in_force_without_a_restart() {
     std::fs::copy(&renewed.certificate, &files.certificate).expect("renew the certificate");
     std::fs::copy(&renewed.key, &files.key).expect("renew the key");
     let started = std::time::Instant::now();
+    let mut ticks = featurestore_tests::poll_every(std::time::Duration::from_millis(20));
     while let Err(error) = tls_client(&server, &new, None, Some(READER))
         .get_features(reels(1))
         .await
@@ -640,7 +642,7 @@ async fn renewed_certificates_are_put_in_force_without_a_restart() {
             started.elapsed() < std::time::Duration::from_secs(20),
             "the renewed certificate was never put in force: {error}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        ticks.tick().await;
     }
     let error = tls_client(&server, &old, None, Some(READER))
         .get_features(reels(1))
@@ -652,7 +654,19 @@ async fn renewed_certificates_are_put_in_force_without_a_restart() {
     // certificate in force stays.
     let stranger = old.client("stranger");
     std::fs::copy(&stranger.key, &files.key).expect("write a mismatched key");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Once the server has found the changed files and refused them, the check is done.
+    let started = std::time::Instant::now();
+    while !server
+        .scrape()
+        .await
+        .contains("featurestore_tls_reloads_total{result=\"refused\"}")
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the server never looked at the broken renewal"
+        );
+        ticks.tick().await;
+    }
     tls_client(&server, &new, None, Some(READER))
         .get_features(reels(1))
         .await

@@ -134,7 +134,7 @@ async fn acknowledged_writes_survive_kill_9() {
         if round % 4 == 3 {
             // Killed while it opens and recovers the database.
             let starting = start_server(directory.path(), round + 1000);
-            tokio::time::sleep(Duration::from_millis(random.below(60))).await;
+            featurestore_tests::pause(Duration::from_millis(random.below(60))).await;
             starting.kill();
             killed_starting += 1;
         }
@@ -212,7 +212,7 @@ async fn acknowledged_writes_survive_kill_9() {
             })
             .collect();
         let delay = Duration::from_millis(20 + random.below(400));
-        tokio::time::sleep(delay).await;
+        featurestore_tests::pause(delay).await;
         server.kill();
         let mut written = 0;
         let first = next_sequence;

@@ -42,6 +42,7 @@ async fn health(server: &TestServer) -> Option<ServingStatus> {
 /// Waits up to 20 seconds for the health service to say `wanted`.
 async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {
     let started = Instant::now();
+    let mut ticks = featurestore_tests::poll_every(Duration::from_millis(20));
     loop {
         if health(server).await == Some(wanted) {
             return;
@@ -51,7 +52,7 @@ async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {
             "health did not turn {wanted:?}: {:?}",
             health(server).await
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        ticks.tick().await;
     }
 }
 
@@ -263,6 +264,7 @@ async fn slow_start() {
     fail::remove("core-start");
     // The same client, whose connection was made while starting, is served now.
     let started = Instant::now();
+    let mut ticks = featurestore_tests::poll_every(Duration::from_millis(20));
     loop {
         match client.get_features(both_surfaces()).await {
             Ok(response) => {
@@ -272,7 +274,7 @@ async fn slow_start() {
             Err(error) => {
                 assert_eq!(error.code(), Code::Unavailable, "{error}");
                 assert!(started.elapsed() < Duration::from_secs(10), "{error}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                ticks.tick().await;
             }
         }
     }

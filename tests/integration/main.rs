@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod bad_input;
 mod bulk_load;
+mod bulk_load_jobs;
 mod cli;
 mod crash;
 mod erasure;
@@ -20,6 +21,7 @@ mod read_instructions;
 mod read_write;
 mod retention;
 mod stress;
+mod tidy;
 
 use clap::Parser;
 use featurestore::proto::{self, GetFeaturesResponse, ValueStatus};

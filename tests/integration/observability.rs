@@ -612,6 +612,7 @@ async fn a_request_id_appears_in_the_servers_log_lines() {
     assert_eq!(request_id(response.metadata()), Some("trace-me-7f3a"));
     // The request's last line is written when its response ends; wait for it.
     let started = Instant::now();
+    let mut ticks = featurestore_tests::poll_every(Duration::from_millis(10));
     let lines = loop {
         let text = std::fs::read_to_string(&log_path).expect("read the log");
         let lines: Vec<serde_json::Value> = text
@@ -632,7 +633,7 @@ async fn a_request_id_appears_in_the_servers_log_lines() {
             break lines;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "log: {text}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        ticks.tick().await;
     };
     server.kill();
     let finished = lines

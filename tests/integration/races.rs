@@ -60,6 +60,7 @@ impl Pause {
     /// Waits until a thread stands at the failpoint.
     async fn reached(&self) {
         let started = Instant::now();
+        let mut ticks = featurestore_tests::poll_every(Duration::from_millis(5));
         loop {
             match self.reached.try_recv() {
                 Ok(()) => return,
@@ -69,7 +70,7 @@ impl Pause {
                         "nothing reached the failpoint {}",
                         self.name
                     );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    ticks.tick().await;
                 }
                 Err(TryRecvError::Disconnected) => panic!("the failpoint {} is gone", self.name),
             }

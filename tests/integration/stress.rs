@@ -296,7 +296,7 @@ async fn privacy(client: Client, shared: Arc<Shared>, seed: u64) {
             .entry(user_id)
             .or_default()
             .push(Instant::now());
-        tokio::time::sleep(Duration::from_millis(random.below(15))).await;
+        featurestore_tests::pause(Duration::from_millis(random.below(15))).await;
     }
 }
 
@@ -335,7 +335,7 @@ async fn loader(client: Client, shared: Arc<Shared>, seed: u64) {
 async fn reloader(client: Client, shared: Arc<Shared>, bundle_path: std::path::PathBuf) {
     let mut tighter = false;
     while !shared.stop.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        featurestore_tests::pause(Duration::from_millis(700)).await;
         tighter = !tighter;
         let text = if tighter {
             tighter_bundle()

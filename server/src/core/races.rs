@@ -164,9 +164,7 @@ fn a_state_change_that_overlaps_a_bundle_reload_leaves_rows_judged_by_the_new_bu
     fail::cfg_callback("user-state-policy-taken", move || {
         if std::thread::current().id() == test_thread && !reloader.purge_status().running {
             reloader.reload_policy("tests").expect("reload");
-            while reloader.purge_status().running {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            reloader.join_purge();
         }
     })
     .expect("failpoint");

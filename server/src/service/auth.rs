@@ -16,8 +16,8 @@ use featurestore::domain::{ReadRequest, WriteRow};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, AuthMode, PrincipalConfig};
-pub use crate::methods::{Needs, Role, needs};
 use crate::error::Error;
+pub use crate::methods::{Needs, Role, needs};
 use crate::registry::Registry;
 use crate::service::gate::Gate;
 
