@@ -22,6 +22,7 @@ use featurestore::proto::ReasonCode;
 use super::Core;
 use super::write::{Decision, fence_refusal};
 use crate::audit::AuditAction;
+use crate::config::BulkLoadConfig;
 use crate::error::Error;
 use crate::staging::{
     JOB_KEY_PREFIX, JobRecord, JobState, MergedRows, StagedRow, StagedUser, Summary, chunk_path,
@@ -29,6 +30,29 @@ use crate::staging::{
 };
 use crate::storage::codec::encode_row;
 use crate::storage::{ErasureState, RowKey, StoredRow, codec};
+use parking_lot::Mutex;
+
+/// The bulk-load part of the core.
+#[derive(Debug)]
+pub(super) struct LoadState {
+    /// Bulk-load settings.
+    pub(super) settings: BulkLoadConfig,
+    /// Bulk-load jobs attached to a stream right now.
+    pub(super) attached_jobs: Mutex<HashSet<String>>,
+    /// Held while a staging file is written, so that an erasure's purge of staged rows
+    /// never misses a chunk being made durable.
+    pub(super) staging_lock: Mutex<()>,
+}
+
+impl LoadState {
+    pub(super) fn new(settings: BulkLoadConfig) -> LoadState {
+        LoadState {
+            settings,
+            attached_jobs: Mutex::new(HashSet::new()),
+            staging_lock: Mutex::new(()),
+        }
+    }
+}
 
 /// What became of one chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,7 +94,7 @@ impl LoadAttachment {
 
 impl Drop for LoadAttachment {
     fn drop(&mut self) {
-        self.core.attached_jobs.lock().remove(&self.job_id);
+        self.core.loads.attached_jobs.lock().remove(&self.job_id);
     }
 }
 
@@ -90,7 +114,7 @@ fn staging(job_id: &str, error: impl std::fmt::Display) -> Error {
 
 impl Core {
     fn staging_directory(&self, job_id: &str) -> PathBuf {
-        self.bulk_load.staging_dir.join(job_id)
+        self.loads.settings.staging_dir.join(job_id)
     }
 
     /// A job's record; `NoLoadJob` when there is none.
@@ -155,7 +179,7 @@ impl Core {
             )
             .into());
         }
-        if !self.attached_jobs.lock().insert(job_id.to_string()) {
+        if !self.loads.attached_jobs.lock().insert(job_id.to_string()) {
             return Err(Error::LoadJobBusy {
                 job_id: job_id.to_string(),
             });
@@ -350,7 +374,7 @@ impl Core {
         // Decided, not yet durable: an erasure of one of its users may come here.
         fail::fail_point!("load-chunk-decided");
         let directory = self.staging_directory(job_id);
-        let _staging = self.staging_lock.lock();
+        let _staging = self.loads.staging_lock.lock();
         // A user erased since the chunk was decided leaves no staged copy: an erasure
         // purges the chunks already durable, and this one is written after it.
         let users: Vec<u64> = chunk.users.iter().map(|user| user.user_id).collect();
@@ -387,7 +411,7 @@ impl Core {
     /// Deletes the staged rows of an erased user from every job not yet applied. The
     /// user stays listed in the chunks, so that their commit counts the rows as refused.
     pub(in crate::core) fn erase_staged_user(&self, user_id: u64) -> Result<(), Error> {
-        let _staging = self.staging_lock.lock();
+        let _staging = self.loads.staging_lock.lock();
         for (job_id, path) in self.staged_chunks()? {
             let purge = || -> std::io::Result<bool> {
                 let (users, _) = read_users(&path)?;
@@ -443,7 +467,7 @@ impl Core {
 
     /// Aborts an open job: nothing of it is applied, its staged rows are deleted.
     pub fn load_abort(&self, job_id: &str) -> Result<JobRecord, Error> {
-        if self.attached_jobs.lock().contains(job_id) {
+        if self.loads.attached_jobs.lock().contains(job_id) {
             return Err(Error::LoadJobBusy {
                 job_id: job_id.to_string(),
             });
@@ -482,13 +506,13 @@ impl Core {
         let before = |age: std::time::Duration| {
             now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX))
         };
-        let abandoned = before(self.bulk_load.abandoned_after);
-        let forgotten = before(self.bulk_load.finished_jobs_kept);
+        let abandoned = before(self.loads.settings.abandoned_after);
+        let forgotten = before(self.loads.settings.finished_jobs_kept);
         for mut job in self.load_jobs(usize::MAX)? {
             match job.state {
                 JobState::Open
                     if job.updated_at < abandoned
-                        && !self.attached_jobs.lock().contains(&job.job_id) =>
+                        && !self.loads.attached_jobs.lock().contains(&job.job_id) =>
                 {
                     tracing::warn!(job = %job.job_id, "aborting an abandoned bulk load");
                     self.abort(&mut job, "retention-sweep")?;

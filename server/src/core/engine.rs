@@ -3,7 +3,9 @@
 //! private to the core, so that nothing goes around the domain's rules; what an engine
 //! does not offer is answered with [`Error::Unsupported`].
 
-use crate::audit::{AuditRecord, AuditReport, Pseudonym};
+use std::path::PathBuf;
+
+use crate::audit::{AuditAction, AuditRecord, AuditReport, Pseudonym};
 use crate::error::Error;
 use crate::storage::{BulkFiles, Census, EngineFigures, EngineStats, Maintenance, StorageError};
 
@@ -82,5 +84,24 @@ impl Core {
             )
             .into()),
         }
+    }
+
+    /// Writes a consistent backup of the database; returns its directory. `caller` is
+    /// recorded in the audit log.
+    pub fn backup(&self, caller: &str) -> Result<PathBuf, Error> {
+        std::fs::create_dir_all(&self.backup_dir).map_err(|error| {
+            Error::Backup(format!(
+                "cannot create {}: {error}",
+                self.backup_dir.display()
+            ))
+        })?;
+        let directory = self
+            .backup_dir
+            .join(format!("backup-{}", self.clock.now().unix_micros()));
+        self.maintenance()?.checkpoint(&directory)?;
+        let mut entry = self.audit_entry(AuditAction::BackupCreated, caller, None)?;
+        entry.subject = directory.display().to_string();
+        self.store.append_audit(&[entry])?;
+        Ok(directory)
     }
 }

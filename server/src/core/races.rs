@@ -164,7 +164,7 @@ fn a_state_change_that_overlaps_a_bundle_reload_leaves_rows_judged_by_the_new_bu
     fail::cfg_callback("user-state-policy-taken", move || {
         if std::thread::current().id() == test_thread && !reloader.purge_status().running {
             reloader.reload_policy("tests").expect("reload");
-            reloader.join_purge();
+            assert!(reloader.join_purge(), "the purge thread does not panic");
         }
     })
     .expect("failpoint");

@@ -24,6 +24,15 @@ use crate::storage::{
 /// the write; past that the caller gets ABORTED and may retry.
 const DECISION_ATTEMPTS: usize = 3;
 
+/// What the write path needs beyond the policy.
+#[derive(Debug)]
+pub(super) struct WriteSettings {
+    /// How long an idempotency key's answer is replayed.
+    pub(super) idempotency_window: std::time::Duration,
+    /// How far past the clock an interaction time may be; later ones are refused.
+    pub(super) interaction_time_skew_allowance: std::time::Duration,
+}
+
 /// Where an admitted value went: which storage row (in the order [`Core::decide_rows`]
 /// made them), and which value of it.
 #[derive(Clone, Copy)]
@@ -128,7 +137,7 @@ impl Core {
                 created_at: now,
             };
             let replay_since = Timestamp::from_unix_micros(now.unix_micros().saturating_sub(
-                i64::try_from(self.idempotency_window.as_micros()).unwrap_or(i64::MAX),
+                i64::try_from(self.writes.idempotency_window.as_micros()).unwrap_or(i64::MAX),
             ));
             let mut outcomes: Vec<Option<Vec<Vec<ValueOutcome>>>> = vec![None; plan.shares.len()];
             let span = tracing::debug_span!("storage", users = plan.shares.len()).entered();
@@ -469,7 +478,7 @@ impl Core {
         if !self.registry.knows_app(origin_app) {
             reasons = reasons.with(ReasonCode::UnknownApp);
         }
-        if interaction_time > now.saturating_add(self.interaction_time_skew_allowance) {
+        if interaction_time > now.saturating_add(self.writes.interaction_time_skew_allowance) {
             reasons = reasons.with(ReasonCode::InteractionTimeInFuture);
         }
         reasons

@@ -62,8 +62,8 @@ impl Core {
             // A first attempt prepares without holding user-state changes off, then checks
             // that none happened meanwhile; if some did, the second attempt holds them off
             // from the start.
-            let early_gate = exclusive.then(|| self.state_gate.write());
-            let changes_seen = self.state_changes.load(Ordering::SeqCst);
+            let early_gate = exclusive.then(|| self.privacy.state_gate.write());
+            let changes_seen = self.privacy.state_changes.load(Ordering::SeqCst);
             let refused = self.refused_at_commit(&chunk_users)?;
             let merged = MergedRows::open(
                 &chunks,
@@ -73,7 +73,7 @@ impl Core {
                     .collect(),
             )
             .map_err(|error| staging(&job_id, error))?;
-            let ingest = staged_rows >= self.bulk_load.ingest_rows_min;
+            let ingest = staged_rows >= self.loads.settings.ingest_rows_min;
             let (files, small) = if ingest {
                 if tables.exists() {
                     std::fs::remove_dir_all(&tables).map_err(|error| staging(&job_id, error))?;
@@ -86,7 +86,7 @@ impl Core {
                 let files = self.bulk_files()?.write_table_files(
                     &mut rows,
                     &tables,
-                    self.bulk_load.table_file_bytes_max,
+                    self.loads.settings.table_file_bytes_max,
                 )?;
                 if let Some(error) = rows.error {
                     return Err(staging(&job_id, error));
@@ -110,9 +110,9 @@ impl Core {
             }
             let _gate = match early_gate {
                 Some(gate) => gate,
-                None => self.state_gate.write(),
+                None => self.privacy.state_gate.write(),
             };
-            if !exclusive && self.state_changes.load(Ordering::SeqCst) != changes_seen {
+            if !exclusive && self.privacy.state_changes.load(Ordering::SeqCst) != changes_seen {
                 exclusive = true;
                 continue;
             }
