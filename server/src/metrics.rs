@@ -293,142 +293,87 @@ impl Metrics {
     /// The metrics of a server whose registry has these surfaces.
     pub fn new(surfaces: impl IntoIterator<Item = (SurfaceId, String)>) -> Metrics {
         let mut registry = Registry::with_prefix("featurestore");
-        let duration_histogram = || Histogram::new(DURATION_BUCKETS_SECONDS.iter().copied());
-        let requests = Family::<RequestLabels, Histogram>::new_with_constructor(
-            duration_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "grpc_request_duration_seconds",
-            "Time from a call's headers to its last response byte, by method and status code",
-            requests.clone(),
-        );
-        let reads = Family::<BatchLabels, Histogram>::new_with_constructor(
-            duration_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "read_duration_seconds",
-            "Time of successful GetFeatures calls by batch size (keys per request)",
-            reads.clone(),
-        );
-        let read_keys = Family::<StatusLabels, Counter>::default();
-        registry.register(
-            "read_keys",
-            "Keys answered by GetFeatures, by row status",
-            read_keys.clone(),
-        );
-        let read_values = Family::<StatusLabels, Counter>::default();
-        registry.register(
-            "read_values",
-            "Cells answered by GetFeatures (key x feature), by value status",
-            read_values.clone(),
-        );
-        // Every status is shown from the start, at zero, so that rates work at once.
-        for status in ROW_STATUSES {
-            drop(read_keys.get_or_create(&StatusLabels {
-                status: row_status_label(status),
-            }));
-        }
-        for status in VALUE_STATUSES {
-            drop(read_values.get_or_create(&StatusLabels {
-                status: value_status_label(status),
-            }));
-        }
-        let ages = Family::<SurfaceLabels, AgeHistogram>::default();
-        let value_ages = surfaces
-            .into_iter()
-            .map(|(id, name)| {
-                let histogram = ages
-                    .get_or_create(&SurfaceLabels {
-                        surface: Name(name.into()),
-                    })
-                    .clone();
-                (id, histogram)
-            })
-            .collect();
-        registry.register(
-            "served_value_age_seconds",
-            "Age of each value served (now minus the event time it was derived from), by surface",
-            ages,
-        );
-        let write_verdicts = Family::<VerdictLabels, Counter>::default();
-        registry.register(
-            "write_verdicts",
-            "Feature values of WriteFeatures calls, by verdict over their target surfaces",
-            write_verdicts.clone(),
-        );
-        let write_outcomes = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "write_outcomes",
-            "(value, target surface) pairs of WriteFeatures calls, by outcome",
-            write_outcomes.clone(),
-        );
-        let write_refusals = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "write_refusals",
-            "(value, target surface) pairs refused by WriteFeatures, by reason (a pair refused for two reasons counts under both)",
-            write_refusals.clone(),
-        );
-        let tls_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "tls_reloads",
-            "changed TLS certificate files found by the periodic check, by result (loaded: put in force; refused: they do not load, the previous ones stay)",
-            tls_reloads.clone(),
-        );
-        let bulk_load_rows = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "bulk_load_rows",
-            "Rows of bulk-load chunks made durable, by what they became",
-            bulk_load_rows.clone(),
-        );
-        let bulk_load_jobs = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "bulk_load_jobs",
-            "Bulk-load jobs on record, by state",
-            bulk_load_jobs.clone(),
-        );
-        let policy_bundle = Family::<BundleLabels, Gauge>::default();
-        registry.register(
-            "policy_bundle_info",
-            "The policy bundle in force: its version and content hash (value 1)",
-            policy_bundle.clone(),
-        );
-        let policy_loaded_at = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "policy_bundle_loaded_timestamp_seconds",
-            "When the policy bundle in force was loaded (Unix time)",
-            policy_loaded_at.clone(),
-        );
-        let uptime = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "uptime_seconds",
-            "Time since the server started",
-            uptime.clone(),
-        );
         let rocksdb = RocksdbGauges::default();
         rocksdb.register(registry.sub_registry_with_prefix("rocksdb"));
+        let (read_keys, read_values) = read_statuses(&mut registry);
         Metrics {
-            registry,
             methods: RwLock::new(HashMap::new()),
             unknown_method: Method {
                 service: Name("unknown".into()),
                 method: Name("unknown".into()),
             },
-            requests,
-            reads,
+            requests: registered(
+                &mut registry,
+                "grpc_request_duration_seconds",
+                "Time from a call's headers to its last response byte, by method and status code",
+                durations(),
+            ),
+            reads: registered(
+                &mut registry,
+                "read_duration_seconds",
+                "Time of successful GetFeatures calls by batch size (keys per request)",
+                durations(),
+            ),
             read_keys,
             read_values,
-            value_ages,
-            write_verdicts,
-            write_outcomes,
-            write_refusals,
-            tls_reloads,
-            bulk_load_rows,
-            bulk_load_jobs,
-            policy_bundle,
-            policy_loaded_at,
-            uptime,
+            value_ages: value_ages(&mut registry, surfaces),
+            write_verdicts: registered(
+                &mut registry,
+                "write_verdicts",
+                "Feature values of WriteFeatures calls, by verdict over their target surfaces",
+                Family::default(),
+            ),
+            write_outcomes: registered(
+                &mut registry,
+                "write_outcomes",
+                "(value, target surface) pairs of WriteFeatures calls, by outcome",
+                Family::default(),
+            ),
+            write_refusals: registered(
+                &mut registry,
+                "write_refusals",
+                "(value, target surface) pairs refused by WriteFeatures, by reason (a pair refused for two reasons counts under both)",
+                Family::default(),
+            ),
+            tls_reloads: registered(
+                &mut registry,
+                "tls_reloads",
+                "changed TLS certificate files found by the periodic check, by result (loaded: put in force; refused: they do not load, the previous ones stay)",
+                Family::default(),
+            ),
+            bulk_load_rows: registered(
+                &mut registry,
+                "bulk_load_rows",
+                "Rows of bulk-load chunks made durable, by what they became",
+                Family::default(),
+            ),
+            bulk_load_jobs: registered(
+                &mut registry,
+                "bulk_load_jobs",
+                "Bulk-load jobs on record, by state",
+                Family::default(),
+            ),
+            policy_bundle: registered(
+                &mut registry,
+                "policy_bundle_info",
+                "The policy bundle in force: its version and content hash (value 1)",
+                Family::default(),
+            ),
+            policy_loaded_at: registered(
+                &mut registry,
+                "policy_bundle_loaded_timestamp_seconds",
+                "When the policy bundle in force was loaded (Unix time)",
+                Gauge::default(),
+            ),
+            uptime: registered(
+                &mut registry,
+                "uptime_seconds",
+                "Time since the server started",
+                Gauge::default(),
+            ),
             started: crate::clock::monotonic_now(),
             rocksdb,
+            registry,
         }
     }
 
@@ -626,6 +571,80 @@ impl Metrics {
             .map_err(|_| crate::error::Error::Task("cannot render the metrics".to_string()))?;
         Ok(text)
     }
+}
+
+/// A family of request-duration histograms.
+fn durations<L: Clone + std::hash::Hash + Eq>() -> Family<L, Histogram> {
+    fn histogram() -> Histogram {
+        Histogram::new(DURATION_BUCKETS_SECONDS.iter().copied())
+    }
+    Family::new_with_constructor(histogram as fn() -> Histogram)
+}
+
+/// Registers `metric` under `name` and returns it, to be kept and counted into.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// The keys and cells a read answered, by status; every status shown from the start, at
+/// zero, so that rates work at once.
+fn read_statuses(
+    registry: &mut Registry,
+) -> (Family<StatusLabels, Counter>, Family<StatusLabels, Counter>) {
+    let read_keys = registered(
+        registry,
+        "read_keys",
+        "Keys answered by GetFeatures, by row status",
+        Family::<StatusLabels, Counter>::default(),
+    );
+    let read_values = registered(
+        registry,
+        "read_values",
+        "Cells answered by GetFeatures (key x feature), by value status",
+        Family::<StatusLabels, Counter>::default(),
+    );
+    for status in ROW_STATUSES {
+        drop(read_keys.get_or_create(&StatusLabels {
+            status: row_status_label(status),
+        }));
+    }
+    for status in VALUE_STATUSES {
+        drop(read_values.get_or_create(&StatusLabels {
+            status: value_status_label(status),
+        }));
+    }
+    (read_keys, read_values)
+}
+
+/// The age histogram of the values served on each surface, by surface id.
+fn value_ages(
+    registry: &mut Registry,
+    surfaces: impl IntoIterator<Item = (SurfaceId, String)>,
+) -> HashMap<SurfaceId, AgeHistogram> {
+    let ages = Family::<SurfaceLabels, AgeHistogram>::default();
+    let value_ages = surfaces
+        .into_iter()
+        .map(|(id, name)| {
+            let histogram = ages
+                .get_or_create(&SurfaceLabels {
+                    surface: Name(name.into()),
+                })
+                .clone();
+            (id, histogram)
+        })
+        .collect();
+    registry.register(
+        "served_value_age_seconds",
+        "Age of each value served (now minus the event time it was derived from), by surface",
+        ages,
+    );
+    value_ages
 }
 
 fn verdict_label(verdict: proto::Verdict) -> &'static str {

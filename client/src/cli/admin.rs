@@ -36,39 +36,14 @@ pub(super) async fn run(
         AdminCommand::Policy => {
             let status = client.policy_status().await.map_err(call)?;
             print_policy_status(out, &status)?;
+            Ok(EXIT_SUCCESS)
         }
         AdminCommand::ReloadPolicy => {
             let status = client.reload_policy().await.map_err(call)?;
             print_policy_status(out, &status)?;
+            Ok(EXIT_SUCCESS)
         }
-        AdminCommand::VerifyAudit => {
-            let verification = client.verify_audit_log().await.map_err(call)?;
-            if verification.intact {
-                writeln!(
-                    out,
-                    "audit log intact: {} records checked in {} {}",
-                    verification.records_checked,
-                    verification.chains.len(),
-                    if verification.chains.len() == 1 {
-                        "chain"
-                    } else {
-                        "chains"
-                    }
-                )?;
-            } else {
-                for chain in verification.chains.iter().filter(|chain| !chain.intact) {
-                    writeln!(
-                        out,
-                        "audit chain {} BROKEN at record {}: {} ({} records before it check out)",
-                        chain.partition,
-                        chain.first_broken_sequence,
-                        chain.problem,
-                        chain.records_checked
-                    )?;
-                }
-                return Ok(EXIT_AUDIT_BROKEN);
-            }
-        }
+        AdminCommand::VerifyAudit => verify_audit(client, call, out).await,
         AdminCommand::Sweep => {
             let report = client.sweep_expired().await.map_err(call)?;
             writeln!(
@@ -76,10 +51,12 @@ pub(super) async fn run(
                 "swept {} users, removed {} values",
                 report.users_swept, report.values_removed
             )?;
+            Ok(EXIT_SUCCESS)
         }
         AdminCommand::Backup => {
             let backup = client.create_backup().await.map_err(call)?;
             writeln!(out, "backup written to {} on the server", backup.path)?;
+            Ok(EXIT_SUCCESS)
         }
         AdminCommand::Stats { config } => {
             let stats = client.stats().await.map_err(call)?;
@@ -88,7 +65,38 @@ pub(super) async fn run(
                 writeln!(out)?;
                 write!(out, "{}", stats.config)?;
             }
+            Ok(EXIT_SUCCESS)
         }
+    }
+}
+
+async fn verify_audit(
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let verification = client.verify_audit_log().await.map_err(call)?;
+    if verification.intact {
+        writeln!(
+            out,
+            "audit log intact: {} records checked in {} {}",
+            verification.records_checked,
+            verification.chains.len(),
+            if verification.chains.len() == 1 {
+                "chain"
+            } else {
+                "chains"
+            }
+        )?;
+    } else {
+        for chain in verification.chains.iter().filter(|chain| !chain.intact) {
+            writeln!(
+                out,
+                "audit chain {} BROKEN at record {}: {} ({} records before it check out)",
+                chain.partition, chain.first_broken_sequence, chain.problem, chain.records_checked
+            )?;
+        }
+        return Ok(EXIT_AUDIT_BROKEN);
     }
     Ok(EXIT_SUCCESS)
 }

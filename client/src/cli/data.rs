@@ -9,8 +9,8 @@ pub(super) enum DataCommand {
     Features,
     /// List the registered surfaces.
     Surfaces,
-    /// Write feature rows from a JSON file (or standard input); see the README for the
-    /// format. Exits with 3 when any value was refused.
+    /// Write feature rows from a JSON file (or standard input); see docs/operations.md for
+    /// the format. Exits with 3 when any value was refused.
     Write {
         /// JSON file; standard input when absent or "-".
         file: Option<String>,
@@ -18,28 +18,9 @@ pub(super) enum DataCommand {
     /// Decide a write from a JSON file without storing it: the verdicts, the rules that
     /// fired on each surface, and the policy bundle that decided. Exits with 3 when any
     /// value would be refused.
-    Explain {
-        /// JSON file; standard input when absent or "-".
-        file: Option<String>,
-    },
+    Explain(ExplainArgs),
     /// Read features for (user, surface) keys.
-    Read {
-        /// Surface of every --user.
-        #[arg(long)]
-        surface: Option<String>,
-        /// User ids to read on --surface.
-        #[arg(long = "user", value_delimiter = ',')]
-        users: Vec<u64>,
-        /// Explicit keys as USER:SURFACE.
-        #[arg(long = "key")]
-        keys: Vec<String>,
-        /// Features to return (all of the surfaces' features when absent).
-        #[arg(long = "feature", value_delimiter = ',')]
-        features: Vec<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
-    },
+    Read(ReadArgs),
 }
 
 /// Runs one of these commands.
@@ -50,57 +31,8 @@ pub(super) async fn run(
     out: &mut dyn Write,
 ) -> anyhow::Result<u8> {
     match command {
-        DataCommand::Features => {
-            let features = client.list_features().await.map_err(call)?;
-            let rows = features
-                .iter()
-                .map(|feature| {
-                    vec![
-                        feature.name.clone(),
-                        type_name(feature.value_type, feature.dimension),
-                        feature.sources.join(","),
-                        sensitivity_name(feature.sensitivity),
-                        format_ttl(feature.ttl_seconds),
-                        feature.surfaces.join(","),
-                    ]
-                })
-                .collect::<Vec<_>>();
-            print_table(
-                out,
-                &[
-                    "feature",
-                    "type",
-                    "sources",
-                    "sensitivity",
-                    "ttl",
-                    "surfaces",
-                ],
-                &rows,
-            )?;
-        }
-        DataCommand::Surfaces => {
-            let surfaces = client.list_surfaces().await.map_err(call)?;
-            let rows = surfaces
-                .iter()
-                .map(|surface| {
-                    let purpose =
-                        proto::Purpose::try_from(surface.purpose).map_or("?", |purpose| {
-                            match purpose {
-                                proto::Purpose::Content => "content",
-                                proto::Purpose::Ads => "ads",
-                                proto::Purpose::Unspecified => "?",
-                            }
-                        });
-                    vec![
-                        surface.name.clone(),
-                        surface.app.clone(),
-                        purpose.to_string(),
-                        surface.description.clone(),
-                    ]
-                })
-                .collect::<Vec<_>>();
-            print_table(out, &["surface", "app", "purpose", "description"], &rows)?;
-        }
+        DataCommand::Features => features(client, call, out).await,
+        DataCommand::Surfaces => surfaces(client, call, out).await,
         DataCommand::Write { file } => {
             let text = read_input(file.as_deref())?;
             let features = client.list_features().await.map_err(call)?;
@@ -109,75 +41,177 @@ pub(super) async fn run(
                 .write_features_raw(request.clone())
                 .await
                 .map_err(call)?;
-            return Ok(print_write(out, &request, &response)?);
+            Ok(print_write(out, &request, &response)?)
         }
-        DataCommand::Explain { file } => {
-            let text = read_input(file.as_deref())?;
-            let features = client.list_features().await.map_err(call)?;
-            let request = write_request_from_json(&text, &features)?;
-            let response = client
-                .explain_write_raw(request.clone())
-                .await
-                .map_err(call)?;
-            writeln!(out, "policy bundle {}", response.policy_bundle_hash)?;
-            return match response.verdicts {
-                Some(verdicts) => Ok(print_write(out, &request, &verdicts)?),
-                None => {
-                    let reason = proto::ReasonCode::try_from(response.request_refusal)
-                        .map_or("?", |reason| {
-                            reason.as_str_name().trim_start_matches("REASON_CODE_")
-                        });
-                    writeln!(
-                        out,
-                        "the whole request would be refused: {reason} (rows[{}])",
-                        response.refused_row
-                    )?;
-                    Ok(EXIT_REFUSED)
-                }
-            };
-        }
-        DataCommand::Read {
-            surface,
-            users,
-            keys,
-            features,
-            format,
-        } => {
-            let mut read_keys = Vec::new();
-            if !users.is_empty() {
-                let surface = surface.context("--user needs --surface")?;
-                read_keys.extend(users.iter().map(|&user_id| ReadKey {
-                    user_id,
-                    surface: surface.clone(),
-                }));
-            }
-            for key in &keys {
-                let (user, surface) = key
-                    .split_once(':')
-                    .with_context(|| format!("--key {key:?} is not USER:SURFACE"))?;
-                let user_id = user
-                    .parse()
-                    .with_context(|| format!("--key {key:?}: {user:?} is not a user id"))?;
-                read_keys.push(ReadKey {
-                    user_id,
-                    surface: surface.to_string(),
+        DataCommand::Explain(args) => explain(args, client, call, out).await,
+        DataCommand::Read(args) => read(args, client, call, out).await,
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct ExplainArgs {
+    /// JSON file; standard input when absent or "-".
+    pub(super) file: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct ReadArgs {
+    /// Surface of every --user.
+    #[arg(long)]
+    pub(super) surface: Option<String>,
+    /// User ids to read on --surface.
+    #[arg(long = "user", value_delimiter = ',')]
+    pub(super) users: Vec<u64>,
+    /// Explicit keys as USER:SURFACE.
+    #[arg(long = "key")]
+    pub(super) keys: Vec<String>,
+    /// Features to return (all of the surfaces' features when absent).
+    #[arg(long = "feature", value_delimiter = ',')]
+    pub(super) features: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub(super) format: Format,
+}
+
+async fn features(
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let features = client.list_features().await.map_err(call)?;
+    let rows = features
+        .iter()
+        .map(|feature| {
+            vec![
+                feature.name.clone(),
+                type_name(feature.value_type, feature.dimension),
+                feature.sources.join(","),
+                sensitivity_name(feature.sensitivity),
+                format_ttl(feature.ttl_seconds),
+                feature.surfaces.join(","),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(
+        out,
+        &[
+            "feature",
+            "type",
+            "sources",
+            "sensitivity",
+            "ttl",
+            "surfaces",
+        ],
+        &rows,
+    )?;
+    Ok(EXIT_SUCCESS)
+}
+
+async fn surfaces(
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let surfaces = client.list_surfaces().await.map_err(call)?;
+    let rows = surfaces
+        .iter()
+        .map(|surface| {
+            let purpose =
+                proto::Purpose::try_from(surface.purpose).map_or("?", |purpose| match purpose {
+                    proto::Purpose::Content => "content",
+                    proto::Purpose::Ads => "ads",
+                    proto::Purpose::Unspecified => "?",
                 });
-            }
-            if read_keys.is_empty() {
-                bail!("nothing to read: give --surface with --user, or --key USER:SURFACE");
-            }
-            let request = ReadRequest {
-                keys: read_keys.clone(),
-                features,
-                include_event_times: true,
-            };
-            let response = client.get_features(request).await.map_err(call)?;
-            let rows = read_rows_json(&read_keys, &response);
-            match format {
-                Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
-                Format::Table => print_read_table(out, &response, &rows)?,
-            }
+            vec![
+                surface.name.clone(),
+                surface.app.clone(),
+                purpose.to_string(),
+                surface.description.clone(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(out, &["surface", "app", "purpose", "description"], &rows)?;
+    Ok(EXIT_SUCCESS)
+}
+
+async fn explain(
+    args: ExplainArgs,
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let ExplainArgs { file } = args;
+    let text = read_input(file.as_deref())?;
+    let features = client.list_features().await.map_err(call)?;
+    let request = write_request_from_json(&text, &features)?;
+    let response = client
+        .explain_write_raw(request.clone())
+        .await
+        .map_err(call)?;
+    writeln!(out, "policy bundle {}", response.policy_bundle_hash)?;
+    match response.verdicts {
+        Some(verdicts) => Ok(print_write(out, &request, &verdicts)?),
+        None => {
+            let reason = proto::ReasonCode::try_from(response.request_refusal)
+                .map_or("?", |reason| {
+                    reason.as_str_name().trim_start_matches("REASON_CODE_")
+                });
+            writeln!(
+                out,
+                "the whole request would be refused: {reason} (rows[{}])",
+                response.refused_row
+            )?;
+            Ok(EXIT_REFUSED)
         }
+    }
+}
+
+async fn read(
+    args: ReadArgs,
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let ReadArgs {
+        surface,
+        users,
+        keys,
+        features,
+        format,
+    } = args;
+    let mut read_keys = Vec::new();
+    if !users.is_empty() {
+        let surface = surface.context("--user needs --surface")?;
+        read_keys.extend(users.iter().map(|&user_id| ReadKey {
+            user_id,
+            surface: surface.clone(),
+        }));
+    }
+    for key in &keys {
+        let (user, surface) = key
+            .split_once(':')
+            .with_context(|| format!("--key {key:?} is not USER:SURFACE"))?;
+        let user_id = user
+            .parse()
+            .with_context(|| format!("--key {key:?}: {user:?} is not a user id"))?;
+        read_keys.push(ReadKey {
+            user_id,
+            surface: surface.to_string(),
+        });
+    }
+    if read_keys.is_empty() {
+        bail!("nothing to read: give --surface with --user, or --key USER:SURFACE");
+    }
+    let request = ReadRequest {
+        keys: read_keys.clone(),
+        features,
+        include_event_times: true,
+    };
+    let response = client.get_features(request).await.map_err(call)?;
+    let rows = read_rows_json(&read_keys, &response);
+    match format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
+        Format::Table => print_read_table(out, &response, &rows)?,
     }
     Ok(EXIT_SUCCESS)
 }

@@ -5,32 +5,11 @@ use super::*;
 #[derive(Debug, Subcommand)]
 pub(super) enum PrivacyCommand {
     /// Create or replace a user's state (privacy role); prints the new state.
-    SetUser {
-        user_id: u64,
-        /// ISO 3166 code such as DE, GB, KR, US or US-CA; empty for unknown.
-        #[arg(long, default_value = "")]
-        jurisdiction: String,
-        #[arg(long, value_enum)]
-        age: AgeArg,
-        /// Apps whose accounts are linked, e.g. facebook,instagram.
-        #[arg(long = "linked", value_delimiter = ',')]
-        linked_apps: Vec<String>,
-        /// The user objected to ad personalization.
-        #[arg(long)]
-        ads_objection: bool,
-        /// Apply only if the state is still at this generation.
-        #[arg(long)]
-        expected_generation: Option<u64>,
-    },
+    SetUser(SetUserArgs),
     /// Show a user's state (privacy role).
     GetUser { user_id: u64 },
     /// Show a user's audit trail (privacy role).
-    Audit {
-        user_id: u64,
-        /// Most records to show.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
+    Audit(AuditArgs),
     /// Erase a user (privacy role) and print the receipt.
     Erase { user_id: u64 },
     /// Show an erasure's receipt (privacy role).
@@ -45,82 +24,129 @@ pub(super) async fn run(
     out: &mut dyn Write,
 ) -> anyhow::Result<u8> {
     match command {
-        PrivacyCommand::SetUser {
-            user_id,
-            jurisdiction,
-            age,
-            linked_apps,
-            ads_objection,
-            expected_generation,
-        } => {
-            let state = client
-                .set_user_state(UserStateUpdate {
-                    user_id,
-                    jurisdiction,
-                    age_band: age.into(),
-                    linked_apps,
-                    ads_objection,
-                    expected_generation,
-                })
-                .await
-                .map_err(call)?;
-            print_user_state(out, &state)?;
-        }
+        PrivacyCommand::SetUser(args) => set_user(args, client, call, out).await,
         PrivacyCommand::GetUser { user_id } => {
             let state = client.get_user_state(user_id).await.map_err(call)?;
             print_user_state(out, &state)?;
+            Ok(EXIT_SUCCESS)
         }
-        PrivacyCommand::Audit { user_id, limit } => {
-            let trail = client.audit_trail(user_id, limit).await.map_err(call)?;
-            writeln!(
-                out,
-                "user {user_id} is {} in the audit log",
-                trail.user_pseudonym
-            )?;
-            let rows = trail
-                .records
-                .iter()
-                .map(|record| {
-                    let reasons = record
-                        .reasons
-                        .iter()
-                        .map(|&reason| reason_label(reason))
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    vec![
-                        format!("{}/{}", record.partition, record.sequence),
-                        format_time(record.time_unix_micros),
-                        record.action.clone(),
-                        record.caller.clone(),
-                        record.subject.clone(),
-                        record.surfaces.join(","),
-                        reasons,
-                    ]
-                })
-                .collect::<Vec<_>>();
-            print_table(
-                out,
-                &[
-                    "chain/seq",
-                    "time",
-                    "action",
-                    "caller",
-                    "subject",
-                    "surfaces",
-                    "reasons",
-                ],
-                &rows,
-            )?;
-        }
+        PrivacyCommand::Audit(args) => audit(args, client, call, out).await,
         PrivacyCommand::Erase { user_id } => {
             let receipt = client.erase_user(user_id).await.map_err(call)?;
             print_receipt(out, &receipt)?;
+            Ok(EXIT_SUCCESS)
         }
         PrivacyCommand::ErasureStatus { receipt_id } => {
             let receipt = client.erasure_status(&receipt_id).await.map_err(call)?;
             print_receipt(out, &receipt)?;
+            Ok(EXIT_SUCCESS)
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct SetUserArgs {
+    pub(super) user_id: u64,
+    /// ISO 3166 code such as DE, GB, KR, US or US-CA; empty for unknown.
+    #[arg(long, default_value = "")]
+    pub(super) jurisdiction: String,
+    #[arg(long, value_enum)]
+    pub(super) age: AgeArg,
+    /// Apps whose accounts are linked, e.g. facebook,instagram.
+    #[arg(long = "linked", value_delimiter = ',')]
+    pub(super) linked_apps: Vec<String>,
+    /// The user objected to ad personalization.
+    #[arg(long)]
+    pub(super) ads_objection: bool,
+    /// Apply only if the state is still at this generation.
+    #[arg(long)]
+    pub(super) expected_generation: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(super) struct AuditArgs {
+    pub(super) user_id: u64,
+    /// Most records to show.
+    #[arg(long, default_value_t = 100)]
+    pub(super) limit: u32,
+}
+
+async fn set_user(
+    args: SetUserArgs,
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let SetUserArgs {
+        user_id,
+        jurisdiction,
+        age,
+        linked_apps,
+        ads_objection,
+        expected_generation,
+    } = args;
+    let state = client
+        .set_user_state(UserStateUpdate {
+            user_id,
+            jurisdiction,
+            age_band: age.into(),
+            linked_apps,
+            ads_objection,
+            expected_generation,
+        })
+        .await
+        .map_err(call)?;
+    print_user_state(out, &state)?;
+    Ok(EXIT_SUCCESS)
+}
+
+async fn audit(
+    args: AuditArgs,
+    client: &Client,
+    call: &dyn Fn(crate::ClientError) -> anyhow::Error,
+    out: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let AuditArgs { user_id, limit } = args;
+    let trail = client.audit_trail(user_id, limit).await.map_err(call)?;
+    writeln!(
+        out,
+        "user {user_id} is {} in the audit log",
+        trail.user_pseudonym
+    )?;
+    let rows = trail
+        .records
+        .iter()
+        .map(|record| {
+            let reasons = record
+                .reasons
+                .iter()
+                .map(|&reason| reason_label(reason))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                format!("{}/{}", record.partition, record.sequence),
+                format_time(record.time_unix_micros),
+                record.action.clone(),
+                record.caller.clone(),
+                record.subject.clone(),
+                record.surfaces.join(","),
+                reasons,
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(
+        out,
+        &[
+            "chain/seq",
+            "time",
+            "action",
+            "caller",
+            "subject",
+            "surfaces",
+            "reasons",
+        ],
+        &rows,
+    )?;
     Ok(EXIT_SUCCESS)
 }
 
