@@ -13,7 +13,6 @@ mod commit;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use featurestore::InvalidRequest;
 use featurestore::domain::{WriteRequest, WriteRow};

@@ -2,10 +2,7 @@
 //! step; an erasure fences, deletes, compacts, verifies and records each step in the
 //! ledger, and is re-applied at start when the database still holds the user.
 
-use std::sync::atomic::AtomicU64;
-
 use featurestore::domain::UserStateUpdate;
-use parking_lot::RwLock;
 
 use super::Core;
 use crate::audit::AuditAction;
@@ -22,22 +19,11 @@ const ERASURE_ATTEMPTS: usize = 3;
 pub(super) struct PrivacyState {
     /// Receipts of every erasure, kept outside the database.
     ledger: Ledger,
-    /// Every change of a user's state (set, erasure) holds it shared; a bulk-load commit
-    /// holds it exclusively while it checks the generations its rows were decided with
-    /// and applies them, so that no state changes in between.
-    pub(super) state_gate: RwLock<()>,
-    /// Counts user-state changes, so that a commit can tell whether any happened while
-    /// it prepared its files.
-    pub(super) state_changes: AtomicU64,
 }
 
 impl PrivacyState {
     pub(super) fn new(ledger: Ledger) -> PrivacyState {
-        PrivacyState {
-            ledger,
-            state_gate: RwLock::new(()),
-            state_changes: AtomicU64::new(0),
-        }
+        PrivacyState { ledger }
     }
 }
 
@@ -78,11 +64,7 @@ impl Core {
             if attempt > 1 {
                 receipt.reapplied_at.push(self.clock.now().unix_micros());
             }
-            self.changing_user_state(|| {
-                self.store
-                    .erase_user(user_id, self.clock.now(), &entry)
-                    .map_err(Error::from)
-            })?;
+            self.store.erase_user(user_id, self.clock.now(), &entry)?;
             let now = self.clock.now().unix_micros();
             receipt.fenced_at = Some(now);
             receipt.deleted_at = Some(now);
@@ -100,9 +82,7 @@ impl Core {
             receipt.verified = !self.store.user_has_data(user_id)? && !self.staged_user(user_id)?;
             receipt.verified_at = Some(self.clock.now().unix_micros());
             if receipt.verified {
-                self.changing_user_state(|| {
-                    self.store.finish_erasure(user_id).map_err(Error::from)
-                })?;
+                self.store.finish_erasure(user_id)?;
                 return self.record(receipt);
             }
             tracing::error!(receipt = %receipt.id, attempt, "erasure verification found data left; deleting again");
@@ -184,32 +164,15 @@ impl Core {
         let mut entry =
             self.audit_entry(AuditAction::UserStateSet, caller, Some(update.user_id))?;
         entry.bundle_hash.clone_from(&policy.hash);
-        let state = self.changing_user_state(|| {
-            Ok(self.store.set_user_state(
-                update,
-                now,
-                &mut |state, key, row| self.revalidate(&policy, state, key, row, now),
-                &entry,
-            )?)
-        })?;
+        let state = self.store.set_user_state(
+            update,
+            now,
+            &mut |state, key, row| self.revalidate(&policy, state, key, row, now),
+            &entry,
+        )?;
         // Rows it re-stamped under a bundle replaced meanwhile are judged by the new one.
         self.revalidate_if_policy_changed(&policy, [update.user_id])?;
         Ok(state)
-    }
-
-    /// Runs a change of user state under the state gate, and counts it.
-    fn changing_user_state<T>(
-        &self,
-        change: impl FnOnce() -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        let _gate = self.privacy.state_gate.read();
-        let changed = change();
-        // Counted after the change is written: a commit that read the counter before it
-        // sees it move, whether or not its read of the states saw the change.
-        self.privacy
-            .state_changes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        changed
     }
 
     /// A user's state.

@@ -65,13 +65,16 @@ fn an_erasure_whose_verification_finds_data_deletes_it_again() {
             if std::thread::current().id() == test_thread
                 && brought_back.fetch_add(1, Ordering::SeqCst) == 0
             {
-                crate::storage::BulkFiles::merge_rows(
-                    store.as_ref(),
-                    &[(key, encode_row(&resurrected))],
-                    ("tests", b""),
-                    &[],
-                )
-                .expect("bring a row back");
+                let bulk_files = crate::storage::Store::bulk_files(store.as_ref())
+                    .expect("RocksDB ingests merge operands");
+                bulk_files
+                    .merge_rows(
+                        &[(key, encode_row(&resurrected))],
+                        ("tests", b""),
+                        &[],
+                        &bulk_files.hold_user_states(),
+                    )
+                    .expect("bring a row back");
             }
         }
     };

@@ -33,6 +33,7 @@ macro_rules! conformance_suite {
             rows_of_a_user_the_fence_does_not_name_are_refused,
             the_latest_event_time_wins_per_feature,
             merge_operands_follow_the_same_order,
+            a_hold_keeps_user_states_from_changing,
             a_retry_is_answered_with_the_first_answer_and_changes_nothing,
             a_retry_completes_exactly_the_users_not_yet_applied,
             a_key_reused_for_another_request_is_refused,
@@ -421,6 +422,7 @@ pub fn merge_operands_follow_the_same_order(open: Open<'_>) {
             )],
             ("conformance", b"1"),
             &[],
+            &bulk_files.hold_user_states(),
         )
         .expect("merge");
     let stored = row(store, 1, SURFACE).expect("row");
@@ -429,6 +431,39 @@ pub fn merge_operands_follow_the_same_order(open: Open<'_>) {
         (Some(2.0), Some(3.0)),
         "the older operand lost, the newer won"
     );
+}
+
+/// For an engine with bulk ingestion: while a hold on users' states is kept, no change of
+/// a user's state is applied (it waits), and the count of changes moves once one is, so
+/// that a commit checks its generations and applies its rows with nothing in between.
+pub fn a_hold_keeps_user_states_from_changing(open: Open<'_>) {
+    let opened = open();
+    let store = Arc::clone(&opened.store);
+    let Some(bulk_files) = opened.store.bulk_files() else {
+        return;
+    };
+    let before = bulk_files.user_state_changes();
+    let held = bulk_files.hold_user_states();
+    let (changed, change_done) = std::sync::mpsc::channel();
+    let changer = std::thread::spawn(move || {
+        set_state(store.as_ref(), 1, "US");
+        changed.send(()).expect("the test waits");
+    });
+    // However long the change is given, it does not happen while the hold is kept.
+    assert!(
+        change_done
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "a user's state changed under the hold"
+    );
+    assert_eq!(opened.store.read_user_states(&[1]).expect("read"), [None]);
+    assert_eq!(bulk_files.user_state_changes(), before);
+    drop(held);
+    change_done
+        .recv()
+        .expect("the change happens once the hold is dropped");
+    changer.join().expect("the changer ends");
+    assert!(bulk_files.user_state_changes() > before);
 }
 
 pub fn a_retry_is_answered_with_the_first_answer_and_changes_nothing(open: Open<'_>) {

@@ -328,6 +328,31 @@ pub trait Store: Send + Sync + Debug + 'static {
     }
 }
 
+/// Every change of a user's state held off, until dropped (see
+/// [`BulkFiles::hold_user_states`]).
+pub struct UserStatesHeld<'a> {
+    _hold: Box<dyn Hold + 'a>,
+}
+
+impl<'a> UserStatesHeld<'a> {
+    /// Wraps what keeps the engine's user states from changing (a lock guard).
+    pub fn new(hold: impl Sized + 'a) -> UserStatesHeld<'a> {
+        UserStatesHeld {
+            _hold: Box::new(hold),
+        }
+    }
+}
+
+impl Debug for UserStatesHeld<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserStatesHeld")
+    }
+}
+
+/// Anything kept alive for its `Drop`.
+trait Hold {}
+impl<T> Hold for T {}
+
 /// Bulk ingestion: rows written into sorted files outside the engine, then added to it
 /// all at once. An engine offers it through [`Store::bulk_files`].
 pub trait BulkFiles {
@@ -344,7 +369,11 @@ pub trait BulkFiles {
     /// Adds table files written by [`Store::write_table_files`] to the features, all at
     /// once. Their rows are merge operands: per feature the latest event time wins against
     /// what is stored, whichever was written first.
-    fn ingest_table_files(&self, files: &[std::path::PathBuf]) -> Result<(), StorageError>;
+    fn ingest_table_files(
+        &self,
+        files: &[std::path::PathBuf],
+        held: &UserStatesHeld<'_>,
+    ) -> Result<(), StorageError>;
 
     /// Merges `rows` (encoded rows) into the features as merge operands, in one atomic
     /// write together with a metadata value and audit entries.
@@ -353,7 +382,18 @@ pub trait BulkFiles {
         rows: &[(RowKey, Vec<u8>)],
         meta: (&str, &[u8]),
         audit: &[AuditEntry],
+        held: &UserStatesHeld<'_>,
     ) -> Result<(), StorageError>;
+
+    /// A count that moves whenever a user's state changes (set, erased, its erasure
+    /// finished), so that a commit can tell whether any changed while it prepared.
+    fn user_state_changes(&self) -> u64;
+
+    /// Holds every change of a user's state off until the hold is dropped. A bulk-load
+    /// commit holds it from its last look at the states its rows were decided with until
+    /// they are applied, so that no change comes between: the engine applies files and
+    /// merge operands only under a hold.
+    fn hold_user_states(&self) -> UserStatesHeld<'_>;
 }
 
 /// What an engine with files on one machine offers to keep them: consistent copies,

@@ -61,9 +61,10 @@ impl Core {
         loop {
             // A first attempt prepares without holding user-state changes off, then checks
             // that none happened meanwhile; if some did, the second attempt holds them off
-            // from the start.
-            let early_gate = exclusive.then(|| self.privacy.state_gate.write());
-            let changes_seen = self.privacy.state_changes.load(Ordering::SeqCst);
+            // from the start. The engine keeps the hold and the count of changes.
+            let bulk_files = self.bulk_files()?;
+            let early_hold = exclusive.then(|| bulk_files.hold_user_states());
+            let changes_seen = bulk_files.user_state_changes();
             let refused = self.refused_at_commit(&chunk_users)?;
             let merged = MergedRows::open(
                 &chunks,
@@ -83,7 +84,7 @@ impl Core {
                     merged,
                     error: None,
                 };
-                let files = self.bulk_files()?.write_table_files(
+                let files = bulk_files.write_table_files(
                     &mut rows,
                     &tables,
                     self.loads.settings.table_file_bytes_max,
@@ -108,11 +109,11 @@ impl Core {
                 // staged user's state here must be seen below.
                 fail::fail_point!("load-commit-prepared");
             }
-            let _gate = match early_gate {
-                Some(gate) => gate,
-                None => self.privacy.state_gate.write(),
+            let held = match early_hold {
+                Some(held) => held,
+                None => bulk_files.hold_user_states(),
             };
-            if !exclusive && self.privacy.state_changes.load(Ordering::SeqCst) != changes_seen {
+            if !exclusive && bulk_files.user_state_changes() != changes_seen {
                 exclusive = true;
                 continue;
             }
@@ -133,14 +134,13 @@ impl Core {
                 files.len()
             );
             if ingest {
-                self.bulk_files()?.ingest_table_files(&files)?;
+                bulk_files.ingest_table_files(&files, &held)?;
                 *applied = true;
                 self.save_job(job, &[entry])?;
             } else {
                 job.updated_at = self.clock.now().unix_micros();
                 let bytes = serde_json::to_vec(&job).expect("a job record serializes");
-                self.bulk_files()?
-                    .merge_rows(&small, (&job_key(&job_id), &bytes), &[entry])?;
+                bulk_files.merge_rows(&small, (&job_key(&job_id), &bytes), &[entry], &held)?;
                 *applied = true;
             }
             break;

@@ -6,7 +6,9 @@ use std::path::Path;
 use rocksdb::{IngestExternalFileOptions, SstFileWriter, WriteBatch};
 
 use super::*;
-use crate::storage::{BulkFiles, Census, EngineFigures, EngineStats, Maintenance, SurfaceCensus};
+use crate::storage::{
+    BulkFiles, Census, EngineFigures, EngineStats, Maintenance, SurfaceCensus, UserStatesHeld,
+};
 
 impl BulkFiles for RocksStore {
     fn write_table_files(
@@ -43,7 +45,11 @@ impl BulkFiles for RocksStore {
         Ok(files)
     }
 
-    fn ingest_table_files(&self, files: &[std::path::PathBuf]) -> Result<(), StorageError> {
+    fn ingest_table_files(
+        &self,
+        files: &[std::path::PathBuf],
+        _held: &UserStatesHeld<'_>,
+    ) -> Result<(), StorageError> {
         if files.is_empty() {
             return Ok(());
         }
@@ -60,6 +66,7 @@ impl BulkFiles for RocksStore {
         rows: &[(RowKey, Vec<u8>)],
         meta: (&str, &[u8]),
         audit: &[AuditEntry],
+        _held: &UserStatesHeld<'_>,
     ) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         let features = self.cf(FEATURES_CF);
@@ -68,6 +75,14 @@ impl BulkFiles for RocksStore {
         }
         batch.put_cf(self.cf(META_CF), meta.0.as_bytes(), meta.1);
         self.write_with_audit(batch, &chain_zero(audit))
+    }
+
+    fn user_state_changes(&self) -> u64 {
+        self.state_changes.load(Ordering::SeqCst)
+    }
+
+    fn hold_user_states(&self) -> UserStatesHeld<'_> {
+        UserStatesHeld::new(self.state_gate.write())
     }
 }
 

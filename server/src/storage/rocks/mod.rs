@@ -13,10 +13,11 @@ mod write;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use featurestore::domain::Timestamp;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType,
     DataBlockIndexType, Options, WriteBatch, WriteOptions, compaction_filter::Decision,
@@ -88,6 +89,12 @@ pub struct RocksStore {
     /// Options of the table files a bulk load writes: the features' table format,
     /// compression and merge operator, so that ingested files read like flushed ones.
     table_file_options: Options,
+    /// Every change of a user's state holds it shared; a bulk-load commit holds it
+    /// exclusively ([`BulkFiles::hold_user_states`]) while it checks the generations its
+    /// rows were decided with and applies them.
+    state_gate: RwLock<()>,
+    /// Counts changes of users' states ([`BulkFiles::user_state_changes`]).
+    state_changes: AtomicU64,
     /// The database's options when RocksDB keeps statistics (block cache hits, stalls),
     /// which are read through them.
     statistics: Option<Options>,
@@ -263,6 +270,8 @@ impl RocksStore {
             write_options,
             audit_partitions,
             audit_tails,
+            state_gate: RwLock::new(()),
+            state_changes: AtomicU64::new(0),
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             table_file_options,
             statistics: config.statistics.then_some(db_options),
@@ -287,6 +296,30 @@ impl RocksStore {
             .into_iter()
             .map(|stripe| self.write_locks[stripe].lock())
             .collect()
+    }
+}
+
+/// A change of users' states in progress: holds the state gate shared, and counts the
+/// change when it ends (still under the gate, so that a commit that read the count before
+/// sees it move).
+struct StateChange<'a> {
+    _gate: parking_lot::RwLockReadGuard<'a, ()>,
+    changes: &'a AtomicU64,
+}
+
+impl Drop for StateChange<'_> {
+    fn drop(&mut self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl RocksStore {
+    /// Marks a change of a user's state, for as long as it is held.
+    fn changing_state(&self) -> StateChange<'_> {
+        StateChange {
+            _gate: self.state_gate.read(),
+            changes: &self.state_changes,
+        }
     }
 }
 
@@ -435,6 +468,7 @@ impl Store for RocksStore {
         revalidate: Revalidate<'_>,
         audit: &AuditEntry,
     ) -> Result<UserState, StorageError> {
+        let _change = self.changing_state();
         let key = update.user_id.to_be_bytes();
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
         let current = self
@@ -593,6 +627,7 @@ impl Store for RocksStore {
         now: Timestamp,
         audit: &AuditEntry,
     ) -> Result<UserState, StorageError> {
+        let _change = self.changing_state();
         let key = user_id.to_be_bytes();
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
         let current = self.read_user_states(&[user_id])?.pop().flatten();
@@ -621,6 +656,7 @@ impl Store for RocksStore {
     }
 
     fn finish_erasure(&self, user_id: u64) -> Result<(), StorageError> {
+        let _change = self.changing_state();
         let key = user_id.to_be_bytes();
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
         let Some(mut state) = self.read_user_states(&[user_id])?.pop().flatten() else {
