@@ -20,6 +20,8 @@ use crate::storage::Store;
 use policy::VALIDATED_POLICY_KEY;
 
 mod bulk_loads;
+#[cfg(test)]
+mod core_only;
 mod engine;
 #[cfg(test)]
 mod model;
