@@ -266,49 +266,7 @@ impl Core {
         }
         let (writes, decisions) = self.decide_rows(&decided, &states, &policy, now);
 
-        let mut users: HashMap<u64, StagedUser> = HashMap::new();
-        for (row, row_decisions) in decided.iter().zip(&decisions) {
-            let mut admitted = 0u64;
-            let mut refused = 0u64;
-            let mut reasons: HashMap<ReasonCode, u64> = HashMap::new();
-            for decision in row_decisions.iter().flatten() {
-                match decision {
-                    Decision::Admitted(_) => admitted += 1,
-                    Decision::Refused(refusal) => {
-                        refused += 1;
-                        for reason in refusal.iter() {
-                            *reasons.entry(reason).or_default() += 1;
-                        }
-                    }
-                }
-            }
-            summary.values_admitted += admitted;
-            summary.values_refused += refused;
-            for (reason, values) in reasons {
-                summary.count_reason(reason, values);
-            }
-            if admitted == 0 {
-                summary.rows_denied += 1;
-                continue;
-            }
-            let user = users.entry(row.user_id).or_insert_with(|| StagedUser {
-                user_id: row.user_id,
-                generation: states.get(&row.user_id).map_or(0, |state| state.generation),
-                rows_accepted: 0,
-                rows_transformed: 0,
-                values: 0,
-            });
-            user.values += admitted;
-            if refused == 0 {
-                summary.rows_accepted += 1;
-                user.rows_accepted += 1;
-            } else {
-                summary.rows_transformed += 1;
-                user.rows_transformed += 1;
-            }
-        }
-        let mut users: Vec<StagedUser> = users.into_values().collect();
-        users.sort_unstable_by_key(|user| user.user_id);
+        let users = count_decided(&decided, &decisions, &states, &mut summary);
         let staged = staged_rows(writes);
 
         let request = WriteRequest {
@@ -596,4 +554,59 @@ pub(super) fn chunk_rows(path: &Path, left_out: HashSet<u64>) -> std::io::Result
         kept.push(row);
     }
     Ok(kept)
+}
+
+/// Counts what the policy decided for each row of a chunk into `summary`, and returns the
+/// chunk's users (with the generation their rows were decided with and what was admitted
+/// of them), sorted by user id: the users of rows with something admitted.
+fn count_decided(
+    decided: &[WriteRow],
+    decisions: &[Vec<Vec<Decision>>],
+    states: &HashMap<u64, crate::storage::UserState>,
+    summary: &mut Summary,
+) -> Vec<StagedUser> {
+    let mut users: HashMap<u64, StagedUser> = HashMap::new();
+    for (row, row_decisions) in decided.iter().zip(decisions) {
+        let mut admitted = 0u64;
+        let mut refused = 0u64;
+        let mut reasons: HashMap<ReasonCode, u64> = HashMap::new();
+        for decision in row_decisions.iter().flatten() {
+            match decision {
+                Decision::Admitted(_) => admitted += 1,
+                Decision::Refused(refusal) => {
+                    refused += 1;
+                    for reason in refusal.iter() {
+                        *reasons.entry(reason).or_default() += 1;
+                    }
+                }
+            }
+        }
+        summary.values_admitted += admitted;
+        summary.values_refused += refused;
+        for (reason, values) in reasons {
+            summary.count_reason(reason, values);
+        }
+        if admitted == 0 {
+            summary.rows_denied += 1;
+            continue;
+        }
+        let user = users.entry(row.user_id).or_insert_with(|| StagedUser {
+            user_id: row.user_id,
+            generation: states.get(&row.user_id).map_or(0, |state| state.generation),
+            rows_accepted: 0,
+            rows_transformed: 0,
+            values: 0,
+        });
+        user.values += admitted;
+        if refused == 0 {
+            summary.rows_accepted += 1;
+            user.rows_accepted += 1;
+        } else {
+            summary.rows_transformed += 1;
+            user.rows_transformed += 1;
+        }
+    }
+    let mut users: Vec<StagedUser> = users.into_values().collect();
+    users.sort_unstable_by_key(|user| user.user_id);
+    users
 }

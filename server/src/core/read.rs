@@ -74,22 +74,7 @@ impl Core {
                 row
             })
             .collect();
-        // The keys whose surface is known, and where each one's row is in the answer.
-        let (known, positions): (Vec<RowKey>, Vec<usize>) = request
-            .keys
-            .iter()
-            .zip(&surfaces)
-            .enumerate()
-            .filter_map(|(position, (key, surface))| {
-                surface.map(|surface| {
-                    let key = RowKey {
-                        user_id: key.user_id,
-                        surface: surface.id,
-                    };
-                    (key, position)
-                })
-            })
-            .unzip();
+        let (known, positions) = known_keys(request, &surfaces);
         let span = tracing::debug_span!("read_rows", keys = known.len()).entered();
         self.store.visit_rows(&known, &mut |index, found| {
             let position = positions[index];
@@ -120,16 +105,7 @@ impl Core {
         }
 
         Ok(proto::GetFeaturesResponse {
-            columns: columns
-                .iter()
-                .map(|column| proto::FeatureColumn {
-                    name: column.feature.name.clone(),
-                    value_type: proto::ValueType::from(column.feature.value_type) as i32,
-                    dimension: column_width(column.feature) as u32
-                        * u32::from(is_float_column(column.feature)),
-                    offset: column.offset as u32,
-                })
-                .collect(),
+            columns: response_columns(&columns),
             rows,
         })
     }
@@ -167,6 +143,40 @@ impl Core {
             })
             .collect()
     }
+}
+
+/// The keys of `request` whose surface is known, and where each one's row is in the
+/// answer.
+fn known_keys(request: &ReadRequest, surfaces: &[Option<&Surface>]) -> (Vec<RowKey>, Vec<usize>) {
+    request
+        .keys
+        .iter()
+        .zip(surfaces)
+        .enumerate()
+        .filter_map(|(position, (key, surface))| {
+            surface.map(|surface| {
+                let key = RowKey {
+                    user_id: key.user_id,
+                    surface: surface.id,
+                };
+                (key, position)
+            })
+        })
+        .unzip()
+}
+
+/// The columns of a response, as the wire names them.
+fn response_columns(columns: &[Column<'_>]) -> Vec<proto::FeatureColumn> {
+    columns
+        .iter()
+        .map(|column| proto::FeatureColumn {
+            name: column.feature.name.clone(),
+            value_type: proto::ValueType::from(column.feature.value_type) as i32,
+            dimension: column_width(column.feature) as u32
+                * u32::from(is_float_column(column.feature)),
+            offset: column.offset as u32,
+        })
+        .collect()
 }
 
 fn is_float_column(feature: &Feature) -> bool {

@@ -130,64 +130,11 @@ impl Policy {
             )));
         }
         let jurisdictions = jurisdictions(file.jurisdiction_groups)?;
-        let mut taxonomy: Vec<(String, Sensitivity)> = file.taxonomy.into_iter().collect();
-        if let Some((topic, _)) = taxonomy
-            .iter()
-            .find(|(topic, _)| !super::is_canonical_topic(topic))
-        {
-            return Err(invalid(format!(
-                "taxonomy topic {topic:?} is not in canonical form: lower-case segments of \
-                 a-z, 0-9 and _, separated by single /"
-            )));
-        }
-        taxonomy.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        let taxonomy = taxonomy(file.taxonomy)?;
 
-        let default_retention = file
-            .retention
-            .get("default")
-            .map(|entry| [entry.content, entry.ads])
-            .ok_or_else(|| invalid("retention needs a \"default\" entry"))?;
-        let mut retention = Vec::new();
-        for (source, entry) in &file.retention {
-            if source == "default" {
-                continue;
-            }
-            let id = registry
-                .source(source)
-                .ok_or_else(|| invalid(format!("retention names unknown source {source:?}")))?
-                .id;
-            retention.push((id, [entry.content, entry.ads]));
-        }
-        // Sorted, so that `Policy::tightens` compares retention tables by value.
-        retention.sort_by_key(|(id, _)| *id);
-        if let Some(zero) = file
-            .retention
-            .iter()
-            .find(|(_, entry)| entry.content.is_zero() || entry.ads.is_zero())
-        {
-            return Err(invalid(format!(
-                "retention of {:?} must be longer than zero",
-                zero.0
-            )));
-        }
+        let (default_retention, retention) = retention(&file.retention, registry)?;
 
-        let mut seen = HashSet::new();
-        let rules = file
-            .rules
-            .into_iter()
-            .enumerate()
-            .map(|(index, entry)| {
-                let rule = parse_rule(entry)
-                    .map_err(|problem| invalid(format!("rules[{index}]: {problem}")))?;
-                if !seen.insert(rule.reason) {
-                    return Err(invalid(format!(
-                        "rules[{index}]: a second rule for {}",
-                        reason_name(rule.reason)
-                    )));
-                }
-                Ok(rule)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let rules = rules(file.rules)?;
 
         let mut policy = Policy {
             version: file.version,
@@ -364,6 +311,85 @@ fn jurisdictions(
             (code, group)
         })
         .collect())
+}
+
+/// The taxonomy's topics, each in canonical form, longest first (so that the most specific
+/// topic a value names is found first).
+fn taxonomy(file: HashMap<String, Sensitivity>) -> Result<Vec<(String, Sensitivity)>, PolicyError> {
+    let mut taxonomy: Vec<(String, Sensitivity)> = file.into_iter().collect();
+    if let Some((topic, _)) = taxonomy
+        .iter()
+        .find(|(topic, _)| !super::is_canonical_topic(topic))
+    {
+        return Err(invalid(format!(
+            "taxonomy topic {topic:?} is not in canonical form: lower-case segments of \
+             a-z, 0-9 and _, separated by single /"
+        )));
+    }
+    taxonomy.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    Ok(taxonomy)
+}
+
+/// The retention per source (by registry id, sorted) and the default, each longer than
+/// zero; every source named must be registered.
+#[allow(clippy::type_complexity)]
+fn retention(
+    file: &HashMap<String, RetentionEntry>,
+    registry: &Registry,
+) -> Result<
+    (
+        [Duration; 2],
+        Vec<(crate::registry::SourceId, [Duration; 2])>,
+    ),
+    PolicyError,
+> {
+    let default_retention = file
+        .get("default")
+        .map(|entry| [entry.content, entry.ads])
+        .ok_or_else(|| invalid("retention needs a \"default\" entry"))?;
+    let mut retention = Vec::new();
+    for (source, entry) in file {
+        if source == "default" {
+            continue;
+        }
+        let id = registry
+            .source(source)
+            .ok_or_else(|| invalid(format!("retention names unknown source {source:?}")))?
+            .id;
+        retention.push((id, [entry.content, entry.ads]));
+    }
+    // Sorted, so that `Policy::tightens` compares retention tables by value.
+    retention.sort_by_key(|(id, _)| *id);
+    if let Some(zero) = file
+        .iter()
+        .find(|(_, entry)| entry.content.is_zero() || entry.ads.is_zero())
+    {
+        return Err(invalid(format!(
+            "retention of {:?} must be longer than zero",
+            zero.0
+        )));
+    }
+    Ok((default_retention, retention))
+}
+
+/// The rules, each parsed and at most one per reason.
+fn rules(entries: Vec<RuleEntry>) -> Result<Vec<Rule>, PolicyError> {
+    let mut seen = HashSet::new();
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let rule = parse_rule(entry)
+                .map_err(|problem| invalid(format!("rules[{index}]: {problem}")))?;
+            if !seen.insert(rule.reason) {
+                return Err(invalid(format!(
+                    "rules[{index}]: a second rule for {}",
+                    reason_name(rule.reason)
+                )));
+            }
+            Ok(rule)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -56,54 +56,17 @@ impl Core {
             chunk_users.push(users);
             staged_rows += rows;
         }
-        let tables = directory.join("tables");
+        let ingest = staged_rows >= self.loads.settings.ingest_rows_min;
+        let bulk_files = self.bulk_files()?;
         let mut exclusive = false;
         loop {
             // A first attempt prepares without holding user-state changes off, then checks
             // that none happened meanwhile; if some did, the second attempt holds them off
             // from the start. The engine keeps the hold and the count of changes.
-            let bulk_files = self.bulk_files()?;
             let early_hold = exclusive.then(|| bulk_files.hold_user_states());
             let changes_seen = bulk_files.user_state_changes();
             let refused = self.refused_at_commit(&chunk_users)?;
-            let merged = MergedRows::open(
-                &chunks,
-                refused
-                    .iter()
-                    .map(|users| users.keys().copied().collect())
-                    .collect(),
-            )
-            .map_err(|error| staging(&job_id, error))?;
-            let ingest = staged_rows >= self.loads.settings.ingest_rows_min;
-            let (files, small) = if ingest {
-                if tables.exists() {
-                    std::fs::remove_dir_all(&tables).map_err(|error| staging(&job_id, error))?;
-                }
-                std::fs::create_dir_all(&tables).map_err(|error| staging(&job_id, error))?;
-                let mut rows = StagedRows {
-                    merged,
-                    error: None,
-                };
-                let files = bulk_files.write_table_files(
-                    &mut rows,
-                    &tables,
-                    self.loads.settings.table_file_bytes_max,
-                )?;
-                if let Some(error) = rows.error {
-                    return Err(staging(&job_id, error));
-                }
-                (files, Vec::new())
-            } else {
-                let mut rows = StagedRows {
-                    merged,
-                    error: None,
-                };
-                let small: Vec<(RowKey, Vec<u8>)> = rows.by_ref().collect();
-                if let Some(error) = rows.error {
-                    return Err(staging(&job_id, error));
-                }
-                (Vec::new(), small)
-            };
+            let prepared = self.prepare_commit(&job_id, &chunks, &refused, ingest)?;
             if !exclusive {
                 // Decided and written into table files, not yet applied: a change of a
                 // staged user's state here must be seen below.
@@ -126,21 +89,22 @@ impl Core {
             }
             job.state = JobState::Committed;
             job.committed_at = self.clock.now().unix_micros();
-            job.files_ingested = u32::try_from(files.len()).unwrap_or(u32::MAX);
+            job.files_ingested = u32::try_from(prepared.files.len()).unwrap_or(u32::MAX);
             let mut entry = self.audit_entry(AuditAction::LoadCommitted, "backfill", None)?;
             entry.subject = format!(
                 "job {job_id}: {} rows admitted, {} table files",
                 job.summary.rows_accepted + job.summary.rows_transformed,
-                files.len()
+                prepared.files.len()
             );
             if ingest {
-                bulk_files.ingest_table_files(&files, &held)?;
+                bulk_files.ingest_table_files(&prepared.files, &held)?;
                 *applied = true;
                 self.save_job(job, &[entry])?;
             } else {
                 job.updated_at = self.clock.now().unix_micros();
                 let bytes = serde_json::to_vec(&job).expect("a job record serializes");
-                bulk_files.merge_rows(&small, (&job_key(&job_id), &bytes), &[entry], &held)?;
+                let meta = (job_key(&job_id), bytes);
+                bulk_files.merge_rows(&prepared.small, (&meta.0, &meta.1), &[entry], &held)?;
                 *applied = true;
             }
             break;
@@ -154,6 +118,54 @@ impl Core {
             "bulk load committed"
         );
         Ok(())
+    }
+
+    /// Merges a job's chunks in key order, leaving out the `refused` users of each chunk:
+    /// into table files under the job's staging directory when `ingest`, else into memory
+    /// (a small job is applied as one write).
+    fn prepare_commit(
+        &self,
+        job_id: &str,
+        chunks: &[PathBuf],
+        refused: &[HashMap<u64, ReasonCode>],
+        ingest: bool,
+    ) -> Result<PreparedCommit, Error> {
+        let merged = MergedRows::open(
+            chunks,
+            refused
+                .iter()
+                .map(|users| users.keys().copied().collect())
+                .collect(),
+        )
+        .map_err(|error| staging(job_id, error))?;
+        let mut rows = StagedRows {
+            merged,
+            error: None,
+        };
+        let prepared = if ingest {
+            let tables = self.staging_directory(job_id).join("tables");
+            if tables.exists() {
+                std::fs::remove_dir_all(&tables).map_err(|error| staging(job_id, error))?;
+            }
+            std::fs::create_dir_all(&tables).map_err(|error| staging(job_id, error))?;
+            PreparedCommit {
+                files: self.bulk_files()?.write_table_files(
+                    &mut rows,
+                    &tables,
+                    self.loads.settings.table_file_bytes_max,
+                )?,
+                small: Vec::new(),
+            }
+        } else {
+            PreparedCommit {
+                files: Vec::new(),
+                small: rows.by_ref().collect(),
+            }
+        };
+        match rows.error {
+            Some(error) => Err(staging(job_id, error)),
+            None => Ok(prepared),
+        }
     }
 
     /// Per chunk, the users whose rows a commit must leave out: erased since, or whose
@@ -248,4 +260,10 @@ impl Iterator for StagedRows {
             }
         }
     }
+}
+
+/// A commit's rows, merged and ready to apply: table files, or the rows of a small job.
+struct PreparedCommit {
+    files: Vec<PathBuf>,
+    small: Vec<(RowKey, Vec<u8>)>,
 }

@@ -155,6 +155,70 @@ fn features_format(table: &BlockBasedOptions) -> Options {
     options
 }
 
+/// The column families and their options: the features laid out for point lookups and
+/// rows whose every value expired dropped by compaction; idempotency records dropped past
+/// the window; user states compressed; the rest as RocksDB's defaults.
+fn column_families(
+    table: &BlockBasedOptions,
+    config: &StorageConfig,
+    idempotency_window: Duration,
+    clock: Arc<dyn Clock>,
+) -> [ColumnFamilyDescriptor; 7] {
+    let mut features = features_format(table);
+    features.set_write_buffer_size(config.write_buffer_bytes);
+    // Rows whose every value has expired are dropped whenever compaction meets them;
+    // rows with some expired values are rewritten by the retention sweep.
+    let expiry_clock = Arc::clone(&clock);
+    features.set_compaction_filter(
+        "featurestore.expired_rows",
+        move |_level, _key, value: &[u8]| {
+            let now = expiry_clock.now();
+            let expired = |view: RowView<'_>| {
+                view.values().try_fold(true, |expired, value| {
+                    let value = value?;
+                    Ok(expired && view.provenance(value.provenance).expires_at <= now)
+                })
+            };
+            match codec::current_format(value)
+                .and_then(|row| RowView::parse(&row).and_then(expired))
+            {
+                Ok(true) => Decision::Remove,
+                _ => Decision::Keep,
+            }
+        },
+    );
+
+    let mut idempotency = Options::default();
+    idempotency.set_block_based_table_factory(table);
+    idempotency.set_compression_type(DBCompressionType::Lz4);
+    let window_micros = i64::try_from(idempotency_window.as_micros()).unwrap_or(i64::MAX);
+    idempotency.set_compaction_filter(
+        "featurestore.idempotency_expiry",
+        move |_level, _key, value: &[u8]| match idempotency_created_at(value) {
+            Some(created_at)
+                if created_at.unix_micros()
+                    < clock.now().unix_micros().saturating_sub(window_micros) =>
+            {
+                Decision::Remove
+            }
+            _ => Decision::Keep,
+        },
+    );
+
+    let mut user_state = Options::default();
+    user_state.set_block_based_table_factory(table);
+    user_state.set_compression_type(DBCompressionType::Lz4);
+    [
+        ColumnFamilyDescriptor::new(FEATURES_CF, features),
+        ColumnFamilyDescriptor::new(IDEMPOTENCY_CF, idempotency),
+        ColumnFamilyDescriptor::new(USER_STATE_CF, user_state),
+        ColumnFamilyDescriptor::new(META_CF, Options::default()),
+        ColumnFamilyDescriptor::new(AUDIT_CF, Options::default()),
+        ColumnFamilyDescriptor::new(AUDIT_BY_USER_CF, Options::default()),
+        ColumnFamilyDescriptor::new(PSEUDONYM_KEYS_CF, Options::default()),
+    ]
+}
+
 impl RocksStore {
     /// The database in `path` opened read-only with the options the store reads its rows
     /// with (table format, block cache of `config`'s size, merge operator), for measuring
@@ -201,63 +265,10 @@ impl RocksStore {
 
         let table = table_options(&Cache::new_lru_cache(config.block_cache_bytes));
         let table_file_options = features_format(&table);
-        let mut features = features_format(&table);
-        features.set_write_buffer_size(config.write_buffer_bytes);
-        // Rows whose every value has expired are dropped whenever compaction meets them;
-        // rows with some expired values are rewritten by the retention sweep.
-        let expiry_clock = Arc::clone(&clock);
-        features.set_compaction_filter(
-            "featurestore.expired_rows",
-            move |_level, _key, value: &[u8]| {
-                let now = expiry_clock.now();
-                let expired = |view: RowView<'_>| {
-                    view.values().try_fold(true, |expired, value| {
-                        let value = value?;
-                        Ok(expired && view.provenance(value.provenance).expires_at <= now)
-                    })
-                };
-                match codec::current_format(value)
-                    .and_then(|row| RowView::parse(&row).and_then(expired))
-                {
-                    Ok(true) => Decision::Remove,
-                    _ => Decision::Keep,
-                }
-            },
-        );
-
-        let mut idempotency = Options::default();
-        idempotency.set_block_based_table_factory(&table);
-        idempotency.set_compression_type(DBCompressionType::Lz4);
-        let window_micros = i64::try_from(idempotency_window.as_micros()).unwrap_or(i64::MAX);
-        idempotency.set_compaction_filter(
-            "featurestore.idempotency_expiry",
-            move |_level, _key, value: &[u8]| match idempotency_created_at(value) {
-                Some(created_at)
-                    if created_at.unix_micros()
-                        < clock.now().unix_micros().saturating_sub(window_micros) =>
-                {
-                    Decision::Remove
-                }
-                _ => Decision::Keep,
-            },
-        );
-
-        let mut user_state = Options::default();
-        user_state.set_block_based_table_factory(&table);
-        user_state.set_compression_type(DBCompressionType::Lz4);
-
         let db = DB::open_cf_descriptors(
             &db_options,
             path,
-            [
-                ColumnFamilyDescriptor::new(FEATURES_CF, features),
-                ColumnFamilyDescriptor::new(IDEMPOTENCY_CF, idempotency),
-                ColumnFamilyDescriptor::new(USER_STATE_CF, user_state),
-                ColumnFamilyDescriptor::new(META_CF, Options::default()),
-                ColumnFamilyDescriptor::new(AUDIT_CF, Options::default()),
-                ColumnFamilyDescriptor::new(AUDIT_BY_USER_CF, Options::default()),
-                ColumnFamilyDescriptor::new(PSEUDONYM_KEYS_CF, Options::default()),
-            ],
+            column_families(&table, config, idempotency_window, clock),
         )
         .map_err(engine)?;
         let mut write_options = WriteOptions::default();
