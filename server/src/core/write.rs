@@ -124,21 +124,13 @@ impl Core {
             };
             // The worst moment for a user's state to change: decided, not yet applied.
             fail::fail_point!("write-decided");
-            let (call, refusals) = self.audit_entries(request, &plan.decisions, &policy)?;
-            // The call's record goes with the first user's share, each refusal with its user's.
-            plan.shares[0].audit.push(call);
-            for (user_id, entry) in refusals {
-                let share = plan.share_of(user_id);
-                plan.shares[share].audit.push(entry);
-            }
+            self.attach_audit(request, &mut plan, &policy)?;
             let record = IdempotencyRecord {
                 key: request.idempotency_key.clone(),
                 fingerprint,
                 created_at: now,
             };
-            let replay_since = Timestamp::from_unix_micros(now.unix_micros().saturating_sub(
-                i64::try_from(self.writes.idempotency_window.as_micros()).unwrap_or(i64::MAX),
-            ));
+            let replay_since = self.replay_since(now);
             let mut outcomes: Vec<Option<Vec<Vec<ValueOutcome>>>> = vec![None; plan.shares.len()];
             let span = tracing::debug_span!("storage", users = plan.shares.len()).entered();
             let applied = self.store.apply_write(
@@ -189,6 +181,30 @@ impl Core {
                 Err(error) => Err(error.into()),
             };
         }
+    }
+
+    /// Gives each share its audit entries: the call's record goes with the first user's
+    /// share, each refusal with its user's.
+    fn attach_audit(
+        &self,
+        request: &WriteRequest,
+        plan: &mut Plan,
+        policy: &Policy,
+    ) -> Result<(), Error> {
+        let (call, refusals) = self.audit_entries(request, &plan.decisions, policy)?;
+        plan.shares[0].audit.push(call);
+        for (user_id, entry) in refusals {
+            let share = plan.share_of(user_id);
+            plan.shares[share].audit.push(entry);
+        }
+        Ok(())
+    }
+
+    /// The oldest idempotency record a write made `now` replays.
+    fn replay_since(&self, now: Timestamp) -> Timestamp {
+        Timestamp::from_unix_micros(now.unix_micros().saturating_sub(
+            i64::try_from(self.writes.idempotency_window.as_micros()).unwrap_or(i64::MAX),
+        ))
     }
 
     /// A bundle reload during the write may have started a purge that already passed these
