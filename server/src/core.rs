@@ -86,6 +86,19 @@ fn test_store(
     .expect("open the store")
 }
 
+/// An adult in `jurisdiction` with a Facebook account only, for the core's tests.
+#[cfg(test)]
+fn adult_on_facebook(user_id: u64, jurisdiction: &str) -> featurestore::domain::UserStateUpdate {
+    featurestore::domain::UserStateUpdate {
+        user_id,
+        jurisdiction: jurisdiction.to_string(),
+        age_band: featurestore::domain::AgeBand::Adult,
+        linked_apps: vec!["facebook".to_string()],
+        ads_objection: false,
+        expected_generation: None,
+    }
+}
+
 /// Settings of a [`Core`] beyond its parts.
 #[derive(Clone, Debug)]
 pub struct CoreOptions {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use featurestore::domain::{
-    AgeBand, FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, UserStateUpdate, Value,
+    FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, UserStateUpdate, Value,
     WriteRequest, WriteRow,
 };
 use featurestore::proto;
@@ -194,18 +194,8 @@ fn unsupported(result: Result<impl std::fmt::Debug, Error>) -> String {
 fn the_core_serves_writes_reads_and_erasures_over_the_store_core_alone() {
     let directory = tempfile::tempdir().expect("temp dir");
     let core = core_only(directory.path());
-    core.set_user_state(
-        &UserStateUpdate {
-            user_id: 7,
-            jurisdiction: "US".to_string(),
-            age_band: AgeBand::Adult,
-            linked_apps: vec!["facebook".to_string()],
-            ads_objection: false,
-            expected_generation: None,
-        },
-        "tests",
-    )
-    .expect("state");
+    core.set_user_state(&super::adult_on_facebook(7, "US"), "tests")
+        .expect("state");
     let written = core.write(&hiking(7, 0.5), 1).expect("write");
     assert_eq!(
         written.rows[0].verdicts[0].verdict,

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate};
+use featurestore::domain::Timestamp;
 
 use super::{Core, CoreOptions};
 use crate::clock::ManualClock;
@@ -34,18 +34,8 @@ fn an_erasure_whose_verification_finds_data_deletes_it_again() {
         CoreOptions::under(directory.path()),
     )
     .expect("core");
-    core.set_user_state(
-        &UserStateUpdate {
-            user_id: 7,
-            jurisdiction: "US".to_string(),
-            age_band: AgeBand::Adult,
-            linked_apps: vec!["facebook".to_string()],
-            ads_objection: false,
-            expected_generation: None,
-        },
-        "tests",
-    )
-    .expect("state");
+    core.set_user_state(&super::adult_on_facebook(7, "US"), "tests")
+        .expect("state");
 
     // Right after the erasure's first delete, a row of the user is back. Failpoints are
     // global to the process: only this test's thread brings it back.
@@ -117,14 +107,7 @@ fn a_state_change_that_overlaps_a_bundle_reload_leaves_rows_judged_by_the_new_bu
         )
         .expect("core"),
     );
-    let adult = |jurisdiction: &str| UserStateUpdate {
-        user_id: 7,
-        jurisdiction: jurisdiction.to_string(),
-        age_band: AgeBand::Adult,
-        linked_apps: vec!["facebook".to_string()],
-        ads_objection: false,
-        expected_generation: None,
-    };
+    let adult = |jurisdiction: &str| super::adult_on_facebook(7, jurisdiction);
     let generation = core
         .set_user_state(&adult("US"), "tests")
         .expect("state")
