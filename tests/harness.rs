@@ -1,6 +1,7 @@
 //! Test support: starts the real server on a loopback port with a temporary RocksDB
 //! directory and a manual clock, and hands out a real client connected to it.
 
+pub mod cluster;
 pub mod pki;
 pub mod workload;
 

@@ -1,0 +1,231 @@
+//! A Redis Cluster on loopback for the tests: six `redis-server` processes (three masters,
+//! each with a replica) in a temporary directory, joined with `redis-cli --cluster create`,
+//! stopped (killed) when dropped. A master can be killed to test a failover.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// Nodes of the cluster: three masters and their replicas.
+const NODES: usize = 6;
+/// How long a node may be unreachable before its replica takes over, in milliseconds.
+pub const NODE_TIMEOUT_MILLIS: u64 = 2_000;
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    directory: TempDir,
+}
+
+#[derive(Debug)]
+struct Node {
+    port: u16,
+    process: Option<Child>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, joins them, and waits until every node says the cluster is ok
+    /// (about two seconds). Panics with the nodes' logs when it does not come up.
+    pub async fn start() -> RedisCluster {
+        let directory = tempfile::tempdir().expect("a directory for the cluster");
+        let ports = free_ports();
+        let nodes = ports
+            .iter()
+            .map(|&port| Node {
+                port,
+                process: Some(start_node(directory.path(), port)),
+            })
+            .collect();
+        let cluster = RedisCluster { nodes, directory };
+        let mut ticks = crate::poll_every(Duration::from_millis(20));
+        for node in &cluster.nodes {
+            let started = std::time::Instant::now();
+            while cli(node.port, &["ping"]).as_deref() != Some("PONG") {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "redis-server on port {} did not answer: {}",
+                    node.port,
+                    cluster.logs()
+                );
+                ticks.tick().await;
+            }
+        }
+        let addresses: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    /// Seed URLs of the cluster, one per node.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|node| format!("redis://127.0.0.1:{}/", node.port))
+            .collect()
+    }
+
+    /// The ports of the nodes that are masters now.
+    pub fn master_ports(&self) -> Vec<u16> {
+        self.live_port()
+            .and_then(|port| cli(port, &["cluster", "nodes"]))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let address = fields.nth(1)?;
+                let flags = fields.next()?;
+                let master =
+                    flags.split(',').any(|flag| flag == "master") && !flags.contains("fail");
+                master.then(|| address.split(['@', ':']).nth(1)?.parse().ok())?
+            })
+            .collect()
+    }
+
+    /// Kills the node on `port` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster");
+        if let Some(mut process) = node.process.take() {
+            process.kill().expect("kill the node");
+            process.wait().expect("reap the node");
+        }
+    }
+
+    /// Waits until every live node says the cluster is ok (all slots served).
+    pub async fn wait_until_ok(&self) {
+        let started = std::time::Instant::now();
+        let mut ticks = crate::poll_every(Duration::from_millis(50));
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|node| node.process.is_some())
+                .all(|node| {
+                    cli(node.port, &["cluster", "info"]).is_some_and(|info| {
+                        info.lines().any(|line| line.trim() == "cluster_state:ok")
+                    })
+                });
+            if ok {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the cluster did not become ok: {}",
+                self.logs()
+            );
+            ticks.tick().await;
+        }
+    }
+
+    fn live_port(&self) -> Option<u16> {
+        self.nodes
+            .iter()
+            .find(|node| node.process.is_some())
+            .map(|node| node.port)
+    }
+
+    /// The last lines of every node's log, for a failure message.
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let log = std::fs::read_to_string(log_path(self.directory.path(), node.port))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                format!(
+                    "\n[{}] {}",
+                    node.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut process) = node.process.take() {
+                let _ = process.kill();
+                let _ = process.wait();
+            }
+        }
+    }
+}
+
+fn log_path(directory: &Path, port: u16) -> PathBuf {
+    directory.join(format!("{port}.log"))
+}
+
+fn start_node(directory: &Path, port: u16) -> Child {
+    let data = directory.join(port.to_string());
+    std::fs::create_dir_all(&data).expect("a node's directory");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-config-file", "nodes.conf"])
+        .args(["--cluster-node-timeout", &NODE_TIMEOUT_MILLIS.to_string()])
+        .args(["--appendonly", "yes"])
+        .args(["--save", ""])
+        .arg("--dir")
+        .arg(&data)
+        .arg("--logfile")
+        .arg(log_path(directory, port))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server (./dev test installs it)")
+}
+
+/// The answer of `redis-cli -p port args...`, or `None` when the node does not answer.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    (output.status.success() && !text.starts_with("Could not connect")).then_some(text)
+}
+
+/// Six ports whose cluster-bus ports (port + 10000) are free too: each asked of the
+/// system by binding port 0, then released for the node to take.
+fn free_ports() -> Vec<u16> {
+    let mut ports = Vec::with_capacity(NODES);
+    while ports.len() < NODES {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = listener.local_addr().expect("its address").port();
+        let bus_free = port
+            .checked_add(10_000)
+            .is_some_and(|bus| TcpListener::bind(("127.0.0.1", bus)).is_ok());
+        if bus_free && !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}

@@ -1,0 +1,47 @@
+//! The Redis Cluster the tests start: six real `redis-server` nodes on loopback, three
+//! masters with a replica each, reached through the cluster client (redirections followed).
+
+use featurestore_tests::cluster::RedisCluster;
+use redis::AsyncCommands;
+
+#[tokio::test]
+async fn the_test_cluster_serves_keys_of_every_master() {
+    let started = std::time::Instant::now();
+    let cluster = RedisCluster::start().await;
+    let start_time = started.elapsed();
+    assert_eq!(cluster.master_ports().len(), 3, "three masters");
+    let client = redis::cluster::ClusterClient::new(cluster.seeds()).expect("cluster client");
+    let mut connection = client
+        .get_async_connection()
+        .await
+        .expect("connect to the cluster");
+    // Hash tags spread over the slots: every master holds some of them.
+    for tag in 0..64u32 {
+        let key = format!("{{{tag}}}:probe");
+        let () = connection.set(&key, tag).await.expect("set");
+    }
+    for tag in 0..64u32 {
+        let key = format!("{{{tag}}}:probe");
+        let read: u32 = connection.get(&key).await.expect("get");
+        assert_eq!(read, tag);
+    }
+    let masters_holding_keys = cluster
+        .master_ports()
+        .into_iter()
+        .filter(|&port| {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "dbsize"])
+                .output()
+                .ok()
+                .and_then(|output| {
+                    String::from_utf8_lossy(&output.stdout)
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .is_some_and(|keys| keys > 0)
+        })
+        .count();
+    assert_eq!(masters_holding_keys, 3, "keys landed on every master");
+    eprintln!("cluster of 6 nodes up in {:.1} s", start_time.as_secs_f64());
+}
