@@ -266,7 +266,10 @@ impl Privacy for FeatureStoreService {
                 let Some(pseudonym) = core.pseudonym(user_id, false)? else {
                     return Ok((None, Vec::new()));
                 };
-                Ok((Some(pseudonym), core.audit_trail(&pseudonym, limit)?))
+                Ok((
+                    Some(pseudonym),
+                    core.audit_trail(user_id, &pseudonym, limit)?,
+                ))
             })
             .await
             .map_err(status)?;

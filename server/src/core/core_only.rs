@@ -72,10 +72,11 @@ impl Store for CoreOnly {
 
     fn audit_trail(
         &self,
+        user_id: u64,
         user: &Pseudonym,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StorageError> {
-        self.0.audit_trail(user, limit)
+        self.0.audit_trail(user_id, user, limit)
     }
 
     fn verify_audit(&self) -> Result<AuditReport, StorageError> {

@@ -54,8 +54,13 @@ impl Core {
     }
 
     /// The audit records of one user, oldest first, at most `limit`.
-    pub fn audit_trail(&self, user: &Pseudonym, limit: usize) -> Result<Vec<AuditRecord>, Error> {
-        Ok(self.store.audit_trail(user, limit)?)
+    pub fn audit_trail(
+        &self,
+        user_id: u64,
+        user: &Pseudonym,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, Error> {
+        Ok(self.store.audit_trail(user_id, user, limit)?)
     }
 
     /// Makes everything written so far durable in the engine's files (a no-op for an

@@ -251,9 +251,14 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Appends entries to the audit log, numbered and hash-chained after the last record.
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError>;
 
-    /// The audit records of one user, oldest first, at most `limit`.
-    fn audit_trail(&self, user: &Pseudonym, limit: usize)
-    -> Result<Vec<AuditRecord>, StorageError>;
+    /// The audit records of one user, oldest first, at most `limit`: `user` is the user's
+    /// pseudonym (what the records name), `user_id` lets the engine find the user's chain.
+    fn audit_trail(
+        &self,
+        user_id: u64,
+        user: &Pseudonym,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError>;
 
     /// Checks the whole audit chain.
     fn verify_audit(&self) -> Result<AuditReport, StorageError>;

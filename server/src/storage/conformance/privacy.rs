@@ -184,7 +184,7 @@ pub fn audit_records_are_chained_and_found_by_user(open: Open<'_>) {
     );
 
     let trail = store
-        .audit_trail(&pseudonym(&[7; 32], 1), 10)
+        .audit_trail(1, &pseudonym(&[7; 32], 1), 10)
         .expect("trail");
     let actions: Vec<AuditAction> = trail.iter().map(|record| record.entry.action).collect();
     assert_eq!(
@@ -204,7 +204,7 @@ pub fn audit_records_are_chained_and_found_by_user(open: Open<'_>) {
         "records about no single user's change: chain 0"
     );
     let oldest = store
-        .audit_trail(&pseudonym(&[7; 32], 1), 1)
+        .audit_trail(1, &pseudonym(&[7; 32], 1), 1)
         .expect("trail");
     assert_eq!(oldest, trail[..1]);
 }

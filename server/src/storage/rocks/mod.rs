@@ -519,6 +519,7 @@ impl Store for RocksStore {
 
     fn audit_trail(
         &self,
+        _user_id: u64,
         user: &Pseudonym,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StorageError> {

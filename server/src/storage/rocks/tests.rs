@@ -225,7 +225,7 @@ fn a_single_chain_audit_log_is_moved_to_chain_zero() {
     );
     let subjects = |store: &RocksStore| -> Vec<String> {
         store
-            .audit_trail(&user, 10)
+            .audit_trail(42, &user, 10)
             .expect("trail")
             .into_iter()
             .map(|record| record.entry.subject)
