@@ -83,21 +83,11 @@ impl RedisCluster {
             .collect()
     }
 
-    /// The ports of the nodes that are masters now.
+    /// The ports of the masters that serve slots now, in the view of a live node.
     pub fn master_ports(&self) -> Vec<u16> {
         self.live_port()
-            .and_then(|port| cli(port, &["cluster", "nodes"]))
+            .map(|port| roles(port).masters)
             .unwrap_or_default()
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_whitespace();
-                let address = fields.nth(1)?;
-                let flags = fields.next()?;
-                let master =
-                    flags.split(',').any(|flag| flag == "master") && !flags.contains("fail");
-                master.then(|| address.split(['@', ':']).nth(1)?.parse().ok())?
-            })
-            .collect()
     }
 
     /// Kills the node on `port` at once (SIGKILL), as a crash would.
@@ -199,6 +189,43 @@ fn start_node(directory: &Path, port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("start redis-server (./dev test installs it)")
+}
+
+/// What one node sees of the cluster's nodes.
+struct Roles {
+    /// Ports of the masters serving slots, not failed.
+    masters: Vec<u16>,
+    /// Replicas not failed.
+    replicas: usize,
+}
+
+fn roles(port: u16) -> Roles {
+    let mut roles = Roles {
+        masters: Vec::new(),
+        replicas: 0,
+    };
+    for line in cli(port, &["cluster", "nodes"]).unwrap_or_default().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+            continue;
+        };
+        if flags.contains("fail") {
+            continue;
+        }
+        let flags: Vec<&str> = flags.split(',').collect();
+        if flags.contains(&"slave") {
+            roles.replicas += 1;
+        } else if flags.contains(&"master")
+            && fields.len() > 8
+            && let Some(port) = address
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+        {
+            roles.masters.push(port);
+        }
+    }
+    roles
 }
 
 /// The answer of `redis-cli -p port args...`, or `None` when the node does not answer.
