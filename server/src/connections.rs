@@ -370,7 +370,8 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// The connections accepted on `listener` until the stream is dropped, each counted in
+/// The connections accepted on `listener` until the stream is dropped or `stop_accepting`
+/// is cancelled, each counted in
 /// `connections`: TCP with Nagle's algorithm off (with it, a small response waits for the
 /// client's delayed acknowledgement), the TLS handshake when `tls` is set, then the
 /// HTTP/2 preface, each within its deadline and on a task of its own, so that a slow or
@@ -380,15 +381,21 @@ pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     connections: Arc<Connections>,
+    stop_accepting: CancellationToken,
 ) -> ReceiverStream<io::Result<Connection>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     let opening = Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+                // Stopped at once when told: a server that is ending (as the one answering
+                // while the database opens does) must not take a connection it will never
+                // serve from the listen queue another server shares.
+                biased;
+                () = stop_accepting.cancelled() => return,
                 // The server stopped taking connections.
                 () = sender.closed() => return,
+                accepted = listener.accept() => accepted,
             };
             let (stream, remote) = match accepted {
                 Ok(accepted) => accepted,

@@ -102,7 +102,12 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
                 .max_encoding_message_size(encode_max),
         )
         .serve_with_incoming_shutdown(
-            connections::incoming(parts.listener, parts.tls, Arc::clone(&parts.connections)),
+            connections::incoming(
+                parts.listener,
+                parts.tls,
+                Arc::clone(&parts.connections),
+                shutdown.clone(),
+            ),
             async move {
                 stop_accepting.cancelled().await;
                 tracing::info!("shutting down: refusing new requests, finishing in-flight ones");
@@ -186,7 +191,7 @@ pub fn serve_while_starting(
         .layer(gate::GateLayer::new(health::Starting))
         .add_service(health)
         .serve_with_incoming_shutdown(
-            connections::incoming(starting_listener, tls, connections),
+            connections::incoming(starting_listener, tls, connections, ready.clone()),
             ready.clone().cancelled_owned(),
         );
     // Connections made while starting are told to go away once it ends (HTTP/2 GOAWAY) and
