@@ -1,6 +1,8 @@
 //! The Redis Cluster the tests start: six real `redis-server` nodes on loopback, three
 //! masters with a replica each, reached through the cluster client (redirections followed).
 
+use featurestore_server::registry::SurfaceId;
+use featurestore_server::storage::redis::keys::UserKeys;
 use featurestore_tests::cluster::RedisCluster;
 use redis::AsyncCommands;
 
@@ -43,5 +45,34 @@ async fn the_test_cluster_serves_keys_of_every_master() {
         })
         .count();
     assert_eq!(masters_holding_keys, 3, "keys landed on every master");
+
+    // The store's layout: every key of a user, and its partition's audit chain, in one slot
+    // (what the cluster itself computes), so that one script can change them together.
+    for user_id in [1u64, 42, 1_000_003] {
+        let keys = UserKeys::new(user_id, 64);
+        let chain = keys.chain();
+        let mut slots = Vec::new();
+        for key in [
+            keys.row(SurfaceId(1)),
+            keys.surfaces(),
+            keys.state(),
+            keys.idempotency("job-7#3"),
+            keys.pseudonym_key(),
+            chain.records(),
+            chain.tail(),
+            chain.by_user(&[5; 16]),
+            chain.users(),
+        ] {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .expect("CLUSTER KEYSLOT");
+            slots.push(slot);
+        }
+        slots.dedup();
+        assert_eq!(slots.len(), 1, "user {user_id}: {slots:?}");
+    }
     eprintln!("cluster of 6 nodes up in {:.1} s", start_time.as_secs_f64());
 }

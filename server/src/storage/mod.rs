@@ -7,6 +7,7 @@ pub mod codec;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod keys;
+pub mod redis;
 mod rocks;
 
 use std::fmt::Debug;
