@@ -1,6 +1,9 @@
 //! A Redis Cluster on loopback for the tests: six `redis-server` processes (three masters,
 //! each with a replica) in a temporary directory, joined with `redis-cli --cluster create`,
-//! stopped (killed) when dropped. A master can be killed to test a failover.
+//! stopped (killed) when dropped. A master can be killed to test a failover. Each node runs
+//! under a small shell that kills it (and removes its files) when the test process closes
+//! the shell's input, so that nodes never outlive the tests, even those of the cluster the
+//! tests of one process share ([`shared`]).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -72,7 +75,32 @@ impl RedisCluster {
             String::from_utf8_lossy(&created.stdout)
         );
         cluster.wait_until_ok().await;
+        cluster.wait_for_replicas().await;
         cluster
+    }
+
+    /// Waits until every master's replica has synchronized with it and follows its
+    /// changes, so that a write can be confirmed by one replica (`WAIT 1`).
+    async fn wait_for_replicas(&self) {
+        let started = std::time::Instant::now();
+        let mut ticks = crate::poll_every(Duration::from_millis(20));
+        loop {
+            let synced = self.master_ports().into_iter().all(|port| {
+                cli(port, &["info", "replication"]).is_some_and(|info| {
+                    info.lines()
+                        .any(|line| line.starts_with("slave0:") && line.contains("state=online"))
+                })
+            });
+            if synced {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the replicas did not synchronize: {}",
+                self.logs()
+            );
+            ticks.tick().await;
+        }
     }
 
     /// Seed URLs of the cluster, one per node.
@@ -97,9 +125,8 @@ impl RedisCluster {
             .iter_mut()
             .find(|node| node.port == port)
             .expect("a node of this cluster");
-        if let Some(mut process) = node.process.take() {
-            process.kill().expect("kill the node");
-            process.wait().expect("reap the node");
+        if let Some(process) = node.process.take() {
+            stop_node(process);
         }
     }
 
@@ -157,22 +184,64 @@ impl RedisCluster {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut process) = node.process.take() {
-                let _ = process.kill();
-                let _ = process.wait();
+            if let Some(process) = node.process.take() {
+                stop_node(process);
             }
         }
     }
 }
 
-fn log_path(directory: &Path, port: u16) -> PathBuf {
-    directory.join(format!("{port}.log"))
+/// The cluster every test of this process may share, each under its own key prefix:
+/// started by the first test that asks, stopped when the process ends. Tests that stop
+/// nodes start a cluster of their own.
+pub fn shared() -> &'static RedisCluster {
+    static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        // Started on a thread of its own, whatever runtime the asking test runs on.
+        std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime to start the cluster")
+                .block_on(RedisCluster::start())
+        })
+        .join()
+        .expect("the shared cluster starts")
+    })
 }
 
+/// A key prefix no other test of this process uses.
+pub fn unique_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "t{}-",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+fn log_path(directory: &Path, port: u16) -> PathBuf {
+    directory.join(port.to_string()).join("redis.log")
+}
+
+/// Closes the node's shell's input: the shell kills the node (SIGKILL) and removes its
+/// files; then waits for the shell.
+fn stop_node(mut process: Child) {
+    drop(process.stdin.take());
+    let _ = process.wait();
+}
+
+/// Starts `redis-server` under a shell that waits for its own input to close, then kills
+/// the node at once and removes the node's directory.
 fn start_node(directory: &Path, port: u16) -> Child {
     let data = directory.join(port.to_string());
     std::fs::create_dir_all(&data).expect("a node's directory");
-    Command::new("redis-server")
+    Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#"dir=$1; shift; redis-server "$@" & node=$!; read -r _; kill -9 "$node"; wait "$node"; rm -rf "$dir""#,
+        )
+        .arg("sh")
+        .arg(&data)
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1"])
         .args(["--cluster-enabled", "yes"])
@@ -184,7 +253,7 @@ fn start_node(directory: &Path, port: u16) -> Child {
         .arg(&data)
         .arg("--logfile")
         .arg(log_path(directory, port))
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

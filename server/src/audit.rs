@@ -13,6 +13,9 @@ use sha2::{Digest, Sha256};
 pub const PSEUDONYM_LEN: usize = 16;
 /// Length of a record hash, in bytes.
 pub const HASH_LEN: usize = 32;
+/// Most chains: as many as a Redis Cluster has hash slots, so that an engine can keep each
+/// chain beside its users' keys.
+pub const PARTITIONS_MAX: u32 = 16_384;
 /// Records of version 1 were written before the log had partitions; they belong to chain 0.
 const RECORD_VERSION_SINGLE_CHAIN: u8 = 1;
 const RECORD_VERSION: u8 = 2;

@@ -287,10 +287,15 @@ fn physical_memory_bytes() -> Option<usize> {
     kilobytes.checked_mul(1024)
 }
 
-/// RocksDB settings that operators tune.
+/// The storage engine and the settings operators tune.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// Where the features live: `rocksdb` (embedded, in `data_dir`) or `redis_cluster`
+    /// (a Redis Cluster shared by any number of servers; `[storage.redis_cluster]`).
+    pub backend: Backend,
+    /// The Redis Cluster, when `backend = "redis_cluster"`.
+    pub redis_cluster: RedisClusterConfig,
     /// Size of the shared block cache, in bytes.
     pub block_cache_bytes: usize,
     /// Size of one memtable, in bytes.
@@ -315,6 +320,8 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: Backend::Rocksdb,
+            redis_cluster: RedisClusterConfig::default(),
             block_cache_bytes: 512 * 1024 * 1024,
             write_buffer_bytes: 64 * 1024 * 1024,
             max_open_files: 4096,
@@ -322,6 +329,63 @@ impl Default for StorageConfig {
             health_probe_interval: Duration::from_secs(5),
             statistics: true,
             audit_partitions: 64,
+        }
+    }
+}
+
+/// The storage engines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// RocksDB embedded in the server, in `data_dir`.
+    #[default]
+    Rocksdb,
+    /// A Redis Cluster (Redis 7, Valkey, Kvrocks) shared by every server.
+    RedisCluster,
+}
+
+/// How the server reaches its Redis Cluster.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisClusterConfig {
+    /// Nodes to learn the cluster from (`redis://host:port`); any reachable one is enough.
+    pub seeds: Vec<String>,
+    /// The ACL user, when the cluster has ACLs.
+    pub username: Option<String>,
+    /// A file holding the password of the user (or of `default`), without a newline
+    /// at the end; kept out of the configuration file.
+    pub password_file: Option<PathBuf>,
+    /// Prefix of every key the store writes, so that several stores can share a cluster.
+    pub key_prefix: String,
+    /// How long to wait for a connection to a node.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long to wait for a node's answer to one command.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Replicas that must confirm a change (`WAIT`) before it is acknowledged: 0 to
+    /// acknowledge once the master has it.
+    pub wait_replicas: u32,
+    /// How long to wait for the replicas' confirmation; a change they do not confirm in
+    /// time is answered UNAVAILABLE (a retry with the same idempotency key completes it).
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Threads driving the connections to the nodes.
+    pub io_threads: usize,
+}
+
+impl Default for RedisClusterConfig {
+    fn default() -> Self {
+        RedisClusterConfig {
+            seeds: vec!["redis://127.0.0.1:7000".to_string()],
+            username: None,
+            password_file: None,
+            key_prefix: "fs".to_string(),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            wait_replicas: 1,
+            wait_timeout: Duration::from_secs(1),
+            io_threads: 2,
         }
     }
 }

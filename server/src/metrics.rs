@@ -230,10 +230,11 @@ impl fmt::Debug for Metrics {
     }
 }
 
-const ROW_STATUSES: [proto::RowStatus; 3] = [
+const ROW_STATUSES: [proto::RowStatus; 4] = [
     proto::RowStatus::Ok,
     proto::RowStatus::UnknownSurface,
     proto::RowStatus::DataLoss,
+    proto::RowStatus::Unavailable,
 ];
 
 const VALUE_STATUSES: [proto::ValueStatus; 6] = [
@@ -251,6 +252,7 @@ fn row_status_label(status: proto::RowStatus) -> &'static str {
         proto::RowStatus::Ok => "ok",
         proto::RowStatus::UnknownSurface => "unknown_surface",
         proto::RowStatus::DataLoss => "data_loss",
+        proto::RowStatus::Unavailable => "unavailable",
     }
 }
 

@@ -92,6 +92,9 @@ impl Core {
                 RowFound::Corrupt(problem) => {
                     fill.damaged(row, known[index].user_id, surface, &problem);
                 }
+                RowFound::Unavailable(problem) => {
+                    fill.unavailable(row, known[index].user_id, surface, &problem);
+                }
             }
         })?;
         drop(span);
@@ -287,6 +290,19 @@ impl Fill<'_> {
         tracing::warn!(user_id, surface = %surface.name, %problem, "stored row does not decode");
         *row = self.empty();
         row.status = proto::RowStatus::DataLoss as i32;
+    }
+
+    /// Marks a row whose part of the engine did not answer: nothing served, the batch goes on.
+    fn unavailable(
+        &self,
+        row: &mut proto::FeatureRow,
+        user_id: u64,
+        surface: &Surface,
+        problem: &dyn Display,
+    ) {
+        tracing::warn!(user_id, surface = %surface.name, %problem, "stored row unavailable");
+        *row = self.empty();
+        row.status = proto::RowStatus::Unavailable as i32;
     }
 
     /// Fills one row from its stored values: one pass over both the row and the columns,

@@ -32,7 +32,7 @@ const AGE_BUCKETS_MICROS: [u64; AGE_BUCKETS_SECONDS.len()] = {
 #[derive(Debug, Default)]
 pub struct ReadTally {
     /// Keys by row status, indexed by the `RowStatus` number.
-    pub rows: [u64; 4],
+    pub rows: [u64; 5],
     /// Values by value status, indexed by the `ValueStatus` number.
     pub values: [u64; 7],
     /// Ages of the values served, per surface (few per read).

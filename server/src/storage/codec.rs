@@ -35,7 +35,7 @@ use featurestore::domain::AgeBand;
 
 pub use view::{Floats, Payload, Provenance, RowView, SparseEntries, ValueRef, Values};
 
-use super::{ErasureState, StoredRow, StoredValue, UserState, ValueOutcome};
+use super::{ErasureState, IdempotencyRecord, StoredRow, StoredValue, UserState, ValueOutcome};
 use crate::registry::{FeatureId, Sensitivity, SourceId};
 
 const LEGACY_FORMAT: u8 = 1;
@@ -545,6 +545,54 @@ pub fn decode_user_state(user_id: u64, bytes: &[u8]) -> Result<UserState, CodecE
         generation,
         updated_at,
     })
+}
+
+/// Records of version 1 held one answer per request under the bare idempotency key; they
+/// are no longer read, and expire like the others.
+const IDEMPOTENCY_RECORD_VERSION: u8 = 2;
+/// version:u8 created_at:i64 fingerprint:u64
+const IDEMPOTENCY_HEADER_LEN: usize = 17;
+
+/// Encodes a user's idempotency record: `version:u8 created_at:i64 fingerprint:u64`, then
+/// the answer stored for the user.
+pub fn encode_idempotency_record(record: &IdempotencyRecord, answer: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(IDEMPOTENCY_HEADER_LEN + answer.len());
+    bytes.push(IDEMPOTENCY_RECORD_VERSION);
+    bytes.extend_from_slice(&record.created_at.unix_micros().to_le_bytes());
+    bytes.extend_from_slice(&record.fingerprint.to_le_bytes());
+    bytes.extend_from_slice(answer);
+    bytes
+}
+
+/// A stored idempotency record: (created at, fingerprint, answer); `None` for a record of
+/// an older version, which is no longer read.
+pub fn decode_idempotency_record(
+    bytes: &[u8],
+) -> Result<Option<(Timestamp, u64, Vec<u8>)>, CodecError> {
+    if bytes.first() != Some(&IDEMPOTENCY_RECORD_VERSION) {
+        return Ok(None);
+    }
+    let created_at = idempotency_created_at(bytes).ok_or(CodecError("idempotency record"))?;
+    let fingerprint = u64::from_le_bytes(
+        bytes[9..17]
+            .try_into()
+            .expect("the header's length is checked by idempotency_created_at"),
+    );
+    Ok(Some((
+        created_at,
+        fingerprint,
+        bytes[IDEMPOTENCY_HEADER_LEN..].to_vec(),
+    )))
+}
+
+/// When an idempotency record (of any version) was created, if it has a header.
+pub fn idempotency_created_at(record: &[u8]) -> Option<Timestamp> {
+    if record.len() < IDEMPOTENCY_HEADER_LEN || !matches!(record[0], 1 | IDEMPOTENCY_RECORD_VERSION)
+    {
+        return None;
+    }
+    let created_at = i64::from_le_bytes(record[1..9].try_into().ok()?);
+    Some(Timestamp::from_unix_micros(created_at))
 }
 
 #[cfg(test)]

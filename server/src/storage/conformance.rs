@@ -18,16 +18,19 @@ use crate::audit::{AuditAction, AuditEntry, pseudonym};
 use crate::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
 
 /// A store opened for one test, and whatever must live as long as it (its directory).
+#[derive(Debug)]
 pub struct Opened {
     pub store: Arc<dyn Store>,
-    #[expect(dead_code, reason = "held, not read: dropped with the store")]
+    /// Held, not read: dropped with the store.
     pub keep: Box<dyn std::any::Any>,
 }
 
-/// Generates one `#[test]` per promise of [`Store`] for the implementation `open` makes.
-macro_rules! conformance_suite {
-    ($open:expr) => {
-        $crate::storage::conformance::conformance_suite!(@tests $open;
+/// Calls the macro `$then` with `($args)` and then the name of every promise.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! with_store_promises {
+    ($then:ident, $($args:tt)*) => {
+        $crate::$then!(($($args)*)
             a_share_decided_on_another_generation_is_refused_whole,
             a_write_for_a_user_being_erased_is_refused,
             rows_of_a_user_the_fence_does_not_name_are_refused,
@@ -45,7 +48,20 @@ macro_rules! conformance_suite {
             the_fence_holds_while_writes_and_state_changes_race,
         );
     };
-    (@tests $open:expr; $($name:ident,)*) => {
+}
+
+/// Generates one `#[test]` per promise of [`Store`] for the implementation `open` makes.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($open:expr) => {
+        $crate::with_store_promises!(store_promise_tests, $open);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! store_promise_tests {
+    (($open:expr) $($name:ident,)*) => {
         $(
             #[test]
             fn $name() {
@@ -54,12 +70,24 @@ macro_rules! conformance_suite {
         )*
     };
 }
-pub(crate) use conformance_suite;
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! store_promise_list {
+    (() $($name:ident,)*) => {
+        /// Every promise, by name, for a harness that runs them one after the other.
+        pub const PROMISES: &[(&str, fn(Open<'_>))] = &[$((stringify!($name), $name),)*];
+    };
+}
+
+with_store_promises!(store_promise_list,);
+
+pub use crate::conformance_suite;
 
 mod privacy;
 pub use privacy::*;
 
-type Open<'a> = &'a dyn Fn() -> Opened;
+pub type Open<'a> = &'a dyn Fn() -> Opened;
 
 const SURFACE: SurfaceId = SurfaceId(1);
 const OTHER_SURFACE: SurfaceId = SurfaceId(2);

@@ -4,10 +4,12 @@
 //! opaque to the engine beyond their encoding ([`codec`]); keys are user-first ([`keys`]).
 
 pub mod codec;
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod keys;
 pub mod redis;
+
+pub use redis::RedisStore;
 mod rocks;
 
 use std::fmt::Debug;
@@ -84,6 +86,8 @@ pub enum RowFound<'a> {
     Missing,
     /// The stored bytes do not decode; the string says how.
     Corrupt(&'a str),
+    /// The part of the engine holding the key did not answer; the string says how.
+    Unavailable(&'a str),
 }
 
 /// Values to merge into one row.

@@ -9,8 +9,8 @@ use rocksdb::{DB, WriteBatch};
 
 use super::{AUDIT_BY_USER_CF, AUDIT_CF, META_CF, RocksStore, engine};
 use crate::audit::{
-    AuditEntry, AuditRecord, AuditReport, HASH_LEN, PSEUDONYM_LEN, Pseudonym, chain, decode_record,
-    encode_record, partition_of, verify_chain,
+    AuditEntry, AuditRecord, AuditReport, HASH_LEN, PARTITIONS_MAX, PSEUDONYM_LEN, Pseudonym,
+    chain, decode_record, encode_record, partition_of, verify_chain,
 };
 use crate::storage::StorageError;
 
@@ -20,9 +20,6 @@ const PARTITIONS_KEY: &str = "audit_partitions";
 const RECORD_KEY_LEN: usize = 4 + 8;
 /// Length of a record's key in a database written before the log had partitions.
 const SINGLE_CHAIN_KEY_LEN: usize = 8;
-/// Most chains: as many as a Redis Cluster has hash slots, so that another engine can keep
-/// each chain beside its users' keys.
-pub const PARTITIONS_MAX: u32 = 16_384;
 /// Records moved per batch when a single-chain log is migrated.
 const MIGRATION_BATCH: usize = 10_000;
 

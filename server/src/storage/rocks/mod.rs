@@ -38,8 +38,9 @@ use super::{
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
 use crate::registry::SurfaceId;
+use codec::idempotency_created_at;
 use featurestore::domain::UserStateUpdate;
-use write::{chain_zero, idempotency_created_at, idempotency_key};
+use write::{chain_zero, idempotency_key};
 
 const FEATURES_CF: &str = "features";
 const IDEMPOTENCY_CF: &str = "idempotency";
@@ -64,11 +65,6 @@ const WRITE_LOCK_STRIPES: usize = 1024;
 /// Data block size: small, because a read wants one row of a few hundred bytes and every
 /// block it misses in the cache is read and decompressed whole.
 const BLOCK_BYTES: usize = 4 * 1024;
-/// Records of version 1 held one answer per request under the bare idempotency key; they
-/// are no longer read, and expire like the others.
-const IDEMPOTENCY_RECORD_VERSION: u8 = 2;
-/// version:u8 created_at:i64 fingerprint:u64
-const IDEMPOTENCY_HEADER_LEN: usize = 17;
 
 /// A [`Store`] on an embedded RocksDB database.
 pub struct RocksStore {
@@ -345,6 +341,9 @@ impl Store for RocksStore {
                 },
                 RowFound::Missing => RowRead::Missing,
                 RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
+                RowFound::Unavailable(problem) => {
+                    unreachable!("RocksDB answers every key or fails the batch: {problem}")
+                }
             };
         })?;
         Ok(reads)
@@ -434,11 +433,7 @@ impl Store for RocksStore {
             }
             let outcomes = self.merge_share(share, &mut batch)?;
             let answer = answer(index, &outcomes);
-            let mut record = Vec::with_capacity(IDEMPOTENCY_HEADER_LEN + answer.len());
-            record.push(IDEMPOTENCY_RECORD_VERSION);
-            record.extend_from_slice(&idempotency.created_at.unix_micros().to_le_bytes());
-            record.extend_from_slice(&idempotency.fingerprint.to_le_bytes());
-            record.extend_from_slice(&answer);
+            let record = codec::encode_idempotency_record(idempotency, &answer);
             batch.put_cf(
                 self.cf(IDEMPOTENCY_CF),
                 idempotency_key(&idempotency.key, share.user_id),

@@ -51,25 +51,10 @@ impl RocksStore {
         self.db
             .batched_multi_get_cf(self.cf(IDEMPOTENCY_CF), keys.iter(), false)
             .into_iter()
-            .map(|result| {
-                let Some(bytes) = result.map_err(engine)? else {
-                    return Ok(None);
-                };
-                if bytes.first() != Some(&IDEMPOTENCY_RECORD_VERSION) {
-                    return Ok(None);
-                }
-                let created_at = idempotency_created_at(&bytes)
-                    .ok_or_else(|| StorageError::Corrupt("idempotency record".to_string()))?;
-                let fingerprint = u64::from_le_bytes(
-                    bytes[9..17]
-                        .try_into()
-                        .expect("header length checked above"),
-                );
-                Ok(Some((
-                    created_at,
-                    fingerprint,
-                    bytes[IDEMPOTENCY_HEADER_LEN..].to_vec(),
-                )))
+            .map(|result| match result.map_err(engine)? {
+                Some(bytes) => codec::decode_idempotency_record(&bytes)
+                    .map_err(|error| StorageError::Corrupt(error.to_string())),
+                None => Ok(None),
             })
             .collect()
     }
@@ -189,13 +174,4 @@ impl RocksStore {
         iterator.status().map_err(engine)?;
         Ok(removed)
     }
-}
-
-pub(super) fn idempotency_created_at(record: &[u8]) -> Option<Timestamp> {
-    if record.len() < IDEMPOTENCY_HEADER_LEN || !matches!(record[0], 1 | IDEMPOTENCY_RECORD_VERSION)
-    {
-        return None;
-    }
-    let created_at = i64::from_le_bytes(record[1..9].try_into().ok()?);
-    Some(Timestamp::from_unix_micros(created_at))
 }

@@ -1,0 +1,545 @@
+//! [`Store`] on a Redis Cluster: each operation as reads, a decision in Rust, and one
+//! compare-and-set step per user ([`RedisStore::change_user`]).
+
+use super::*;
+
+impl Store for RedisStore {
+    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
+        let mut reads = vec![RowRead::Missing; keys.len()];
+        let mut failure = None;
+        self.visit_rows(keys, &mut |index, found| {
+            reads[index] = match found {
+                RowFound::Row(view) => match view.to_row() {
+                    Ok(row) => RowRead::Found(row),
+                    Err(error) => RowRead::Corrupt(error.to_string()),
+                },
+                RowFound::Missing => RowRead::Missing,
+                RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
+                RowFound::Unavailable(problem) => {
+                    failure.get_or_insert_with(|| problem.to_owned());
+                    RowRead::Missing
+                }
+            };
+        })?;
+        match failure {
+            Some(problem) => Err(StorageError::Engine(problem)),
+            None => Ok(reads),
+        }
+    }
+
+    fn visit_rows(
+        &self,
+        keys: &[RowKey],
+        visit: &mut dyn FnMut(usize, RowFound<'_>),
+    ) -> Result<(), StorageError> {
+        // One MGET per partition (its keys share a slot), all sent at once: the cluster
+        // connection pipelines those for one node on its connection to it.
+        let groups: Vec<(Vec<usize>, Vec<String>)> =
+            by_partition(&self.layout, keys.iter().map(|key| key.user_id))
+                .into_values()
+                .map(|indices| {
+                    let names = indices
+                        .iter()
+                        .map(|&index| {
+                            self.layout
+                                .user(keys[index].user_id)
+                                .row(keys[index].surface)
+                        })
+                        .collect();
+                    (indices, names)
+                })
+                .collect();
+        let names: Vec<Vec<String>> = groups.iter().map(|(_, names)| names.clone()).collect();
+        let connection = self.connection.clone();
+        let answers = self.run(async move {
+            let reads = names.iter().map(|names| {
+                let mut connection = connection.clone();
+                async move { mget(&mut connection, names).await }
+            });
+            Ok(join_all(reads).await)
+        })?;
+        for ((indices, _), answer) in groups.iter().zip(answers) {
+            match answer {
+                Ok(values) => {
+                    for (&index, value) in indices.iter().zip(values) {
+                        match value {
+                            None => visit(index, RowFound::Missing),
+                            Some(bytes) => match codec::current_format(&bytes) {
+                                Ok(current) => match RowView::parse(&current) {
+                                    Ok(view) => visit(index, RowFound::Row(view)),
+                                    Err(error) => {
+                                        visit(index, RowFound::Corrupt(&error.to_string()))
+                                    }
+                                },
+                                Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
+                            },
+                        }
+                    }
+                }
+                // A node that does not answer fails the rows it holds, not the batch.
+                Err(error) => {
+                    let problem = format!("redis: {error}");
+                    for &index in indices {
+                        visit(index, RowFound::Unavailable(&problem));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_write(
+        &self,
+        idempotency: &IdempotencyRecord,
+        replay_since: Timestamp,
+        users: &[UserWrite],
+        answer: AnswerBuilder<'_>,
+    ) -> Result<Vec<Applied>, StorageError> {
+        for share in users {
+            if let Some(row) = share
+                .rows
+                .iter()
+                .find(|row| row.key.user_id != share.user_id)
+            {
+                return Err(StorageError::Unfenced {
+                    user_id: row.key.user_id,
+                });
+            }
+        }
+        self.check_idempotency_keys(idempotency, replay_since, users)?;
+        let mut applied = Vec::with_capacity(users.len());
+        for (index, share) in users.iter().enumerate() {
+            applied.push(self.apply_share(idempotency, replay_since, index, share, answer)?);
+        }
+        Ok(applied)
+    }
+
+    fn read_user_states(&self, users: &[u64]) -> Result<Vec<Option<UserState>>, StorageError> {
+        let groups = by_partition(&self.layout, users.iter().copied());
+        let names: Vec<Vec<String>> = groups
+            .values()
+            .map(|indices| {
+                indices
+                    .iter()
+                    .map(|&index| self.layout.user(users[index]).state())
+                    .collect()
+            })
+            .collect();
+        let connection = self.connection.clone();
+        let answers = self.run(async move {
+            let reads = names.iter().map(|names| {
+                let mut connection = connection.clone();
+                async move { mget(&mut connection, names).await }
+            });
+            join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut states = vec![None; users.len()];
+        for (indices, values) in groups.values().zip(answers) {
+            for (&index, value) in indices.iter().zip(values) {
+                if let Some(bytes) = value {
+                    let user_id = users[index];
+                    states[index] =
+                        Some(decode_user_state(user_id, &bytes).map_err(|error| {
+                            corrupt(format!("state of user {user_id}: {error}"))
+                        })?);
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    fn set_user_state(
+        &self,
+        update: &UserStateUpdate,
+        now: Timestamp,
+        revalidate: Revalidate<'_>,
+        audit: &AuditEntry,
+    ) -> Result<UserState, StorageError> {
+        self.change_user(update.user_id, &|_| Vec::new(), &mut |keys, snapshot| {
+            let current_generation = snapshot.generation();
+            if update
+                .expected_generation
+                .is_some_and(|expected| expected != current_generation)
+            {
+                return Err(StorageError::GenerationChanged {
+                    user_id: update.user_id,
+                    current_generation,
+                });
+            }
+            let state = UserState {
+                user_id: update.user_id,
+                jurisdiction: update.jurisdiction.clone(),
+                age_band: update.age_band,
+                linked_apps: update.linked_apps.clone(),
+                ads_objection: update.ads_objection,
+                erasure: snapshot
+                    .state
+                    .as_ref()
+                    .map_or(ErasureState::None, |state| state.erasure),
+                generation: current_generation + 1,
+                updated_at: now,
+            };
+            let rows = self.user_rows(keys, &snapshot.surfaces)?;
+            let mut step = snapshot.step(keys, true);
+            step.set(&keys.state(), &encode_user_state(&state));
+            Self::revalidated(&mut step, keys, Some(&state), rows, revalidate);
+            audit::append(
+                &mut step,
+                &keys.chain(),
+                &snapshot.tail,
+                std::slice::from_ref(audit),
+            );
+            Ok(Decision::Apply(step, state))
+        })
+    }
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        self.append_to_chain_zero(entries, None)
+    }
+
+    fn audit_trail(
+        &self,
+        user_id: u64,
+        user: &Pseudonym,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StorageError> {
+        self.read_trail(user_id, user, limit)
+    }
+
+    fn verify_audit(&self) -> Result<AuditReport, StorageError> {
+        self.verify_chains()
+    }
+
+    fn revalidate_user(
+        &self,
+        user_id: u64,
+        revalidate: Revalidate<'_>,
+    ) -> Result<usize, StorageError> {
+        self.change_user(user_id, &|_| Vec::new(), &mut |keys, snapshot| {
+            let rows = self.user_rows(keys, &snapshot.surfaces)?;
+            let mut step = snapshot.step(keys, false);
+            let removed =
+                Self::revalidated(&mut step, keys, snapshot.state.as_ref(), rows, revalidate);
+            Ok(if removed == 0 {
+                Decision::Done(0)
+            } else {
+                Decision::Apply(step, removed)
+            })
+        })
+    }
+
+    fn users_with_rows(&self, from_user: u64, limit: usize) -> Result<Vec<u64>, StorageError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sets: Vec<String> = (0..self.layout.partitions())
+            .map(|partition| self.layout.chain(partition).users())
+            .collect();
+        let from = format!("[{}", keys::user_member(from_user));
+        let connection = self.connection.clone();
+        let found = self.run(async move {
+            let reads = sets.iter().map(|set| {
+                let mut connection = connection.clone();
+                let from = from.clone();
+                async move {
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(set)
+                        .arg(from)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(limit)
+                        .query_async::<Vec<String>>(&mut connection)
+                        .await
+                }
+            });
+            join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut users = found
+            .into_iter()
+            .flatten()
+            .map(|member| {
+                u64::from_str_radix(&member, 16)
+                    .map_err(|_| corrupt(format!("{member:?} in a set of users is not a user id")))
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        users.sort_unstable();
+        users.dedup();
+        users.truncate(limit);
+        Ok(users)
+    }
+
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let (meta, key) = (self.layout.meta(), key.to_string());
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            redis::cmd("HGET")
+                .arg(meta)
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+        })
+    }
+
+    fn write_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        let mut step = Step::default();
+        step.hash_set(&self.layout.meta(), key.as_bytes(), value);
+        self.execute(&step).map(|_| ())
+    }
+
+    fn delete_meta(&self, key: &str) -> Result<(), StorageError> {
+        let mut step = Step::default();
+        step.hash_delete(&self.layout.meta(), key.as_bytes());
+        self.execute(&step).map(|_| ())
+    }
+
+    fn pseudonym_key(&self, user_id: u64, create: bool) -> Result<Option<[u8; 32]>, StorageError> {
+        let decode = |bytes: &[u8]| -> Result<[u8; 32], StorageError> {
+            bytes.try_into().map_err(|_| {
+                corrupt(format!(
+                    "the pseudonym key of user {user_id} is not 32 bytes"
+                ))
+            })
+        };
+        self.change_user(user_id, &|_| Vec::new(), &mut |keys, snapshot| {
+            if let Some(secret) = &snapshot.pseudonym_key {
+                return Ok(Decision::Done(Some(decode(secret)?)));
+            }
+            // An erased user's key is never made again: the step applies only if the
+            // user's state did not change since it was read.
+            if !create || snapshot.erasing() {
+                return Ok(Decision::Done(None));
+            }
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret).map_err(|error| {
+                StorageError::Engine(format!("no randomness for a pseudonym key: {error}"))
+            })?;
+            let mut step = snapshot.step(keys, false);
+            step.set(&keys.pseudonym_key(), &secret);
+            Ok(Decision::Apply(step, Some(secret)))
+        })
+    }
+
+    fn erase_user(
+        &self,
+        user_id: u64,
+        now: Timestamp,
+        audit: &AuditEntry,
+    ) -> Result<UserState, StorageError> {
+        self.change_user(user_id, &|_| Vec::new(), &mut |keys, snapshot| {
+            let state = UserState {
+                user_id,
+                jurisdiction: String::new(),
+                age_band: AgeBand::Unknown,
+                linked_apps: Vec::new(),
+                ads_objection: false,
+                erasure: ErasureState::Pending,
+                generation: snapshot.generation() + 1,
+                updated_at: now,
+            };
+            let mut step = snapshot.step(keys, true);
+            step.set(&keys.state(), &encode_user_state(&state));
+            for &surface in &snapshot.surfaces {
+                step.delete(&keys.row(surface));
+            }
+            set_surfaces(&mut step, keys, &[]);
+            step.delete(&keys.pseudonym_key());
+            audit::append(
+                &mut step,
+                &keys.chain(),
+                &snapshot.tail,
+                std::slice::from_ref(audit),
+            );
+            Ok(Decision::Apply(step, state))
+        })
+    }
+
+    fn user_has_data(&self, user_id: u64) -> Result<bool, StorageError> {
+        let keys = self.layout.user(user_id);
+        let found = self.get_many(vec![keys.surfaces(), keys.pseudonym_key()])?;
+        Ok(found.iter().any(Option::is_some))
+    }
+
+    fn finish_erasure(&self, user_id: u64) -> Result<(), StorageError> {
+        self.change_user(user_id, &|_| Vec::new(), &mut |keys, snapshot| {
+            let Some(mut state) = snapshot.state.clone() else {
+                return Ok(Decision::Done(()));
+            };
+            state.erasure = ErasureState::Erased;
+            let mut step = snapshot.step(keys, false);
+            step.set(&keys.state(), &encode_user_state(&state));
+            Ok(Decision::Apply(step, ()))
+        })
+    }
+
+    fn write_meta_audited(
+        &self,
+        key: &str,
+        value: &[u8],
+        audit: &[AuditEntry],
+    ) -> Result<(), StorageError> {
+        self.append_to_chain_zero(audit, Some((key, value)))
+    }
+
+    fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let meta = self.layout.meta();
+        let mut connection = self.connection.clone();
+        let all: Vec<(String, Vec<u8>)> = self.run(async move {
+            redis::cmd("HGETALL")
+                .arg(meta)
+                .query_async(&mut connection)
+                .await
+        })?;
+        let mut found: Vec<(String, Vec<u8>)> = all
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .collect();
+        found.sort();
+        Ok(found)
+    }
+}
+
+impl RedisStore {
+    /// Refuses the write before anything of it is applied when any of its users has a
+    /// record of the key for another request.
+    fn check_idempotency_keys(
+        &self,
+        idempotency: &IdempotencyRecord,
+        replay_since: Timestamp,
+        users: &[UserWrite],
+    ) -> Result<(), StorageError> {
+        let names: Vec<String> = users
+            .iter()
+            .map(|share| {
+                self.layout
+                    .user(share.user_id)
+                    .idempotency(&idempotency.key)
+            })
+            .collect();
+        let connection = self.connection.clone();
+        let records = self.run(async move {
+            let reads = names.iter().map(|name| {
+                let mut connection = connection.clone();
+                async move {
+                    redis::cmd("GET")
+                        .arg(name)
+                        .query_async::<Option<Vec<u8>>>(&mut connection)
+                        .await
+                }
+            });
+            join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        for record in records.into_iter().flatten() {
+            if let Some((created_at, fingerprint, _)) =
+                decode_idempotency_record(&record).map_err(corrupt)?
+                && created_at >= replay_since
+                && fingerprint != idempotency.fingerprint
+            {
+                return Err(StorageError::IdempotencyKeyReused);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one user's share in one step: the fence, the merge, the idempotency record
+    /// and the audit records.
+    fn apply_share(
+        &self,
+        idempotency: &IdempotencyRecord,
+        replay_since: Timestamp,
+        index: usize,
+        share: &UserWrite,
+        answer: AnswerBuilder<'_>,
+    ) -> Result<Applied, StorageError> {
+        let mut distinct: Vec<SurfaceId> = share.rows.iter().map(|row| row.key.surface).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let extra = |keys: &UserKeys| {
+            let mut names = vec![keys.idempotency(&idempotency.key)];
+            names.extend(distinct.iter().map(|&surface| keys.row(surface)));
+            names
+        };
+        let window_millis = replay_since
+            .unix_micros()
+            .abs_diff(idempotency.created_at.unix_micros())
+            / 1_000;
+        self.change_user(share.user_id, &extra, &mut |keys, snapshot| {
+            let mut extra = snapshot.extra.iter().cloned();
+            if let Some(record) = extra.next().flatten()
+                && let Some((created_at, fingerprint, stored)) =
+                    decode_idempotency_record(&record).map_err(corrupt)?
+                && created_at >= replay_since
+            {
+                if fingerprint != idempotency.fingerprint {
+                    return Err(StorageError::IdempotencyKeyReused);
+                }
+                return Ok(Decision::Done(Applied::Replayed { answer: stored }));
+            }
+            if snapshot.generation() != share.generation || snapshot.erasing() {
+                return Err(StorageError::GenerationChanged {
+                    user_id: share.user_id,
+                    current_generation: snapshot.generation(),
+                });
+            }
+            let mut current = Vec::with_capacity(distinct.len());
+            for (&surface, bytes) in distinct.iter().zip(extra) {
+                let key = RowKey {
+                    user_id: share.user_id,
+                    surface,
+                };
+                current.push(match bytes {
+                    Some(bytes) => decode_stored_row(key, &bytes)?,
+                    None => StoredRow::default(),
+                });
+            }
+            let mut changed = vec![false; distinct.len()];
+            let outcomes: Vec<Vec<_>> = share
+                .rows
+                .iter()
+                .map(|row| {
+                    let slot = distinct
+                        .binary_search(&row.key.surface)
+                        .expect("every surface is in the distinct list");
+                    row.values
+                        .iter()
+                        .map(|value| {
+                            let outcome = merge_value(&mut current[slot], value.clone());
+                            changed[slot] |= outcome == super::super::ValueOutcome::Stored;
+                            outcome
+                        })
+                        .collect()
+                })
+                .collect();
+            let built = answer(index, &outcomes);
+            let mut step = snapshot.step(keys, !share.audit.is_empty());
+            let mut surfaces = snapshot.surfaces.clone();
+            for ((surface, row), changed) in distinct.iter().zip(&current).zip(changed) {
+                if changed {
+                    step.set(&keys.row(*surface), &encode_row(row));
+                    if let Err(position) = surfaces.binary_search(surface) {
+                        surfaces.insert(position, *surface);
+                    }
+                }
+            }
+            if surfaces != snapshot.surfaces {
+                set_surfaces(&mut step, keys, &surfaces);
+            }
+            step.set_expiring(
+                &keys.idempotency(&idempotency.key),
+                &codec::encode_idempotency_record(idempotency, &built),
+                window_millis,
+            );
+            audit::append(&mut step, &keys.chain(), &snapshot.tail, &share.audit);
+            Ok(Decision::Apply(step, Applied::Fresh { answer: built }))
+        })
+    }
+}
