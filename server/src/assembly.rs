@@ -8,13 +8,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::clock::Clock;
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Backend, Config};
 use crate::connections::{ConnectionLimits, Connections};
 use crate::core::{Core, CoreOptions};
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::service::auth::Authenticator;
-use crate::storage::{RocksStore, Store};
+use crate::storage::{RedisStore, RocksStore, Store};
 
 /// The sockets a server answers on.
 #[derive(Debug)]
@@ -160,14 +160,27 @@ pub async fn start_core(
                 config.data_dir.display()
             )
         })?;
-        let store = RocksStore::open(
-            &config.data_dir,
-            &config.storage,
-            config.durability,
-            config.idempotency_window,
-            Arc::clone(&clock),
-        )
-        .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+        let store: Arc<dyn Store> = match config.storage.backend {
+            Backend::Rocksdb => Arc::new(
+                RocksStore::open(
+                    &config.data_dir,
+                    &config.storage,
+                    config.durability,
+                    config.idempotency_window,
+                    Arc::clone(&clock),
+                )
+                .with_context(|| {
+                    format!("cannot open the database in {}", config.data_dir.display())
+                })?,
+            ),
+            Backend::RedisCluster => Arc::new(
+                RedisStore::open(
+                    &config.storage.redis_cluster,
+                    config.storage.audit_partitions,
+                )
+                .context("cannot open the store on the Redis Cluster")?,
+            ),
+        };
         let options = CoreOptions {
             policy_path: config.policy_bundle_path.clone(),
             idempotency_window: config.idempotency_window,
@@ -179,7 +192,7 @@ pub async fn start_core(
         let core = Arc::new(Core::new(
             Arc::new(registry),
             Arc::new(policy),
-            Arc::new(store) as Arc<dyn Store>,
+            store,
             clock,
             options,
         )?);

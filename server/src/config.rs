@@ -177,7 +177,8 @@ pub struct Limits {
     pub concurrent_requests_max: usize,
     /// Reads of at most this many keys run on the request's own task rather than on the
     /// blocking pool: from the block cache they take tens of microseconds, less than the
-    /// hop to another thread and back. 0 sends every read to the pool.
+    /// hop to another thread and back. 0 sends every read to the pool; on a Redis Cluster
+    /// every read goes to the pool.
     pub inline_read_keys_max: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub concurrent_streams_per_connection_max: u32,

@@ -223,5 +223,6 @@ impl Core {
         if !self.join_purge() {
             tracing::error!("the policy purge thread panicked");
         }
+        self.forget_probe();
     }
 }

@@ -14,7 +14,7 @@ use featurestore::proto::privacy_server::PrivacyServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::connections::{self, Connections};
 use crate::metrics::Metrics;
 use crate::observe;
@@ -139,7 +139,11 @@ pub fn handlers(
         service::ServiceOptions {
             limits: limits.request_limits(),
             concurrent_requests_max: limits.concurrent_requests_max,
-            inline_read_keys_max: limits.inline_read_keys_max,
+            // A read from a Redis Cluster waits on the network: never on the request's task.
+            inline_read_keys_max: match config.storage.backend {
+                Backend::Rocksdb => limits.inline_read_keys_max,
+                Backend::RedisCluster => 0,
+            },
             chunks_decided_at_once: config.bulk_load.chunks_decided_at_once,
             metrics,
             config_shown: config.shown()?,

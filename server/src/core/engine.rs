@@ -11,8 +11,20 @@ use crate::storage::{BulkFiles, Census, EngineFigures, EngineStats, Maintenance,
 
 use super::Core;
 
-/// The `meta` key the storage probe writes.
-const PROBE_KEY: &str = "health-probe";
+/// The `meta` key this process's storage probe writes: its own, so that servers sharing a
+/// store never read each other's probe back.
+fn probe_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut id = [0u8; 8];
+        // Without randomness the probe falls back on the process id, unique on one machine.
+        let id = match getrandom::fill(&mut id) {
+            Ok(()) => u64::from_le_bytes(id),
+            Err(_) => u64::from(std::process::id()),
+        };
+        format!("health-probe/{id:016x}")
+    })
+}
 
 impl Core {
     /// The engine's bulk ingestion of table files.
@@ -81,13 +93,20 @@ impl Core {
     /// The health probe: a small write of the clock's time and its read-back.
     pub fn probe_storage(&self) -> Result<(), Error> {
         let stamp = self.clock.now().unix_micros().to_le_bytes();
-        self.store.write_meta(PROBE_KEY, &stamp)?;
-        match self.store.read_meta(PROBE_KEY)? {
+        self.store.write_meta(probe_key(), &stamp)?;
+        match self.store.read_meta(probe_key())? {
             Some(read) if read == stamp => Ok(()),
             _ => Err(StorageError::Engine(
                 "the health probe did not read back what it wrote".to_string(),
             )
             .into()),
+        }
+    }
+
+    /// Removes this process's probe key, as the server stops.
+    pub(super) fn forget_probe(&self) {
+        if let Err(error) = self.store.delete_meta(probe_key()) {
+            tracing::warn!(%error, "the storage probe's key was not removed");
         }
     }
 

@@ -256,7 +256,7 @@ impl RedisStore {
         &self,
         user_id: u64,
         extra: &dyn Fn(&UserKeys) -> Vec<String>,
-        decide: &mut dyn FnMut(&UserKeys, Snapshot) -> Result<Decision<T>, StorageError>,
+        decide: Decide<'_, T>,
     ) -> Result<T, StorageError> {
         let keys = self.layout.user(user_id);
         for _ in 0..STEP_ATTEMPTS {
@@ -402,6 +402,9 @@ impl Snapshot {
             .is_some_and(|state| state.erasure != ErasureState::None)
     }
 }
+
+/// Decides a user's change on what was read of the user.
+type Decide<'a, T> = &'a mut dyn FnMut(&UserKeys, Snapshot) -> Result<Decision<T>, StorageError>;
 
 /// What a decision on a snapshot came to.
 enum Decision<T> {

@@ -1,0 +1,342 @@
+//! The server on a Redis Cluster, through the real client: reads, writes, policy, state
+//! changes, erasure and the audit log work as on the embedded engine; two servers on one
+//! cluster serve one store; a server refuses to start without a cluster to run on.
+
+use featurestore::domain::Value;
+use featurestore::proto::{Outcome, RowStatus, ValueStatus};
+use featurestore_server::config::{Backend, Config};
+use featurestore_tests::cluster::{self, RedisCluster};
+use featurestore_tests::{TestServer, at, read, row, write};
+
+use crate::{float, status};
+
+/// Puts a server's store on `cluster`, under a key prefix of its own (`prefix`, or a
+/// fresh one).
+fn on_cluster(config: &mut Config, cluster: &RedisCluster, prefix: Option<&str>) {
+    config.storage.backend = Backend::RedisCluster;
+    config.storage.redis_cluster = crate::redis_cluster::store_config(cluster);
+    if let Some(prefix) = prefix {
+        config.storage.redis_cluster.key_prefix = prefix.to_string();
+    }
+    config.storage.audit_partitions = 16;
+}
+
+async fn server_on_cluster(prefix: Option<&str>) -> TestServer {
+    let cluster = cluster::shared();
+    TestServer::start_with(tempfile::tempdir().expect("a directory"), |config| {
+        on_cluster(config, cluster, prefix)
+    })
+    .await
+}
+
+/// Keys of the store under `prefix` that name `user_id`, on every master.
+fn keys_of_user(cluster: &RedisCluster, prefix: &str, user_id: u64) -> Vec<String> {
+    let mut found = Vec::new();
+    for port in cluster.master_ports() {
+        for pattern in [
+            format!("{{{prefix}*}}:*:{user_id}"),
+            format!("{{{prefix}*}}:*:{user_id}:*"),
+        ] {
+            let output = std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "--scan", "--pattern", &pattern])
+                .output()
+                .expect("redis-cli");
+            found.extend(
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .map(str::to_string),
+            );
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn writes_reads_policy_state_changes_and_erasure_work_on_a_cluster() {
+    let prefix = cluster::unique_prefix();
+    let server = server_on_cluster(Some(&prefix)).await;
+    server.us_adults([42, 43, 44]).await;
+    let users = [42u64, 43, 44];
+    let rows = users
+        .iter()
+        .map(|&user_id| {
+            row(
+                user_id,
+                &["facebook_feed", "instagram_reels"],
+                at(-60),
+                vec![
+                    ("interest_hiking", Value::Float(user_id as f32 / 100.0)),
+                    ("top_topic", Value::String("outdoors/hiking".to_string())),
+                ],
+            )
+        })
+        .collect();
+    let request = write("first", rows);
+    let written = server
+        .client
+        .write_features(request.clone())
+        .await
+        .expect("write");
+    assert!(!written.replayed);
+    let again = server.client.write_features(request).await.expect("retry");
+    assert!(
+        again.replayed,
+        "a retry is answered from the idempotency records"
+    );
+    assert_eq!(again.rows, written.rows);
+
+    let keys: Vec<(u64, &str)> = users
+        .iter()
+        .flat_map(|&user| [(user, "facebook_feed"), (user, "instagram_reels")])
+        .chain([(45, "facebook_feed")])
+        .collect();
+    let response = server
+        .client
+        .get_features(read(&keys, &["interest_hiking"]))
+        .await
+        .expect("read");
+    for (index, (user_id, _)) in keys.iter().enumerate().take(6) {
+        assert_eq!(response.rows[index].status, RowStatus::Ok as i32);
+        assert_eq!(
+            status(&response, index, "interest_hiking"),
+            ValueStatus::Present
+        );
+        assert_eq!(
+            float(&response, index, "interest_hiking"),
+            *user_id as f32 / 100.0
+        );
+    }
+    assert_eq!(
+        status(&response, 6, "interest_hiking"),
+        ValueStatus::Defaulted
+    );
+
+    // An older event loses to the stored one, per feature.
+    let older = server
+        .client
+        .write_features(write(
+            "older",
+            vec![row(
+                42,
+                &["facebook_feed"],
+                at(-120),
+                vec![("interest_hiking", Value::Float(0.99))],
+            )],
+        ))
+        .await
+        .expect("older write");
+    assert_eq!(
+        crate::outcomes(crate::verdict(&older, 0, 0)),
+        [("facebook_feed".to_string(), Outcome::Superseded)]
+    );
+    let response = server
+        .client
+        .get_features(read(&[(42, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("read");
+    assert_eq!(float(&response, 0, "interest_hiking"), 0.42);
+
+    // A state change re-validates the user's stored values in the same step: a user who
+    // moves to an excluded region keeps no AI-derived value.
+    let mut moved = featurestore_tests::us_adult(43);
+    moved.jurisdiction = "DE".to_string();
+    let state = server.client.set_user_state(moved).await.expect("state");
+    assert_eq!(state.generation, 2);
+    let response = server
+        .client
+        .get_features(read(&[(43, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("read");
+    assert_ne!(
+        status(&response, 0, "interest_hiking"),
+        ValueStatus::Present,
+        "an interest is not served after the move"
+    );
+
+    // Erasure: nothing of the user is served, writable or left in the cluster.
+    assert!(!keys_of_user(cluster::shared(), &prefix, 42).is_empty());
+    let receipt = server.client.erase_user(42).await.expect("erase");
+    assert!(receipt.verified, "{receipt:?}");
+    let response = server
+        .client
+        .get_features(read(
+            &[(42, "facebook_feed"), (44, "facebook_feed")],
+            &["interest_hiking"],
+        ))
+        .await
+        .expect("read");
+    assert_eq!(
+        status(&response, 0, "interest_hiking"),
+        ValueStatus::Defaulted
+    );
+    assert_eq!(
+        status(&response, 1, "interest_hiking"),
+        ValueStatus::Present
+    );
+    let refused = server
+        .client
+        .write_features(write(
+            "after-erasure",
+            vec![row(
+                42,
+                &["facebook_feed"],
+                at(-30),
+                vec![("interest_hiking", Value::Float(0.5))],
+            )],
+        ))
+        .await;
+    let refused = refused.expect_err("a write for an erased user is refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.to_string().contains("USER_ERASED"), "{refused}");
+    let left: Vec<String> = keys_of_user(cluster::shared(), &prefix, 42)
+        .into_iter()
+        .filter(|key| !key.contains(":s:42") && !key.contains(":v:42") && !key.contains(":i:42:"))
+        .collect();
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "only the tombstone, version and answers stay"
+    );
+
+    // The audit log: every chain verifies; the erased user's trail is no longer linkable.
+    let verification = server.client.verify_audit_log().await.expect("verify");
+    assert!(verification.intact, "{verification:?}");
+    assert!(verification.records_checked >= 5, "{verification:?}");
+    let trail = server.client.audit_trail(44, 0).await.expect("trail");
+    assert!(!trail.records.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn two_servers_on_one_cluster_serve_one_store() {
+    let prefix = cluster::unique_prefix();
+    let first = server_on_cluster(Some(&prefix)).await;
+    let second = server_on_cluster(Some(&prefix)).await;
+    first.us_adults([7]).await;
+    first
+        .client
+        .write_features(write(
+            "through-first",
+            vec![row(
+                7,
+                &["facebook_feed"],
+                at(-60),
+                vec![("interest_hiking", Value::Float(0.25))],
+            )],
+        ))
+        .await
+        .expect("write through the first server");
+    let response = second
+        .client
+        .get_features(read(&[(7, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("read through the second server");
+    assert_eq!(float(&response, 0, "interest_hiking"), 0.25);
+    // The state is the cluster's: the second server sees the first's generation.
+    let state = second.client.get_user_state(7).await.expect("state");
+    assert_eq!(state.generation, 1);
+    let receipt = second.client.erase_user(7).await.expect("erase");
+    assert!(receipt.verified);
+    let response = first
+        .client
+        .get_features(read(&[(7, "facebook_feed")], &["interest_hiking"]))
+        .await
+        .expect("read through the first server");
+    assert_eq!(
+        status(&response, 0, "interest_hiking"),
+        ValueStatus::Defaulted
+    );
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_refuses_to_start_without_a_cluster() {
+    // Nobody listens on the port: unreachable.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = closed.local_addr().expect("address").port();
+    drop(closed);
+    let error = start_error(vec![format!("redis://127.0.0.1:{port}")]).await;
+    assert!(
+        error.contains("cannot reach a Redis Cluster") && error.contains(&port.to_string()),
+        "{error}"
+    );
+
+    // A Redis that is not in cluster mode.
+    let standalone = Standalone::start();
+    let error = start_error(vec![format!("redis://127.0.0.1:{}", standalone.port)]).await;
+    assert!(
+        error.contains("cannot reach a Redis Cluster") && error.contains("cluster"),
+        "{error}"
+    );
+}
+
+/// Why a server on `seeds` did not start.
+async fn start_error(seeds: Vec<String>) -> String {
+    let directory = tempfile::tempdir().expect("a directory");
+    let mut config = Config {
+        data_dir: directory.path().join("db"),
+        erasure_ledger_path: directory.path().join("erasures.jsonl"),
+        ..Config::default()
+    };
+    config.auth.mode = featurestore_server::config::AuthMode::Disabled;
+    config.storage.backend = Backend::RedisCluster;
+    config.storage.redis_cluster.seeds = seeds;
+    config.storage.redis_cluster.connect_timeout = std::time::Duration::from_millis(500);
+    config.observability.metrics_enabled = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let result = featurestore_server::run_with_clock(
+        featurestore_server::Listeners {
+            grpc: listener,
+            metrics: None,
+        },
+        config,
+        std::sync::Arc::new(featurestore_server::clock::SystemClock),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    format!("{:#}", result.expect_err("the server does not start"))
+}
+
+/// A `redis-server` without cluster mode, killed when dropped.
+struct Standalone {
+    port: u16,
+    process: std::process::Child,
+}
+
+impl Standalone {
+    fn start() -> Standalone {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a port")
+            .local_addr()
+            .expect("address")
+            .port();
+        let process = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::yield_now();
+        }
+        Standalone { port, process }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
