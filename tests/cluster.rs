@@ -85,12 +85,10 @@ impl RedisCluster {
         let started = std::time::Instant::now();
         let mut ticks = crate::poll_every(Duration::from_millis(20));
         loop {
-            let synced = self.master_ports().into_iter().all(|port| {
-                cli(port, &["info", "replication"]).is_some_and(|info| {
-                    info.lines()
-                        .any(|line| line.starts_with("slave0:") && line.contains("state=online"))
-                })
-            });
+            let synced = self
+                .master_ports()
+                .into_iter()
+                .all(|port| self.has_replica(port));
             if synced {
                 return;
             }
@@ -118,16 +116,34 @@ impl RedisCluster {
             .unwrap_or_default()
     }
 
-    /// Kills the node on `port` at once (SIGKILL), as a crash would.
+    /// Kills the node on `port` at once (SIGKILL), as a crash would; its files stay for
+    /// [`RedisCluster::restart`].
     pub fn kill(&mut self, port: u16) {
         let node = self
             .nodes
             .iter_mut()
             .find(|node| node.port == port)
             .expect("a node of this cluster");
-        if let Some(process) = node.process.take() {
-            stop_node(process);
+        if let Some(mut process) = node.process.take() {
+            if let Some(mut input) = process.stdin.take() {
+                use std::io::Write;
+                let _ = input.write_all(b"keep\n");
+            }
+            let _ = process.wait();
         }
+    }
+
+    /// Starts a killed node again on its files: it rejoins the cluster (as the replica of
+    /// whichever node took its slots over).
+    pub fn restart(&mut self, port: u16) {
+        let directory = self.directory.path().to_path_buf();
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster");
+        assert!(node.process.is_none(), "node {port} is running");
+        node.process = Some(start_node(&directory, port));
     }
 
     /// Waits until every live node says the cluster is ok (all slots served).
@@ -154,6 +170,40 @@ impl RedisCluster {
             );
             ticks.tick().await;
         }
+    }
+
+    /// The port of the master serving `key`'s slot now, in the view of a live node.
+    pub fn master_of(&self, key: &str) -> Option<u16> {
+        let port = self.live_port()?;
+        let slot: u16 = cli(port, &["cluster", "keyslot", key])?.parse().ok()?;
+        for line in cli(port, &["cluster", "nodes"])?.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let mut bounds = range
+                    .split('-')
+                    .filter_map(|bound| bound.parse::<u16>().ok());
+                match (bounds.next(), bounds.next()) {
+                    (Some(first), Some(last)) => (first..=last).contains(&slot),
+                    (Some(only), None) => only == slot,
+                    _ => false,
+                }
+            });
+            if serves {
+                return fields[1].split(['@', ':']).nth(1)?.parse().ok();
+            }
+        }
+        None
+    }
+
+    /// Whether the master on `port` has a replica that follows it.
+    pub fn has_replica(&self, port: u16) -> bool {
+        cli(port, &["info", "replication"]).is_some_and(|info| {
+            info.lines()
+                .any(|line| line.starts_with("slave0:") && line.contains("state=online"))
+        })
     }
 
     fn live_port(&self) -> Option<u16> {
@@ -224,7 +274,7 @@ fn log_path(directory: &Path, port: u16) -> PathBuf {
 }
 
 /// Closes the node's shell's input: the shell kills the node (SIGKILL) and removes its
-/// files; then waits for the shell.
+/// files (it keeps them when it reads `keep` first); then waits for the shell.
 fn stop_node(mut process: Child) {
     drop(process.stdin.take());
     let _ = process.wait();
@@ -238,7 +288,7 @@ fn start_node(directory: &Path, port: u16) -> Child {
     Command::new("sh")
         .arg("-c")
         .arg(
-            r#"dir=$1; shift; redis-server "$@" & node=$!; read -r _; kill -9 "$node"; wait "$node"; rm -rf "$dir""#,
+            r#"dir=$1; shift; redis-server "$@" & node=$!; read -r line; kill -9 "$node"; wait "$node"; [ "$line" = keep ] || rm -rf "$dir""#,
         )
         .arg("sh")
         .arg(&data)
@@ -247,6 +297,8 @@ fn start_node(directory: &Path, port: u16) -> Child {
         .args(["--cluster-enabled", "yes"])
         .args(["--cluster-config-file", "nodes.conf"])
         .args(["--cluster-node-timeout", &NODE_TIMEOUT_MILLIS.to_string()])
+        // The masters that are up keep serving their slots while another fails over.
+        .args(["--cluster-require-full-coverage", "no"])
         .args(["--appendonly", "yes"])
         .args(["--save", ""])
         .arg("--dir")

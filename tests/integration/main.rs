@@ -20,6 +20,7 @@ mod races;
 mod read_instructions;
 mod read_write;
 mod redis_cluster;
+mod redis_failover;
 mod redis_server;
 mod retention;
 mod stress;

@@ -47,7 +47,7 @@ const STEP_ATTEMPTS: usize = 64;
 /// A [`Store`] on a Redis Cluster.
 pub struct RedisStore {
     /// Drives the connections; calls from the server's threads wait on it.
-    runtime: tokio::runtime::Runtime,
+    runtime: IoRuntime,
     /// One multiplexed connection per node, following the cluster's slots.
     connection: ClusterConnection,
     layout: Layout,
@@ -141,7 +141,7 @@ impl RedisStore {
             )));
         }
         let mut store = RedisStore {
-            runtime,
+            runtime: IoRuntime(Some(runtime)),
             connection,
             layout: Layout::new(&config.key_prefix, partitions),
             wait: (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout)),
@@ -362,6 +362,26 @@ impl RedisStore {
             set_surfaces(step, keys, &surfaces);
         }
         removed
+    }
+}
+
+/// The runtime of the connections, shut down without waiting when the store is dropped
+/// (which may happen on a task of the server's runtime, where waiting is not allowed).
+struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for IoRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
