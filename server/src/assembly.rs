@@ -185,7 +185,11 @@ pub async fn start_core(
             policy_path: config.policy_bundle_path.clone(),
             idempotency_window: config.idempotency_window,
             interaction_time_skew_allowance: config.interaction_time_skew_allowance,
-            ledger_path: config.erasure_ledger_path.clone(),
+            // A shared engine keeps the ledger, replicated, where every server sees it.
+            ledger_path: match config.storage.backend {
+                Backend::Rocksdb => Some(config.erasure_ledger_path.clone()),
+                Backend::RedisCluster => None,
+            },
             backup_dir: config.backup_dir.clone(),
             bulk_load: config.bulk_load.clone(),
         };

@@ -23,7 +23,8 @@ pub struct Config {
     /// Whether each write is synced to disk before it is acknowledged.
     pub durability: Durability,
     /// The erasure ledger: receipts of every erasure, kept outside the database so that
-    /// restoring a backup never brings an erased user back.
+    /// restoring a backup never brings an erased user back. On a Redis Cluster the ledger
+    /// lives in the cluster, where every server sees it, and this path is not used.
     pub erasure_ledger_path: PathBuf,
     /// Where `Admin.CreateBackup` writes backups.
     pub backup_dir: PathBuf,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::audit::{AuditAction, AuditEntry, Pseudonym, pseudonym};
 use crate::clock::Clock;
 use crate::config::BulkLoadConfig;
-use crate::erasure::Ledger;
+use crate::erasure::{FileLedger, Ledger};
 use crate::error::Error;
 use crate::policy::Policy;
 use crate::registry::Registry;
@@ -109,8 +109,9 @@ pub struct CoreOptions {
     /// How far past the clock an interaction time may be (producers' clocks run a little
     /// ahead); later ones are refused with INTERACTION_TIME_IN_FUTURE.
     pub interaction_time_skew_allowance: Duration,
-    /// The erasure ledger file.
-    pub ledger_path: PathBuf,
+    /// The erasure ledger file; `None` keeps the ledger in the store (an engine every
+    /// server shares).
+    pub ledger_path: Option<PathBuf>,
     /// Where backups are written.
     pub backup_dir: PathBuf,
     /// Bulk-load settings.
@@ -125,7 +126,7 @@ impl CoreOptions {
             policy_path: None,
             idempotency_window: Duration::from_secs(3600),
             interaction_time_skew_allowance: crate::config::DEFAULT_INTERACTION_TIME_SKEW_ALLOWANCE,
-            ledger_path: directory.join("erasures.jsonl"),
+            ledger_path: Some(directory.join("erasures.jsonl")),
             backup_dir: directory.join("backups"),
             bulk_load: BulkLoadConfig {
                 staging_dir: directory.join("staging"),
@@ -143,8 +144,12 @@ impl Core {
         clock: Arc<dyn Clock>,
         options: CoreOptions,
     ) -> Result<Core, Error> {
-        let ledger =
-            Ledger::open(&options.ledger_path).map_err(|error| Error::Ledger(error.to_string()))?;
+        let ledger = match &options.ledger_path {
+            Some(path) => Ledger::File(
+                FileLedger::open(path).map_err(|error| Error::Ledger(error.to_string()))?,
+            ),
+            None => Ledger::InStore(Arc::clone(&store)),
+        };
         Ok(Core {
             registry,
             policy: PolicyState::new(policy, options.policy_path, clock.now()),

@@ -1,7 +1,9 @@
-//! The erasure ledger: one receipt per erasure, with the time each step finished. It is a
-//! JSON Lines file kept outside the database, so that restoring a backup taken before an
-//! erasure cannot roll it back: at start the server erases again every user of the ledger
-//! whose data the database still holds.
+//! The erasure ledger: one receipt per erasure, with the time each step finished. Beside
+//! the embedded database it is a JSON Lines file kept outside the database, so that
+//! restoring a backup taken before an erasure cannot roll it back: at start the server
+//! erases again every user of the ledger whose data the database still holds. On a shared
+//! engine (a Redis Cluster) it lives in the engine, replicated like the data, so that every
+//! server sees every receipt and re-applies every erasure.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -10,6 +12,11 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use crate::storage::Store;
+
+/// Where the store keeps a receipt: under this prefix and the receipt's id.
+const RECEIPT_PREFIX: &str = "erasure-receipt/";
 
 /// What happened to one erasure request. Times are microseconds since the epoch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,9 +48,64 @@ pub struct LedgerError {
     problem: String,
 }
 
-/// The append-only ledger and the latest state of each receipt.
+/// The ledger: receipts in a file of this server's, or in the store that every server shares.
 #[derive(Debug)]
-pub struct Ledger {
+pub enum Ledger {
+    File(FileLedger),
+    InStore(std::sync::Arc<dyn Store>),
+}
+
+impl Ledger {
+    /// Records a receipt's new state durably.
+    pub fn record(&self, receipt: &Receipt) -> Result<(), LedgerError> {
+        match self {
+            Ledger::File(file) => file.record(receipt),
+            Ledger::InStore(store) => {
+                let json = serde_json::to_vec(receipt).map_err(|json| in_store(&json))?;
+                store
+                    .write_meta(&format!("{RECEIPT_PREFIX}{}", receipt.id), &json)
+                    .map_err(|error| in_store(&error))
+            }
+        }
+    }
+
+    pub fn receipt(&self, id: &str) -> Result<Option<Receipt>, LedgerError> {
+        match self {
+            Ledger::File(file) => Ok(file.receipts.lock().get(id).cloned()),
+            Ledger::InStore(store) => store
+                .read_meta(&format!("{RECEIPT_PREFIX}{id}"))
+                .map_err(|error| in_store(&error))?
+                .map(|json| serde_json::from_slice(&json).map_err(|json| in_store(&json)))
+                .transpose(),
+        }
+    }
+
+    /// Every receipt, oldest request first.
+    pub fn receipts(&self) -> Result<Vec<Receipt>, LedgerError> {
+        let mut receipts: Vec<Receipt> = match self {
+            Ledger::File(file) => file.receipts.lock().values().cloned().collect(),
+            Ledger::InStore(store) => store
+                .meta_with_prefix(RECEIPT_PREFIX)
+                .map_err(|error| in_store(&error))?
+                .into_iter()
+                .map(|(_, json)| serde_json::from_slice(&json).map_err(|json| in_store(&json)))
+                .collect::<Result<_, _>>()?,
+        };
+        receipts.sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
+        Ok(receipts)
+    }
+}
+
+fn in_store(problem: &dyn std::fmt::Display) -> LedgerError {
+    LedgerError {
+        path: "in the store".to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+/// The append-only ledger file and the latest state of each receipt.
+#[derive(Debug)]
+pub struct FileLedger {
     path: PathBuf,
     /// The file, appended to and synced on every change.
     file: Mutex<File>,
@@ -51,9 +113,9 @@ pub struct Ledger {
     receipts: Mutex<HashMap<String, Receipt>>,
 }
 
-impl Ledger {
+impl FileLedger {
     /// Opens (creating when missing) the ledger at `path` and reads every receipt.
-    pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+    pub fn open(path: &Path) -> Result<FileLedger, LedgerError> {
         let error = |problem: String| LedgerError {
             path: path.display().to_string(),
             problem,
@@ -80,7 +142,7 @@ impl Ledger {
                 .map_err(|parse| error(format!("line {}: {parse}", number + 1)))?;
             receipts.insert(receipt.id.clone(), receipt);
         }
-        Ok(Ledger {
+        Ok(FileLedger {
             path: path.to_path_buf(),
             file: Mutex::new(file),
             receipts: Mutex::new(receipts),
@@ -88,7 +150,7 @@ impl Ledger {
     }
 
     /// Records a receipt's new state durably.
-    pub fn record(&self, receipt: &Receipt) -> Result<(), LedgerError> {
+    fn record(&self, receipt: &Receipt) -> Result<(), LedgerError> {
         let error = |problem: String| LedgerError {
             path: self.path.display().to_string(),
             problem,
@@ -106,17 +168,6 @@ impl Ledger {
             .insert(receipt.id.clone(), receipt.clone());
         Ok(())
     }
-
-    pub fn receipt(&self, id: &str) -> Option<Receipt> {
-        self.receipts.lock().get(id).cloned()
-    }
-
-    /// Every receipt, oldest request first.
-    pub fn receipts(&self) -> Vec<Receipt> {
-        let mut receipts: Vec<Receipt> = self.receipts.lock().values().cloned().collect();
-        receipts.sort_by(|a, b| (a.requested_at, &a.id).cmp(&(b.requested_at, &b.id)));
-        receipts
-    }
 }
 
 #[cfg(test)]
@@ -127,7 +178,7 @@ mod tests {
     fn receipts_survive_reopening_and_the_latest_version_wins() {
         let directory = tempfile::tempdir().expect("temp dir");
         let path = directory.path().join("ledger.jsonl");
-        let ledger = Ledger::open(&path).expect("open");
+        let ledger = Ledger::File(FileLedger::open(&path).expect("open"));
         let mut receipt = Receipt {
             id: "er-1".to_string(),
             user_id: 7,
@@ -139,9 +190,9 @@ mod tests {
         receipt.verified_at = Some(20);
         ledger.record(&receipt).expect("record");
         drop(ledger);
-        let reopened = Ledger::open(&path).expect("reopen");
-        assert_eq!(reopened.receipt("er-1"), Some(receipt));
-        assert_eq!(reopened.receipts().len(), 1);
+        let reopened = Ledger::File(FileLedger::open(&path).expect("reopen"));
+        assert_eq!(reopened.receipt("er-1").expect("read"), Some(receipt));
+        assert_eq!(reopened.receipts().expect("read").len(), 1);
     }
 
     #[test]
@@ -153,7 +204,7 @@ mod tests {
             "{\"id\":\"er-1\",\"user_id\":7,\"requested_at\":1,\"verified\":false}\nnot json\n",
         )
         .expect("write");
-        let error = Ledger::open(&path).expect_err("damaged");
+        let error = FileLedger::open(&path).expect_err("damaged");
         assert!(error.to_string().contains("line 2"), "{error}");
     }
 }

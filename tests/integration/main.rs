@@ -21,6 +21,7 @@ mod read_instructions;
 mod read_write;
 mod redis_cluster;
 mod redis_failover;
+mod redis_races;
 mod redis_server;
 mod retention;
 mod stress;

@@ -26,21 +26,32 @@ fn is_child_for(scenario: &str) -> bool {
 
 /// A failpoint that stops the first thread to reach it until the test lets it go, so that
 /// the test can do, at exactly that moment, what would race it. Later threads pass.
-struct Pause {
+pub(crate) struct Pause {
     name: &'static str,
     reached: Receiver<()>,
     release: Sender<()>,
 }
 
 impl Pause {
-    fn arm(name: &'static str) -> Pause {
+    pub(crate) fn arm(name: &'static str) -> Pause {
+        Self::arm_after(name, 0)
+    }
+
+    /// Stops the thread that reaches the failpoint after `passes` others went through.
+    pub(crate) fn arm_after(name: &'static str, passes: usize) -> Pause {
         let (reached_sender, reached) = std::sync::mpsc::channel();
         let (release, release_receiver) = std::sync::mpsc::channel::<()>();
+        let passes = std::sync::atomic::AtomicUsize::new(passes);
         let armed = AtomicBool::new(true);
         let reached_sender = Mutex::new(reached_sender);
         let release_receiver = Mutex::new(release_receiver);
         fail::cfg_callback(name, move || {
-            if armed.swap(false, Ordering::SeqCst) {
+            let passing = passes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok();
+            if !passing && armed.swap(false, Ordering::SeqCst) {
                 let _ = reached_sender.lock().expect("not poisoned").send(());
                 // Bounded, so that a failing test cannot hang the suite.
                 let _ = release_receiver
@@ -58,7 +69,7 @@ impl Pause {
     }
 
     /// Waits until a thread stands at the failpoint.
-    async fn reached(&self) {
+    pub(crate) async fn reached(&self) {
         let started = Instant::now();
         let mut ticks = featurestore_tests::poll_every(Duration::from_millis(5));
         loop {
@@ -77,7 +88,7 @@ impl Pause {
         }
     }
 
-    fn release(&self) {
+    pub(crate) fn release(&self) {
         let _ = self.release.send(());
     }
 }
@@ -91,7 +102,7 @@ impl Drop for Pause {
 
 /// An AI-derived value for the Facebook feed: allowed for a US adult, forbidden once the
 /// user lives where AI signals are excluded (the EU, the UK, South Korea).
-fn chat(user_id: u64) -> WriteRow {
+pub(crate) fn chat(user_id: u64) -> WriteRow {
     row(
         user_id,
         &["facebook_feed"],
@@ -100,7 +111,7 @@ fn chat(user_id: u64) -> WriteRow {
     )
 }
 
-fn moved_to(user_id: u64, jurisdiction: &str) -> UserStateUpdate {
+pub(crate) fn moved_to(user_id: u64, jurisdiction: &str) -> UserStateUpdate {
     UserStateUpdate {
         jurisdiction: jurisdiction.to_string(),
         ..us_adult(user_id)
@@ -108,7 +119,10 @@ fn moved_to(user_id: u64, jurisdiction: &str) -> UserStateUpdate {
 }
 
 /// The status of interest_hiking on the Facebook feed of each user.
-async fn hiking(server: &TestServer, users: impl IntoIterator<Item = u64>) -> Vec<ValueStatus> {
+pub(crate) async fn hiking(
+    server: &TestServer,
+    users: impl IntoIterator<Item = u64>,
+) -> Vec<ValueStatus> {
     let keys: Vec<(u64, &str)> = users
         .into_iter()
         .map(|user| (user, "facebook_feed"))
@@ -116,8 +130,8 @@ async fn hiking(server: &TestServer, users: impl IntoIterator<Item = u64>) -> Ve
     crate::statuses(server, &keys, "interest_hiking").await
 }
 
-const STORED: ValueStatus = ValueStatus::Present;
-const ABSENT: ValueStatus = ValueStatus::Defaulted;
+pub(crate) const STORED: ValueStatus = ValueStatus::Present;
+pub(crate) const ABSENT: ValueStatus = ValueStatus::Defaulted;
 
 #[test]
 fn a_write_decided_before_a_state_change_is_not_applied_after_it() {

@@ -21,7 +21,7 @@ fn on_cluster(config: &mut Config, cluster: &RedisCluster, prefix: Option<&str>)
     config.storage.audit_partitions = 16;
 }
 
-async fn server_on_cluster(prefix: Option<&str>) -> TestServer {
+pub(crate) async fn server_on_cluster(prefix: Option<&str>) -> TestServer {
     let cluster = cluster::shared();
     TestServer::start_with(tempfile::tempdir().expect("a directory"), |config| {
         on_cluster(config, cluster, prefix)

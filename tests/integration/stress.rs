@@ -448,6 +448,19 @@ async fn everything_races() {
         config.bulk_load.ingest_rows_min = 1;
     })
     .await;
+    race(&[&server], Some(&bundle_path), true, RUN).await;
+}
+
+/// Runs the actors against `servers` for `run`, then judges: writers on every server in
+/// turn, the privacy system on the last, and (when asked) bulk loads and bundle reloads
+/// from `bundle_path` on the first, which also serves the checker's reads.
+pub(crate) async fn race(
+    servers: &[&TestServer],
+    bundle_path: Option<&std::path::Path>,
+    loads: bool,
+    run: Duration,
+) {
+    let server = servers[0];
     server.us_adults(1..=USERS).await;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -467,30 +480,34 @@ async fn everything_races() {
     let mut actors = Vec::new();
     for writer_index in 0..WRITERS {
         actors.push(tokio::spawn(writer(
-            server.client.clone(),
+            servers[writer_index % servers.len()].client.clone(),
             Arc::clone(&shared),
             seed.wrapping_add(writer_index as u64),
         )));
     }
     actors.push(tokio::spawn(privacy(
-        server.client.clone(),
+        servers[servers.len() - 1].client.clone(),
         Arc::clone(&shared),
         seed.wrapping_add(100),
     )));
-    actors.push(tokio::spawn(loader(
-        server.client.clone(),
-        Arc::clone(&shared),
-        seed.wrapping_add(200),
-    )));
-    actors.push(tokio::spawn(reloader(
-        server.client.clone(),
-        Arc::clone(&shared),
-        bundle_path.clone(),
-    )));
+    if loads {
+        actors.push(tokio::spawn(loader(
+            server.client.clone(),
+            Arc::clone(&shared),
+            seed.wrapping_add(200),
+        )));
+    }
+    if let Some(bundle_path) = bundle_path {
+        actors.push(tokio::spawn(reloader(
+            server.client.clone(),
+            Arc::clone(&shared),
+            bundle_path.to_path_buf(),
+        )));
+    }
 
     let started = Instant::now();
     let mut forbidden_seen = Vec::new();
-    while started.elapsed() < RUN {
+    while started.elapsed() < run {
         forbidden_seen.extend(check(&server.client, &shared).await);
     }
     shared.stop.store(true, Ordering::SeqCst);

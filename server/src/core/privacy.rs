@@ -17,7 +17,8 @@ const ERASURE_ATTEMPTS: usize = 3;
 /// The privacy part of the core.
 #[derive(Debug)]
 pub(super) struct PrivacyState {
-    /// Receipts of every erasure, kept outside the database.
+    /// Receipts of every erasure: in a file outside the embedded database, or in a shared
+    /// engine.
     ledger: Ledger,
 }
 
@@ -106,6 +107,7 @@ impl Core {
         self.privacy
             .ledger
             .receipt(id)
+            .map_err(|error| Error::Ledger(error.to_string()))?
             .ok_or_else(|| Error::NoReceipt { id: id.to_string() })
     }
 
@@ -114,7 +116,12 @@ impl Core {
     /// during an erasure).
     pub(super) fn reapply_erasures(&self) -> Result<(), Error> {
         let mut latest: std::collections::HashMap<u64, Receipt> = std::collections::HashMap::new();
-        for receipt in self.privacy.ledger.receipts() {
+        let receipts = self
+            .privacy
+            .ledger
+            .receipts()
+            .map_err(|error| Error::Ledger(error.to_string()))?;
+        for receipt in receipts {
             latest.insert(receipt.user_id, receipt);
         }
         for (user_id, mut receipt) in latest {

@@ -264,6 +264,9 @@ impl RedisStore {
             match decide(&keys, snapshot)? {
                 Decision::Done(answer) => return Ok(answer),
                 Decision::Apply(step, answer) => {
+                    // Decided on what was read, not yet written: another server's change
+                    // of the user may land here, and the step must then write nothing.
+                    fail::fail_point!("redis-step-decided");
                     if step.is_empty() || self.execute(&step)? {
                         return Ok(answer);
                     }
