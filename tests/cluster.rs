@@ -101,6 +101,11 @@ impl RedisCluster {
         }
     }
 
+    /// The directory holding every node's files (its append-only file among them).
+    pub fn directory(&self) -> &Path {
+        self.directory.path()
+    }
+
     /// Seed URLs of the cluster, one per node.
     pub fn seeds(&self) -> Vec<String> {
         self.nodes

@@ -374,6 +374,11 @@ pub struct RedisClusterConfig {
     pub wait_timeout: Duration,
     /// Threads driving the connections to the nodes.
     pub io_threads: usize,
+    /// How long an erasure waits for the nodes holding the user to rewrite their
+    /// persistence files (append-only file or snapshot) without the user; past it the
+    /// erasure fails, stays pending and is applied again.
+    #[serde(with = "humantime_serde")]
+    pub erasure_rewrite_timeout: Duration,
 }
 
 impl Default for RedisClusterConfig {
@@ -388,6 +393,7 @@ impl Default for RedisClusterConfig {
             wait_replicas: 1,
             wait_timeout: Duration::from_secs(1),
             io_threads: 2,
+            erasure_rewrite_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -6,9 +6,15 @@ use featurestore::domain::Value;
 use featurestore::proto::{Outcome, RowStatus, ValueStatus};
 use featurestore_server::config::{Backend, Config};
 use featurestore_tests::cluster::{self, RedisCluster};
-use featurestore_tests::{TestServer, at, read, row, write};
+use featurestore_tests::{
+    TestServer, at, files_containing, files_still_containing, read, row, write,
+};
 
 use crate::{float, status};
+
+/// A value only the users of the erasure test write: found in the cluster's files before
+/// the erasure, never after it.
+const CANARY: &str = "canary/redis_erasure_5d2e";
 
 /// Puts a server's store on `cluster`, under a key prefix of its own (`prefix`, or a
 /// fresh one).
@@ -66,7 +72,7 @@ async fn writes_reads_policy_state_changes_and_erasure_work_on_a_cluster() {
                 at(-60),
                 vec![
                     ("interest_hiking", Value::Float(user_id as f32 / 100.0)),
-                    ("top_topic", Value::String("outdoors/hiking".to_string())),
+                    ("top_topic", Value::String(format!("{CANARY}{user_id}"))),
                 ],
             )
         })
@@ -153,8 +159,15 @@ async fn writes_reads_policy_state_changes_and_erasure_work_on_a_cluster() {
         "an interest is not served after the move"
     );
 
-    // Erasure: nothing of the user is served, writable or left in the cluster.
+    // Erasure: nothing of the user is served, writable or left in the cluster, and the
+    // nodes' append-only files no longer hold the user's values.
     assert!(!keys_of_user(cluster::shared(), &prefix, 42).is_empty());
+    let canary = format!("{CANARY}42");
+    let files = cluster::shared().directory();
+    assert!(
+        !files_containing(files, canary.as_bytes()).is_empty(),
+        "the canary is in the nodes' files to begin with"
+    );
     let receipt = server.client.erase_user(42).await.expect("erase");
     assert!(receipt.verified, "{receipt:?}");
     let response = server
@@ -196,6 +209,15 @@ async fn writes_reads_policy_state_changes_and_erasure_work_on_a_cluster() {
         left,
         Vec::<String>::new(),
         "only the tombstone, version and answers stay"
+    );
+    assert_eq!(
+        files_still_containing(files, canary.as_bytes()).await,
+        Vec::<std::path::PathBuf>::new(),
+        "the erased user's values left the nodes' files"
+    );
+    assert!(
+        !files_containing(files, format!("{CANARY}44").as_bytes()).is_empty(),
+        "the other users' values stay"
     );
 
     // The audit log: every chain verifies; the erased user's trail is no longer linkable.

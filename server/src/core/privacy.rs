@@ -72,9 +72,10 @@ impl Core {
             self.record(receipt)?;
             // Deleted, not yet verified: what reappears here must be found and deleted.
             fail::fail_point!("erasure-deleted");
-            // An engine without files of its own to compact has nothing to rewrite.
-            if let Some(maintenance) = self.store.maintenance() {
-                maintenance.compact_user(user_id)?;
+            // An engine whose files keep no deleted bytes has nothing to rewrite.
+            if let Some(files) = self.store.user_files() {
+                let rewritten = files.rewrite_user_files(user_id)?;
+                tracing::info!(receipt = %receipt.id, %rewritten, "erased user's files rewritten");
             }
             receipt.compacted_at = Some(self.clock.now().unix_micros());
             self.record(receipt)?;

@@ -327,6 +327,12 @@ pub trait Store: Send + Sync + Debug + 'static {
         None
     }
 
+    /// The engine's rewriting of the files that may keep an erased user's bytes, if its
+    /// files can keep deleted bytes.
+    fn user_files(&self) -> Option<&dyn UserFiles> {
+        None
+    }
+
     /// The engine's maintenance (checkpoints, flushes, compaction), if it has any.
     fn maintenance(&self) -> Option<&dyn Maintenance> {
         None
@@ -406,14 +412,20 @@ pub trait BulkFiles {
     fn hold_user_states(&self) -> UserStatesHeld<'_>;
 }
 
+/// What an engine whose files may keep deleted bytes offers an erasure. Through
+/// [`Store::user_files`].
+pub trait UserFiles {
+    /// Rewrites every file of the engine that may still hold bytes of `user_id` deleted
+    /// before the call (RocksDB: flushes, then compacts the user's ranges; a Redis Cluster:
+    /// rewrites the persistence files of the nodes serving the user's slot), and says
+    /// what was rewritten.
+    fn rewrite_user_files(&self, user_id: u64) -> Result<String, StorageError>;
+}
+
 /// What an engine with files on one machine offers to keep them: consistent copies,
 /// flushes and compaction (so that deleted bytes leave the files). Through
 /// [`Store::maintenance`].
 pub trait Maintenance {
-    /// Flushes everything to disk and compacts the user's ranges (rows, state, pseudonym
-    /// key), so that deleted bytes leave the files.
-    fn compact_user(&self, user_id: u64) -> Result<(), StorageError>;
-
     /// Writes a consistent copy of the database to `directory`, which must not exist.
     fn checkpoint(&self, directory: &std::path::Path) -> Result<(), StorageError>;
 

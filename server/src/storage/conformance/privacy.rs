@@ -126,8 +126,8 @@ pub fn erasure_leaves_nothing_of_the_user(open: Open<'_>) {
         None,
         "an erased user's pseudonym key is never made again"
     );
-    if let Some(maintenance) = store.maintenance() {
-        maintenance.compact_user(1).expect("compact");
+    if let Some(files) = store.user_files() {
+        files.rewrite_user_files(1).expect("rewrite the files");
     }
     assert!(!store.user_has_data(1).expect("scan"));
     assert_eq!(store.users_with_rows(0, 10).expect("users"), [2]);

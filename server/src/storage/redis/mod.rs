@@ -9,10 +9,12 @@
 //! at once give the same result as one after the other. A change is acknowledged after
 //! `wait_replicas` replicas confirmed it (`WAIT`).
 //!
-//! Commands used (all in Redis 7, Valkey and Kvrocks): GET, MGET, SET (PX), DEL, HGET,
-//! HSET, HSETNX, HDEL, HGETALL, HMGET, RPUSH, LRANGE, ZADD, ZREM, ZRANGEBYLEX, EVAL, WAIT.
+//! Commands used (all in Redis 7 and Valkey): GET, MGET, SET (PX), DEL, HGET, HSET,
+//! HSETNX, HDEL, HGETALL, HMGET, HLEN, RPUSH, LRANGE, ZADD, ZREM, ZRANGEBYLEX, EVAL, WAIT,
+//! CLUSTER INFO / KEYSLOT / NODES, INFO persistence, BGREWRITEAOF, BGSAVE ([`files`]).
 
 mod audit;
+mod files;
 pub mod keys;
 mod step;
 
@@ -53,6 +55,8 @@ pub struct RedisStore {
     layout: Layout,
     /// Replicas that must confirm a change, and for how long to wait for them.
     wait: Option<(u32, Duration)>,
+    /// How long an erasure waits for the nodes to rewrite their files.
+    rewrite_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -145,6 +149,7 @@ impl RedisStore {
             connection,
             layout: Layout::new(&config.key_prefix, partitions),
             wait: (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout)),
+            rewrite_timeout: config.erasure_rewrite_timeout,
         };
         let stored = store.stored_partitions(&config.key_prefix, partitions)?;
         if stored != partitions {

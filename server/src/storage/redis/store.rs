@@ -387,6 +387,10 @@ impl Store for RedisStore {
         self.append_to_chain_zero(audit, Some((key, value)))
     }
 
+    fn user_files(&self) -> Option<&dyn crate::storage::UserFiles> {
+        Some(self)
+    }
+
     fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let meta = self.layout.meta();
         let mut connection = self.connection.clone();

@@ -7,7 +7,8 @@ use rocksdb::{IngestExternalFileOptions, SstFileWriter, WriteBatch};
 
 use super::*;
 use crate::storage::{
-    BulkFiles, Census, EngineFigures, EngineStats, Maintenance, SurfaceCensus, UserStatesHeld,
+    BulkFiles, Census, EngineFigures, EngineStats, Maintenance, SurfaceCensus, UserFiles,
+    UserStatesHeld,
 };
 
 impl BulkFiles for RocksStore {
@@ -86,8 +87,8 @@ impl BulkFiles for RocksStore {
     }
 }
 
-impl Maintenance for RocksStore {
-    fn compact_user(&self, user_id: u64) -> Result<(), StorageError> {
+impl UserFiles for RocksStore {
+    fn rewrite_user_files(&self, user_id: u64) -> Result<String, StorageError> {
         // Every column family is flushed, so that no write-ahead log file still holds the
         // user's bytes, then each of the user's ranges is compacted to the bottom.
         self.flush()?;
@@ -106,9 +107,11 @@ impl Maintenance for RocksStore {
                 &options,
             );
         }
-        Ok(())
+        Ok("the write-ahead log flushed, the user's ranges compacted".to_string())
     }
+}
 
+impl Maintenance for RocksStore {
     fn checkpoint(&self, directory: &Path) -> Result<(), StorageError> {
         self.flush()?;
         rocksdb::checkpoint::Checkpoint::new(&self.db)

@@ -714,6 +714,10 @@ impl Store for RocksStore {
         Some(self)
     }
 
+    fn user_files(&self) -> Option<&dyn super::UserFiles> {
+        Some(self)
+    }
+
     fn engine_stats(&self) -> Option<&dyn EngineStats> {
         Some(self)
     }
