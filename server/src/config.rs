@@ -546,6 +546,18 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_cluster_example_runs_on_the_local_cluster() {
+        let example = include_str!("../../config/redis-cluster.toml");
+        let parsed = Config::from_toml(example).expect("the example parses");
+        assert_eq!(parsed.storage.backend, Backend::RedisCluster);
+        assert_eq!(
+            parsed.storage.redis_cluster.seeds[0], "redis://127.0.0.1:7000",
+            "the first node ./dev cluster starts"
+        );
+        assert_eq!(parsed.auth.mode, AuthMode::Disabled);
+    }
+
+    #[test]
     fn unknown_settings_are_refused_by_name() {
         let error =
             Config::from_toml("[limits]\nread_keys_maximum = 5\n").expect_err("a typo is refused");

@@ -97,7 +97,15 @@ pub async fn run_with_clock(
     // The starting server stops accepting; the one below takes the port over.
     drop(starting);
     health::set_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
-    tracing::info!(%address, tls = config.tls.is_some(), data_dir = %config.data_dir.display(), durability = ?config.durability, "serving");
+    match config.storage.backend {
+        config::Backend::Rocksdb => {
+            tracing::info!(%address, tls = config.tls.is_some(), data_dir = %config.data_dir.display(), durability = ?config.durability, "serving");
+        }
+        config::Backend::RedisCluster => {
+            let cluster = &config.storage.redis_cluster;
+            tracing::info!(%address, tls = config.tls.is_some(), redis_cluster = %cluster.seeds.join(","), key_prefix = %cluster.key_prefix, wait_replicas = cluster.wait_replicas, "serving");
+        }
+    }
     let serving = serving::Serving {
         listener,
         tls,

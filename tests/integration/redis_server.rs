@@ -116,6 +116,22 @@ async fn writes_reads_policy_state_changes_and_erasure_work_on_a_cluster() {
         status(&response, 6, "interest_hiking"),
         ValueStatus::Defaulted
     );
+    // The census counts the rows in the cluster.
+    let stats = server.client.stats().await.expect("stats");
+    assert!(stats.exact, "{stats:?}");
+    assert_eq!(stats.users, 3, "{stats:?}");
+    let rows: Vec<(String, u64)> = stats
+        .surfaces
+        .iter()
+        .map(|surface| (surface.surface.clone(), surface.rows))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("facebook_feed".to_string(), 3),
+            ("instagram_reels".to_string(), 3)
+        ]
+    );
 
     // An older event loses to the stored one, per feature.
     let older = server
@@ -226,6 +242,20 @@ async fn writes_reads_policy_state_changes_and_erasure_work_on_a_cluster() {
     assert!(verification.records_checked >= 5, "{verification:?}");
     let trail = server.client.audit_trail(44, 0).await.expect("trail");
     assert!(!trail.records.is_empty());
+
+    // The sweep walks every partition's users and removes what expired.
+    server.advance(std::time::Duration::from_secs(100 * 24 * 3600));
+    let sweep = server.client.sweep_expired().await.expect("sweep");
+    assert!(sweep.values_removed >= 2, "{sweep:?}");
+    let rows_of_44: Vec<String> = keys_of_user(cluster::shared(), &prefix, 44)
+        .into_iter()
+        .filter(|key| key.contains(":r:"))
+        .collect();
+    assert_eq!(
+        rows_of_44,
+        Vec::<String>::new(),
+        "expired rows leave the cluster"
+    );
     server.stop().await;
 }
 

@@ -16,6 +16,7 @@
 mod audit;
 mod files;
 pub mod keys;
+mod stats;
 mod step;
 
 use std::collections::BTreeMap;

@@ -391,6 +391,10 @@ impl Store for RedisStore {
         Some(self)
     }
 
+    fn engine_stats(&self) -> Option<&dyn crate::storage::EngineStats> {
+        Some(self)
+    }
+
     fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let meta = self.layout.meta();
         let mut connection = self.connection.clone();
