@@ -321,6 +321,27 @@ async fn a_server_refuses_to_start_without_a_cluster() {
         error.contains("cannot reach a Redis Cluster") && error.contains("cluster"),
         "{error}"
     );
+
+    // A cluster whose master would evict keys when its memory fills up.
+    let evicting = RedisCluster::start().await;
+    let master = evicting.master_ports()[1];
+    let set = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &master.to_string(),
+            "config",
+            "set",
+            "maxmemory-policy",
+            "allkeys-lru",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(set.status.success());
+    let error = start_error(evicting.seeds()).await;
+    assert!(
+        error.contains("maxmemory-policy allkeys-lru") && error.contains(&master.to_string()),
+        "{error}"
+    );
 }
 
 /// Why a server on `seeds` did not start.

@@ -11,11 +11,12 @@
 //!
 //! Commands used (all in Redis 7 and Valkey): GET, MGET, SET (PX), DEL, HGET, HSET,
 //! HSETNX, HDEL, HGETALL, HMGET, HLEN, RPUSH, LRANGE, ZADD, ZREM, ZRANGEBYLEX, EVAL, WAIT,
-//! CLUSTER INFO / KEYSLOT / NODES, INFO persistence, BGREWRITEAOF, BGSAVE ([`files`]).
+//! CLUSTER INFO / KEYSLOT / NODES, CONFIG GET, INFO persistence, BGREWRITEAOF, BGSAVE
+//! ([`nodes`]).
 
 mod audit;
-mod files;
 pub mod keys;
+mod nodes;
 mod stats;
 mod step;
 
@@ -152,6 +153,7 @@ impl RedisStore {
             wait: (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout)),
             rewrite_timeout: config.erasure_rewrite_timeout,
         };
+        store.check_no_eviction()?;
         let stored = store.stored_partitions(&config.key_prefix, partitions)?;
         if stored != partitions {
             tracing::warn!(

@@ -1,3 +1,8 @@
+//! What the store asks of the cluster's nodes one by one.
+//!
+//! At open, that no master evicts keys under memory pressure: an evicted row would be lost
+//! silently, an evicted user state would forget an objection or an erasure's tombstone.
+//!
 //! After an erasure, the persistence files of the nodes that hold the user's slot (its
 //! master and the master's replicas) are rewritten from memory, which no longer holds the
 //! user: the append-only file when it is on (`BGREWRITEAOF`), else a snapshot
@@ -49,6 +54,85 @@ impl UserFiles for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Refuses a cluster whose masters may evict keys (`maxmemory-policy` other than
+    /// `noeviction`). A node that does not answer `CONFIG GET` (a managed service may
+    /// forbid it) is logged and trusted.
+    pub(super) fn check_no_eviction(&self) -> Result<(), StorageError> {
+        let connection = self.connection.clone();
+        let policies = self.run(async move {
+            let mut connection = connection;
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut connection)
+                .await?;
+            let mut policies = Vec::new();
+            for (host, port) in masters(&nodes) {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
+                let answer = connection
+                    .route_command(
+                        redis::cmd("CONFIG")
+                            .arg("GET")
+                            .arg("maxmemory-policy")
+                            .clone(),
+                        route,
+                    )
+                    .await
+                    .and_then(|value| {
+                        Ok(<Vec<String> as redis::FromRedisValue>::from_redis_value(
+                            value,
+                        )?)
+                    });
+                policies.push((format!("{host}:{port}"), answer));
+            }
+            Ok(policies)
+        })?;
+        for (node, answer) in policies {
+            match answer {
+                Ok(pair) => match pair.get(1).map(String::as_str) {
+                    Some("noeviction") => {}
+                    Some(policy) => {
+                        return Err(StorageError::Engine(format!(
+                            "the Redis node {node} evicts keys when its memory is full \
+                             (maxmemory-policy {policy}): rows and user states would be lost \
+                             without a trace; set maxmemory-policy noeviction"
+                        )));
+                    }
+                    None => {}
+                },
+                Err(error) => tracing::warn!(
+                    %node,
+                    %error,
+                    "cannot read the node's maxmemory-policy; it must be noeviction"
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The addresses of the masters serving slots, from `CLUSTER NODES`.
+fn masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<&str>>())
+        .filter(|fields| {
+            fields.len() > 8 && fields[2].contains("master") && !fields[2].contains("fail")
+        })
+        .filter_map(|fields| address(&fields))
+        .collect()
+}
+
+/// A node's address from its line of `CLUSTER NODES`: `ip:port@bus-port[,hostname]`.
+fn address(fields: &[&str]) -> Option<(String, u16)> {
+    let (host, rest) = fields.get(1)?.split_once(':')?;
+    let port = rest.split(['@', ',']).next()?.parse().ok()?;
+    Some((host.to_string(), port))
+}
+
 /// The address of the master serving `slot` and of its replicas, from `CLUSTER NODES`.
 fn nodes_of_slot(nodes: &str, slot: u16) -> Vec<(String, u16)> {
     let lines: Vec<Vec<&str>> = nodes
@@ -56,12 +140,6 @@ fn nodes_of_slot(nodes: &str, slot: u16) -> Vec<(String, u16)> {
         .map(|line| line.split_whitespace().collect())
         .filter(|fields: &Vec<&str>| fields.len() >= 8)
         .collect();
-    let address = |fields: &[&str]| -> Option<(String, u16)> {
-        // ip:port@bus-port[,hostname]
-        let (host, rest) = fields[1].split_once(':')?;
-        let port = rest.split(['@', ',']).next()?.parse().ok()?;
-        Some((host.to_string(), port))
-    };
     let Some(master) = lines.iter().find(|fields| {
         fields[2].contains("master")
             && !fields[2].contains("fail")
@@ -207,5 +285,6 @@ f6 127.0.0.1:7005@17005 slave,fail b2 0 0 2 connected
         assert_eq!(port(nodes_of_slot(nodes, 12000)), [7001, 7003]);
         assert_eq!(port(nodes_of_slot(nodes, 0)), [7000, 7004]);
         assert_eq!(port(nodes_of_slot(nodes, 11000)), Vec::<u16>::new());
+        assert_eq!(port(masters(nodes)), [7000, 7001]);
     }
 }
