@@ -203,6 +203,23 @@ impl RedisCluster {
         None
     }
 
+    /// A figure of `INFO` (e.g. `used_memory`, `process_id`) of the live node on `port`.
+    pub fn info_figure(&self, port: u16, name: &str) -> Option<u64> {
+        let prefix = format!("{name}:");
+        cli(port, &["info"])?
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(&prefix)?.parse().ok())
+    }
+
+    /// The ports of the live nodes.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|node| node.process.is_some())
+            .map(|node| node.port)
+            .collect()
+    }
+
     /// Whether the master on `port` has a replica that follows it.
     pub fn has_replica(&self, port: u16) -> bool {
         cli(port, &["info", "replication"]).is_some_and(|info| {

@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use featurestore::domain::{ReadKey, ReadRequest, WriteRequest};
 use featurestore::proto::{self, feature_store_server::FeatureStore};
 use featurestore_client::generate::{GenerateOptions, generate};
 use featurestore_client::load::formats::FileFormat;
@@ -25,213 +24,15 @@ use featurestore_server::config::StorageConfig;
 use featurestore_server::registry::Registry;
 use featurestore_server::storage::RowKey;
 use featurestore_server::storage::keys::encode_row_key;
-use featurestore_tests::workload::{
-    EMBEDDING, FLOATS, Random, SURFACES, random_read, registry_toml, user_write,
-};
+use featurestore_tests::workload::{EMBEDDING, FLOATS, Random, SURFACES, registry_toml};
 use featurestore_tests::{START_TIME, TestServer};
-use hdrhistogram::Histogram;
 use tonic::{Request, Response, Status};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The workloads; each builds its next request from the random source.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Workload {
-    /// 500 random keys × the 20 floats.
-    Batch500,
-    /// One user on the 3 surfaces, every feature.
-    User3,
-    /// 3 keys at concurrency 1: pure latency.
-    Latency3,
-    /// 90 % the 500-key read, 10 % a one-row write.
-    Mixed,
-    /// The 500-key read while a bulk load of other users runs.
-    DuringLoad,
-}
-
-impl Workload {
-    fn name(self) -> &'static str {
-        match self {
-            Workload::Batch500 => "(a) 500 keys x 20 floats",
-            Workload::User3 => "(b) 1 user x 3 surfaces",
-            Workload::Latency3 => "(c) 3 keys, concurrency 1",
-            Workload::Mixed => "(d) 90% (a) reads, 10% writes",
-            Workload::DuringLoad => "(e) (a) during a bulk load",
-        }
-    }
-
-    fn read(self, random: &mut Random, users: u64) -> ReadRequest {
-        match self {
-            Workload::Batch500 | Workload::Mixed | Workload::DuringLoad => {
-                random_read(random, users, 500)
-            }
-            Workload::User3 | Workload::Latency3 => {
-                let user_id = 1 + random.below(users);
-                ReadRequest {
-                    keys: SURFACES
-                        .iter()
-                        .map(|surface| ReadKey {
-                            user_id,
-                            surface: surface.to_string(),
-                        })
-                        .collect(),
-                    features: Vec::new(),
-                    include_event_times: false,
-                }
-            }
-        }
-    }
-}
-
-fn write_request(random: &mut Random, users: u64, sequence: u64) -> WriteRequest {
-    let user_id = 1 + random.below(users);
-    WriteRequest {
-        idempotency_key: format!("bench-{sequence}-{user_id}"),
-        rows: vec![user_write(user_id, "bench@v1")],
-    }
-}
-
-/// CPU seconds used so far by the server (its runtime and RocksDB's threads) and by the
-/// load generator's runtime, from /proc. The server's share is the process's total minus
-/// every other live thread, so that blocking-pool threads that have exited still count.
-fn cpu_seconds() -> (f64, f64) {
-    let ticks = 100.0; // USER_HZ on Linux
-    // (name, user + system ticks) of a /proc stat file.
-    let read = |path: std::path::PathBuf| -> Option<(String, u64)> {
-        let stat = std::fs::read_to_string(path).ok()?;
-        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let used = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some((stat[open + 1..close].to_string(), used))
-    };
-    let Some((_, total)) = read("/proc/self/stat".into()) else {
-        return (f64::NAN, f64::NAN);
-    };
-    let (mut client, mut others) = (0u64, 0u64);
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for task in tasks.flatten() {
-            let Some((name, used)) = read(task.path().join("stat")) else {
-                continue;
-            };
-            if name.starts_with("bench-client") {
-                client += used;
-            }
-            if !(name.starts_with("server") || name.starts_with("rocksdb")) {
-                others += used;
-            }
-        }
-    }
-    (
-        total.saturating_sub(others) as f64 / ticks,
-        client as f64 / ticks,
-    )
-}
-
-#[derive(Debug)]
-struct Measured {
-    requests: u64,
-    keys: u64,
-    seconds: f64,
-    latency: Histogram<u64>,
-    server_cpu: f64,
-    client_cpu: f64,
-}
-
-impl Measured {
-    fn per_second(&self, count: u64) -> f64 {
-        count as f64 / self.seconds
-    }
-
-    fn micros(&self, quantile: f64) -> f64 {
-        self.latency.value_at_quantile(quantile) as f64
-    }
-}
-
-/// Runs `workload` for `duration`: closed loop with `concurrency` requests in flight when
-/// `rate` is `None`, else open loop at `rate` requests per second, each latency measured
-/// from when the request was due (no coordinated omission).
-async fn drive(
-    clients: &[Client],
-    workload: Workload,
-    users: u64,
-    concurrency: usize,
-    rate: Option<f64>,
-    duration: Duration,
-) -> Measured {
-    let started = Instant::now();
-    let cpu_before = cpu_seconds();
-    let deadline = started + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    let lanes = match rate {
-        Some(_) => concurrency.max(64),
-        None => concurrency,
-    };
-    let interval = rate.map(|rate| Duration::from_secs_f64(lanes as f64 / rate));
-    for lane in 0..lanes {
-        let client = clients[lane % clients.len()].clone();
-        tasks.spawn(async move {
-            let mut random = Random(0x5eed + lane as u64);
-            let mut latency = Histogram::<u64>::new(3).expect("histogram");
-            let (mut requests, mut keys) = (0u64, 0u64);
-            // Open loop: each lane's requests are due at fixed times, spread over lanes.
-            let mut due = Instant::now()
-                + interval.map_or(Duration::ZERO, |interval| {
-                    interval.mul_f64(lane as f64 / lanes as f64)
-                });
-            while Instant::now() < deadline {
-                if interval.is_some() {
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let start = if interval.is_some() {
-                    due
-                } else {
-                    Instant::now()
-                };
-                if workload == Workload::Mixed && random.below(10) == 0 {
-                    let request = write_request(&mut random, users, requests);
-                    client.write_features(request).await.expect("write");
-                } else {
-                    let request = workload.read(&mut random, users);
-                    keys += request.keys.len() as u64;
-                    client.get_features(request).await.expect("read");
-                }
-                requests += 1;
-                let _ = latency.record(start.elapsed().as_micros() as u64);
-                if let Some(interval) = interval {
-                    due += interval;
-                }
-            }
-            (requests, keys, latency)
-        });
-    }
-    let mut measured = Measured {
-        requests: 0,
-        keys: 0,
-        seconds: 0.0,
-        latency: Histogram::<u64>::new(3).expect("histogram"),
-        server_cpu: 0.0,
-        client_cpu: 0.0,
-    };
-    while let Some(lane) = tasks.join_next().await {
-        let (requests, keys, latency) = lane.expect("lane");
-        measured.requests += requests;
-        measured.keys += keys;
-        measured.latency.add(latency).expect("same precision");
-    }
-    measured.seconds = started.elapsed().as_secs_f64();
-    let cpu_after = cpu_seconds();
-    measured.server_cpu = cpu_after.0 - cpu_before.0;
-    measured.client_cpu = cpu_after.1 - cpu_before.1;
-    measured
-}
+mod common;
+use common::{Workload, drive, setting};
 
 /// The transport floor: a tonic server that answers every read with the same response.
 #[derive(Debug, Clone)]
