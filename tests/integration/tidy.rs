@@ -110,6 +110,33 @@ fn rocksdb_is_named_only_in_the_rocksdb_module() {
 }
 
 #[test]
+fn the_redis_client_is_named_only_in_the_redis_module() {
+    let mut breaches = Vec::new();
+    // The tests talk to their cluster directly; the server only through its store.
+    for source in sources(&["src", "server/src", "server/benches", "client/src"]) {
+        if source.path.starts_with("server/src/storage/redis/") {
+            continue;
+        }
+        // Spelled in two halves, so that this file does not name what it looks for; the
+        // crate's paths, not the module's (`self::redis::`, `storage::redis::`).
+        for needle in [" ", "(", "<", "&", "use "]
+            .map(|before| [before, "red", "is::"].concat())
+            .into_iter()
+            .chain([["use red", "is;"].concat()])
+        {
+            for line in source.code_lines_with(&needle) {
+                breaches.push(format!("{}:{line}", source.path));
+            }
+        }
+    }
+    breaches.dedup();
+    assert_none(
+        "the Redis client named outside server/src/storage/redis/",
+        breaches,
+    );
+}
+
+#[test]
 fn statuses_are_built_only_in_the_service_layer() {
     const BUILDERS: [&str; 19] = [
         "new",

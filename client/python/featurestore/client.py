@@ -64,7 +64,7 @@ class FeatureStoreError(Exception):
 @dataclass
 class Row:
     """One key's answer: ``status`` is the row status name (``"OK"``,
-    ``"UNKNOWN_SURFACE"``, ``"DATA_LOSS"``); ``values`` maps each requested feature to its
+    ``"UNKNOWN_SURFACE"``, ``"DATA_LOSS"``, ``"UNAVAILABLE"``); ``values`` maps each requested feature to its
     value, or None where nothing is served; ``statuses`` maps it to its value status name
     (``"PRESENT"``, ``"NOT_FOUND"``, ``"EXPIRED"``, ``"DEFAULTED"``, ...)."""
 

@@ -133,7 +133,7 @@ function writeRow(row: WriteRowInput): MessageInitShape<typeof pb.WriteRowSchema
 const enumName = (values: Record<number, string>, prefix: string, value: number) =>
   (values[value] ?? String(value)).replace(prefix, "");
 
-/** One key's answer: `status` is "OK", "UNKNOWN_SURFACE" or "DATA_LOSS"; `values` maps each
+/** One key's answer: `status` is "OK", "UNKNOWN_SURFACE", "DATA_LOSS" or "UNAVAILABLE"; `values` maps each
  * feature to its value (undefined where nothing is served); `statuses` to its value
  * status ("PRESENT", "NOT_FOUND", "EXPIRED", "DEFAULTED", ...). */
 export interface Row {

@@ -167,6 +167,8 @@ impl Core {
         if let Some(problem) = job_id_problem(job_id) {
             return Err(InvalidRequest::new("start.job_id", problem).into());
         }
+        // Refused before anything is staged when the engine cannot apply a commit.
+        self.bulk_files()?;
         if source_fingerprint.len() > crate::staging::FINGERPRINT_BYTES_MAX {
             return Err(InvalidRequest::new(
                 "start.source_fingerprint",

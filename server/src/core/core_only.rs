@@ -250,13 +250,11 @@ fn what_needs_a_missing_capability_is_refused_whole_with_unimplemented() {
     );
     assert!(unsupported(core.census(100)).contains("engine figures"));
     assert!(unsupported(core.compact()).contains("compaction"));
-    let (attachment, _) = core.load_attach("job-1", "").expect("a job opens");
-    assert!(unsupported(core.load_commit(&attachment)).contains("bulk loads"));
-    drop(attachment);
-    assert_eq!(
-        core.load_job("job-1").expect("job").state,
-        crate::staging::JobState::Open,
-        "the commit applied nothing: the job is open again"
+    // Refused when the job would start, before anything is staged.
+    assert!(unsupported(core.load_attach("job-1", "").map(|(_, job)| job)).contains("bulk loads"));
+    assert!(
+        core.load_job("job-1").is_err(),
+        "no job was created"
     );
 }
 

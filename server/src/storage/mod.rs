@@ -9,7 +9,7 @@ pub mod conformance;
 pub mod keys;
 pub mod redis;
 
-pub use redis::RedisStore;
+pub use self::redis::RedisStore;
 mod rocks;
 
 use std::fmt::Debug;
