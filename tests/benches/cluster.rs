@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use featurestore::domain::WriteRequest;
 use featurestore_client::{Client, ClientOptions};
 use featurestore_server::config::{Backend, Durability, RedisClusterConfig};
+use featurestore_server::registry::SurfaceId;
+use featurestore_server::storage::redis::keys::Layout;
 use featurestore_tests::TestServer;
 use featurestore_tests::cluster::RedisCluster;
 use featurestore_tests::workload::{SURFACES, registry_toml, user_write};
@@ -76,6 +78,47 @@ async fn load(endpoint: &str, options: &ClientOptions, users: u64) -> Duration {
     started.elapsed()
 }
 
+/// Bytes of Redis memory of a sample of `users`' keys (`MEMORY USAGE`): per row (the row
+/// keys) and per user (its version and surfaces index), what a store keeps for good, as
+/// opposed to idempotency records, which expire after the window.
+async fn sampled_bytes(cluster: &RedisCluster, users: u64) -> (f64, f64) {
+    let layout = Layout::new("fs", 256);
+    let client = redis::cluster::ClusterClient::new(cluster.seeds()).expect("cluster client");
+    let mut connection = client.get_async_connection().await.expect("connect");
+    let (mut row_bytes, mut rows, mut user_bytes) = (0u64, 0u64, 0u64);
+    let sampled: Vec<u64> = (0..1_000).map(|index| 1 + index * users / 1_000).collect();
+    for &user in &sampled {
+        let keys = layout.user(user);
+        for surface in 1..=SURFACES.len() as u16 {
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(keys.row(SurfaceId(surface)))
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut connection)
+                .await
+                .expect("MEMORY USAGE");
+            row_bytes += bytes.unwrap_or(0);
+            rows += u64::from(bytes.is_some());
+        }
+        for key in [keys.version(), keys.surfaces()] {
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut connection)
+                .await
+                .expect("MEMORY USAGE");
+            user_bytes += bytes.unwrap_or(0);
+        }
+    }
+    (
+        row_bytes as f64 / rows.max(1) as f64,
+        user_bytes as f64 / sampled.len() as f64,
+    )
+}
+
 /// One backend's figures.
 struct Backed {
     name: &'static str,
@@ -124,6 +167,7 @@ fn main() {
     };
     let mut backends = Vec::new();
     let mut bytes_per_row = 0.0;
+    let mut sampled = (0.0, 0.0);
     for backend in [Backend::Rocksdb, Backend::RedisCluster] {
         let server = server_runtime.block_on(TestServer::start_with(
             tempfile::tempdir().expect("directory"),
@@ -147,6 +191,7 @@ fn main() {
         if backend == Backend::RedisCluster {
             bytes_per_row = masters_memory().saturating_sub(memory_before) as f64
                 / (users * SURFACES.len() as u64) as f64;
+            sampled = client_runtime.block_on(sampled_bytes(&cluster, users));
         }
         eprintln!(
             "{name}: {users} users written in {:.1} s",
@@ -240,15 +285,19 @@ fn main() {
             users as f64 / backend.load.as_secs_f64()
         );
     }
+    let (row_bytes, user_bytes) = sampled;
     println!(
-        "Redis memory per stored row (masters' used_memory, before and after the load, over \
-         the rows; includes each user's state, version, surfaces index and audit records): \
-         {bytes_per_row:.0} bytes"
+        "Redis memory: {bytes_per_row:.0} bytes per stored row right after the load (the \
+         masters' used_memory before and after, over the rows: with the write's idempotency \
+         records, kept for the idempotency window, and audit records); kept for good: \
+         {row_bytes:.0} bytes per row key and {user_bytes:.0} per user (version and surfaces \
+         index), sampled with MEMORY USAGE"
     );
     // Capacity on paper: 3 billion users x 4 surfaces, one replica per master, from the
-    // measured bytes per row and the 500-key reads' Redis CPU per key.
+    // sampled bytes kept for good and the 500-key reads' Redis CPU per key.
     let rows = 3e9 * 4.0;
-    let memory_tib = rows * bytes_per_row * 2.0 / (1u64 << 40) as f64;
+    let kept_per_row = row_bytes + user_bytes / 4.0;
+    let memory_tib = rows * kept_per_row * 2.0 / (1u64 << 40) as f64;
     let redis_us_per_key = backends
         .last()
         .and_then(|backend| backend.workloads.first())
@@ -256,7 +305,7 @@ fn main() {
             redis_cpu * 1e6 / measured.keys.max(1) as f64
         });
     let keys_per_core = 1e6 / redis_us_per_key;
-    let masters_by_memory = (rows * bytes_per_row / (100.0 * (1u64 << 30) as f64)).ceil();
+    let masters_by_memory = (rows * kept_per_row / (100.0 * (1u64 << 30) as f64)).ceil();
     println!(
         "capacity for 3e9 users x 4 surfaces: {memory_tib:.1} TiB of Redis memory with one \
          replica; {masters_by_memory:.0} masters of 100 GiB (as many replicas); one Redis core \
@@ -269,7 +318,9 @@ fn main() {
         "cores": cores,
         "load_average": load,
         "workloads": json,
-        "redis_bytes_per_row": bytes_per_row,
+        "redis_bytes_per_row_after_load": bytes_per_row,
+        "redis_bytes_per_row_key": row_bytes,
+        "redis_bytes_per_user": user_bytes,
         "load_seconds": backends.iter().map(|backend| (backend.name, backend.load.as_secs_f64())).collect::<Vec<_>>(),
     });
     let path =

@@ -252,10 +252,7 @@ fn what_needs_a_missing_capability_is_refused_whole_with_unimplemented() {
     assert!(unsupported(core.compact()).contains("compaction"));
     // Refused when the job would start, before anything is staged.
     assert!(unsupported(core.load_attach("job-1", "").map(|(_, job)| job)).contains("bulk loads"));
-    assert!(
-        core.load_job("job-1").is_err(),
-        "no job was created"
-    );
+    assert!(core.load_job("job-1").is_err(), "no job was created");
 }
 
 /// The `Store` promises hold without the capabilities too (those about a capability are
