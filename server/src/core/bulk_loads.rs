@@ -9,6 +9,7 @@
 //! erased or changed since are left out and counted as refused.
 
 mod commit;
+mod shared;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -167,8 +168,11 @@ impl Core {
         if let Some(problem) = job_id_problem(job_id) {
             return Err(InvalidRequest::new("start.job_id", problem).into());
         }
-        // Refused before anything is staged when the engine cannot apply a commit.
-        self.bulk_files()?;
+        // Refused before anything is staged when the engine cannot apply a commit: it
+        // ingests table files, or it is shared and applies the rows user by user.
+        if self.store.blobs().is_none() {
+            self.bulk_files()?;
+        }
         if source_fingerprint.len() > crate::staging::FINGERPRINT_BYTES_MAX {
             return Err(InvalidRequest::new(
                 "start.source_fingerprint",
@@ -351,7 +355,11 @@ impl Core {
         if !erased.is_empty() {
             staged.retain(|row| !erased.contains(&row.key.user_id));
         }
+        // On a shared engine the job may have been started through another server.
+        std::fs::create_dir_all(&directory).map_err(|error| staging(job_id, error))?;
         write_chunk(&chunk_path(&directory, sequence), &chunk.users, &staged)
+            .map_err(|error| staging(job_id, error))?;
+        self.publish_chunk(job_id, sequence)
             .map_err(|error| staging(job_id, error))?;
         job.last_durable_chunk = sequence;
         job.summary.add(&chunk.summary);
@@ -359,6 +367,7 @@ impl Core {
             job.policy_versions.push(chunk.policy_version);
         }
         self.save_job(&mut job, &chunk.audit)?;
+        self.purge_erased_after_publish(job_id, sequence, &chunk.users)?;
         Ok(ChunkOutcome {
             sequence,
             duplicate: false,
@@ -371,22 +380,10 @@ impl Core {
     /// user stays listed in the chunks, so that their commit counts the rows as refused.
     pub(in crate::core) fn erase_staged_user(&self, user_id: u64) -> Result<(), Error> {
         let _staging = self.loads.staging_lock.lock();
-        for (job_id, path) in self.staged_chunks()? {
-            let purge = || -> std::io::Result<bool> {
-                let (users, _) = read_users(&path)?;
-                if users
-                    .binary_search_by_key(&user_id, |user| user.user_id)
-                    .is_err()
-                {
-                    return Ok(false);
-                }
-                let kept = chunk_rows(&path, HashSet::from([user_id]))?;
-                write_chunk(&path, &users, &kept)?;
-                Ok(true)
-            };
-            match purge() {
+        for (job_id, sequence) in self.staged_chunks()? {
+            match self.purge_staged_chunk(&job_id, sequence, &HashSet::from([user_id])) {
                 Ok(true) => {
-                    tracing::info!(job = %job_id, chunk = %path.display(), "erased a user's staged rows");
+                    tracing::info!(job = %job_id, chunk = sequence, "erased a user's staged rows");
                 }
                 Ok(false) => {}
                 // A commit that just ended deleted its staging.
@@ -399,8 +396,11 @@ impl Core {
 
     /// Whether any job not yet applied still stages rows of the user.
     pub(in crate::core) fn staged_user(&self, user_id: u64) -> Result<bool, Error> {
-        for (job_id, path) in self.staged_chunks()? {
-            match chunk_rows(&path, HashSet::new()) {
+        for (job_id, sequence) in self.staged_chunks()? {
+            let rows = self
+                .chunk_file(&job_id, sequence)
+                .and_then(|path| chunk_rows(&path, HashSet::new()));
+            match rows {
                 Ok(rows) if rows.iter().any(|row| row.key.user_id == user_id) => return Ok(true),
                 Ok(_) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -410,14 +410,13 @@ impl Core {
         Ok(false)
     }
 
-    /// Every durable chunk file of the jobs not yet applied, with its job id.
-    fn staged_chunks(&self) -> Result<Vec<(String, PathBuf)>, Error> {
+    /// Every durable chunk of the jobs not yet applied: (job id, sequence).
+    fn staged_chunks(&self) -> Result<Vec<(String, u64)>, Error> {
         let mut chunks = Vec::new();
         for job in self.load_jobs(usize::MAX)? {
             if matches!(job.state, JobState::Open | JobState::Committing) {
-                let directory = self.staging_directory(&job.job_id);
                 for sequence in 1..=job.last_durable_chunk {
-                    chunks.push((job.job_id.clone(), chunk_path(&directory, sequence)));
+                    chunks.push((job.job_id.clone(), sequence));
                 }
             }
         }
@@ -454,7 +453,7 @@ impl Core {
             job.job_id, job.summary.rows_received
         );
         self.save_job(job, &[entry])?;
-        remove_staging(&self.staging_directory(&job.job_id));
+        self.remove_job_staging(job);
         Ok(())
     }
 
@@ -500,7 +499,7 @@ impl Core {
         }
         for job in &jobs {
             if matches!(job.state, JobState::Aborted | JobState::Committed) {
-                remove_staging(&self.staging_directory(&job.job_id));
+                self.remove_job_staging(job);
             }
         }
         Ok(())

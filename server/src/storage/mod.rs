@@ -327,6 +327,12 @@ pub trait Store: Send + Sync + Debug + 'static {
         None
     }
 
+    /// Blobs kept where every server sharing the engine sees them, if the engine is
+    /// shared: bulk loads stage their chunks there.
+    fn blobs(&self) -> Option<&dyn Blobs> {
+        None
+    }
+
     /// The engine's rewriting of the files that may keep an erased user's bytes, if its
     /// files can keep deleted bytes.
     fn user_files(&self) -> Option<&dyn UserFiles> {
@@ -410,6 +416,23 @@ pub trait BulkFiles {
     /// they are applied, so that no change comes between: the engine applies files and
     /// merge operands only under a hold.
     fn hold_user_states(&self) -> UserStatesHeld<'_>;
+}
+
+/// Named blobs of bytes in an engine that several servers share, so that what one server
+/// stages another can read (a bulk load's chunks). Through [`Store::blobs`].
+pub trait Blobs {
+    /// Stores `bytes` under `name`, replacing what was there, durably (as a write is).
+    fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError>;
+
+    /// The bytes under `name`, if any.
+    fn blob(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Replaces the bytes under `name` only if they are still `expected`; `false`, and
+    /// nothing changed, when another server replaced them first.
+    fn replace_blob(&self, name: &str, expected: &[u8], bytes: &[u8])
+    -> Result<bool, StorageError>;
+
+    fn delete_blob(&self, name: &str) -> Result<(), StorageError>;
 }
 
 /// What an engine whose files may keep deleted bytes offers an erasure. Through

@@ -45,10 +45,10 @@ impl Core {
 
     fn apply_commit(&self, job: &mut JobRecord, applied: &mut bool) -> Result<(), Error> {
         let job_id = job.job_id.clone();
-        let directory = self.staging_directory(&job_id);
         let chunks: Vec<PathBuf> = (1..=job.last_durable_chunk)
-            .map(|sequence| chunk_path(&directory, sequence))
-            .collect();
+            .map(|sequence| self.chunk_file(&job_id, sequence))
+            .collect::<std::io::Result<_>>()
+            .map_err(|error| staging(&job_id, error))?;
         let mut chunk_users = Vec::with_capacity(chunks.len());
         let mut staged_rows = 0u64;
         for path in &chunks {
@@ -57,6 +57,11 @@ impl Core {
             staged_rows += rows;
         }
         let ingest = staged_rows >= self.loads.settings.ingest_rows_min;
+        if self.store.blobs().is_some() {
+            // A shared engine: applied user by user.
+            self.apply_commit_by_user(job, &chunks, &chunk_users, applied)?;
+            return self.finish_applied(job, &chunk_users);
+        }
         let bulk_files = self.bulk_files()?;
         let mut exclusive = false;
         loop {
@@ -109,10 +114,20 @@ impl Core {
             }
             break;
         }
-        self.revalidate_if_decided_under_other_bundles(job, &chunk_users)?;
-        remove_staging(&directory);
+        self.finish_applied(job, &chunk_users)
+    }
+
+    /// After a job's rows are applied: re-validates them when they were decided under
+    /// another bundle, and deletes the job's staging.
+    fn finish_applied(
+        &self,
+        job: &JobRecord,
+        chunk_users: &[Vec<StagedUser>],
+    ) -> Result<(), Error> {
+        self.revalidate_if_decided_under_other_bundles(job, chunk_users)?;
+        self.remove_job_staging(job);
         tracing::info!(
-            job = %job_id,
+            job = %job.job_id,
             rows = job.summary.rows_received,
             files = job.files_ingested,
             "bulk load committed"
@@ -170,7 +185,7 @@ impl Core {
 
     /// Per chunk, the users whose rows a commit must leave out: erased since, or whose
     /// state generation is no longer the one their rows were decided with.
-    fn refused_at_commit(
+    pub(super) fn refused_at_commit(
         &self,
         chunk_users: &[Vec<StagedUser>],
     ) -> Result<Vec<HashMap<u64, ReasonCode>>, Error> {

@@ -59,6 +59,12 @@ impl Layout {
         format!("{}:m", self.tag(0))
     }
 
+    /// A blob (a bulk load's staged chunk), under a tag of its own, so that a job's
+    /// chunks spread over the cluster.
+    pub fn blob(&self, name: &str) -> String {
+        format!("{{{}b:{name}}}", self.prefix)
+    }
+
     /// The metadata a store keeps before it knows its number of partitions, under a tag of
     /// its own: the number of partitions.
     pub fn settings(prefix: &str) -> String {

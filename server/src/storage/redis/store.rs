@@ -395,6 +395,10 @@ impl Store for RedisStore {
         Some(self)
     }
 
+    fn blobs(&self) -> Option<&dyn crate::storage::Blobs> {
+        Some(self)
+    }
+
     fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let meta = self.layout.meta();
         let mut connection = self.connection.clone();
@@ -549,5 +553,36 @@ impl RedisStore {
             audit::append(&mut step, &keys.chain(), &snapshot.tail, &share.audit);
             Ok(Decision::Apply(step, Applied::Fresh { answer: built }))
         })
+    }
+}
+
+impl crate::storage::Blobs for RedisStore {
+    fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut step = Step::default();
+        step.set(&self.layout.blob(name), bytes);
+        self.execute(&step).map(|_| ())
+    }
+
+    fn blob(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.get_many(vec![self.layout.blob(name)])?.pop().flatten())
+    }
+
+    fn replace_blob(
+        &self,
+        name: &str,
+        expected: &[u8],
+        bytes: &[u8],
+    ) -> Result<bool, StorageError> {
+        let key = self.layout.blob(name);
+        let mut step = Step::default();
+        step.compare(&key, Some(expected));
+        step.set(&key, bytes);
+        self.execute(&step)
+    }
+
+    fn delete_blob(&self, name: &str) -> Result<(), StorageError> {
+        let mut step = Step::default();
+        step.delete(&self.layout.blob(name));
+        self.execute(&step).map(|_| ())
     }
 }
