@@ -177,30 +177,12 @@ impl RedisCluster {
         }
     }
 
-    /// The port of the master serving `key`'s slot now, in the view of a live node.
+    /// The port of the master serving `key`'s slot now, in the view of the first live node
+    /// that answers.
     pub fn master_of(&self, key: &str) -> Option<u16> {
-        let port = self.live_port()?;
-        let slot: u16 = cli(port, &["cluster", "keyslot", key])?.parse().ok()?;
-        for line in cli(port, &["cluster", "nodes"])?.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
-                continue;
-            }
-            let serves = fields[8..].iter().any(|range| {
-                let mut bounds = range
-                    .split('-')
-                    .filter_map(|bound| bound.parse::<u16>().ok());
-                match (bounds.next(), bounds.next()) {
-                    (Some(first), Some(last)) => (first..=last).contains(&slot),
-                    (Some(only), None) => only == slot,
-                    _ => false,
-                }
-            });
-            if serves {
-                return fields[1].split(['@', ':']).nth(1)?.parse().ok();
-            }
-        }
-        None
+        self.live_ports()
+            .into_iter()
+            .find_map(|port| master_of_in_view_of(port, key))
     }
 
     /// A figure of `INFO` (e.g. `used_memory`, `process_id`) of the live node on `port`.
@@ -398,4 +380,29 @@ fn free_ports() -> Vec<u16> {
         }
     }
     ports
+}
+
+/// The port of the master serving `key`'s slot, in the view of the node on `port`.
+fn master_of_in_view_of(port: u16, key: &str) -> Option<u16> {
+    let slot: u16 = cli(port, &["cluster", "keyslot", key])?.parse().ok()?;
+    for line in cli(port, &["cluster", "nodes"])?.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+            continue;
+        }
+        let serves = fields[8..].iter().any(|range| {
+            let mut bounds = range
+                .split('-')
+                .filter_map(|bound| bound.parse::<u16>().ok());
+            match (bounds.next(), bounds.next()) {
+                (Some(first), Some(last)) => (first..=last).contains(&slot),
+                (Some(only), None) => only == slot,
+                _ => false,
+            }
+        });
+        if serves {
+            return fields[1].split(['@', ':']).nth(1)?.parse().ok();
+        }
+    }
+    None
 }

@@ -182,6 +182,10 @@ impl TestServer {
     pub async fn start_with(data_dir: TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
         let server = Self::launch(data_dir, configure);
         until_serving(&server.endpoint, || server.task.is_finished()).await;
+        if server.task.is_finished() {
+            let ended = server.task.await;
+            panic!("the server did not start: {ended:?}");
+        }
         server
     }
 

@@ -3,8 +3,9 @@
 //! Cluster (six `redis-server` nodes, three masters with a replica each, every change
 //! confirmed by a replica), then the same reads from each: keys/s, p50/p99, the server's
 //! CPU per key and the Redis nodes' CPU per key. Also the bytes of Redis memory per stored
-//! row (`INFO memory` of the masters, before and after the load), and a capacity estimate
-//! for 3 billion users × 4 surfaces from those figures.
+//! row (`INFO memory` of the masters, before and after the load), a bulk load of half as
+//! many other users into each (staged and committed), and a capacity estimate for 3 billion
+//! users × 4 surfaces from those figures.
 //!
 //! Run with `cargo bench -p featurestore-tests --bench cluster` (needs `redis-server`, which
 //! `./dev test` installs). Sizes through the environment: `CLUSTER_BENCH_USERS` (100,000
@@ -15,13 +16,17 @@
 use std::time::{Duration, Instant};
 
 use featurestore::domain::WriteRequest;
+use featurestore_client::generate::{GenerateOptions, generate};
+use featurestore_client::load::formats::FileFormat;
+use featurestore_client::load::{LoadOptions, load as bulk_load};
 use featurestore_client::{Client, ClientOptions};
 use featurestore_server::config::{Backend, Durability, RedisClusterConfig};
+use featurestore_server::registry::Registry;
 use featurestore_server::registry::SurfaceId;
 use featurestore_server::storage::redis::keys::Layout;
-use featurestore_tests::TestServer;
 use featurestore_tests::cluster::RedisCluster;
 use featurestore_tests::workload::{SURFACES, registry_toml, user_write};
+use featurestore_tests::{START_TIME, TestServer};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -123,6 +128,8 @@ async fn sampled_bytes(cluster: &RedisCluster, users: u64) -> (f64, f64) {
 struct Backed {
     name: &'static str,
     load: Duration,
+    /// Users bulk-loaded, and how long the load (staging and commit) took.
+    bulk: (u64, Duration),
     workloads: Vec<(Workload, Measured, f64)>,
 }
 
@@ -135,6 +142,27 @@ fn main() {
     let directory = tempfile::tempdir().expect("temporary directory");
     let registry_path = directory.path().join("registry.toml");
     std::fs::write(&registry_path, registry_toml()).expect("registry");
+    // Other users, bulk-loaded after the reads.
+    let registry = Registry::from_toml(&registry_toml()).expect("registry parses");
+    let backfill = directory.path().join("backfill.parquet");
+    let backfill_users = (users / 2).max(1);
+    generate(
+        &GenerateOptions {
+            path: backfill.clone(),
+            format: FileFormat::Parquet,
+            users: backfill_users,
+            first_user: users + 1,
+            seed: users + 1,
+            source: "engagement".to_string(),
+            surfaces: SURFACES.iter().map(|surface| surface.to_string()).collect(),
+            features: Vec::new(),
+            producer: "bench@v1".to_string(),
+            origin_app: Some("facebook".to_string()),
+            now_unix_micros: START_TIME.unix_micros(),
+        },
+        &registry.feature_definitions(),
+    )
+    .expect("generate the backfill");
 
     let server_runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("server")
@@ -223,10 +251,26 @@ fn main() {
             workloads.push((workload, measured, redis_cpu));
         }
         drop(clients);
+        let bulk = client_runtime.block_on(async {
+            let loader = Client::connect(&server.endpoint, options.clone()).expect("client");
+            let mut load_options = LoadOptions::new(&backfill, "backfill");
+            load_options.chunk_rows = 4096;
+            let started = Instant::now();
+            let report = bulk_load(&loader, &load_options).await.expect("bulk load");
+            let stored = report.job.summary.unwrap_or_default().rows_accepted;
+            assert_eq!(stored, backfill_users, "every backfilled row stored");
+            (stored, started.elapsed())
+        });
+        eprintln!(
+            "{name}: {} users bulk-loaded in {:.1} s",
+            bulk.0,
+            bulk.1.as_secs_f64()
+        );
         server_runtime.block_on(server.stop());
         backends.push(Backed {
             name,
             load: took,
+            bulk,
             workloads,
         });
     }
@@ -284,6 +328,12 @@ fn main() {
             (users * SURFACES.len() as u64) as f64 / backend.load.as_secs_f64(),
             users as f64 / backend.load.as_secs_f64()
         );
+        println!(
+            "{}: bulk-loaded (staged and committed) at {:.0} rows/s ({:.0} users/s)",
+            backend.name,
+            (backend.bulk.0 * SURFACES.len() as u64) as f64 / backend.bulk.1.as_secs_f64(),
+            backend.bulk.0 as f64 / backend.bulk.1.as_secs_f64()
+        );
     }
     let (row_bytes, user_bytes) = sampled;
     println!(
@@ -322,6 +372,7 @@ fn main() {
         "redis_bytes_per_row_key": row_bytes,
         "redis_bytes_per_user": user_bytes,
         "load_seconds": backends.iter().map(|backend| (backend.name, backend.load.as_secs_f64())).collect::<Vec<_>>(),
+        "bulk_load_seconds": backends.iter().map(|backend| (backend.name, backend.bulk.1.as_secs_f64())).collect::<Vec<_>>(),
     });
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cluster-bench.json");

@@ -34,24 +34,13 @@ pub(crate) struct Pause {
 
 impl Pause {
     pub(crate) fn arm(name: &'static str) -> Pause {
-        Self::arm_after(name, 0)
-    }
-
-    /// Stops the thread that reaches the failpoint after `passes` others went through.
-    pub(crate) fn arm_after(name: &'static str, passes: usize) -> Pause {
         let (reached_sender, reached) = std::sync::mpsc::channel();
         let (release, release_receiver) = std::sync::mpsc::channel::<()>();
-        let passes = std::sync::atomic::AtomicUsize::new(passes);
         let armed = AtomicBool::new(true);
         let reached_sender = Mutex::new(reached_sender);
         let release_receiver = Mutex::new(release_receiver);
         fail::cfg_callback(name, move || {
-            let passing = passes
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                    left.checked_sub(1)
-                })
-                .is_ok();
-            if !passing && armed.swap(false, Ordering::SeqCst) {
+            if armed.swap(false, Ordering::SeqCst) {
                 let _ = reached_sender.lock().expect("not poisoned").send(());
                 // Bounded, so that a failing test cannot hang the suite.
                 let _ = release_receiver

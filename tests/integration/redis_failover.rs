@@ -46,7 +46,7 @@ async fn a_master_killed_under_load_loses_nothing_and_fails_only_its_rows() {
         config.storage.backend = Backend::RedisCluster;
         config.storage.redis_cluster = crate::redis_cluster::store_config(&cluster);
         config.storage.redis_cluster.key_prefix = prefix.clone();
-        config.storage.redis_cluster.response_timeout = Duration::from_millis(500);
+        config.storage.redis_cluster.response_timeout = Duration::from_secs(1);
         config.storage.audit_partitions = PARTITIONS;
     })
     .await;
@@ -129,10 +129,10 @@ async fn a_master_killed_under_load_loses_nothing_and_fails_only_its_rows() {
         ticks.tick().await;
     };
     // The old master comes back as the replica of the new one: writes are confirmed again.
-    cluster.restart(victim);
     let new_master = cluster
         .master_of(&layout.user(1).state())
         .expect("a master");
+    cluster.restart(victim);
     let mut ticks = poll_every(Duration::from_millis(50));
     while !cluster.has_replica(new_master) {
         assert!(

@@ -29,10 +29,10 @@ async fn step_then_state_change_elsewhere() {
     let first = server_on_cluster(Some(&prefix)).await;
     let second = server_on_cluster(Some(&prefix)).await;
     first.us_adults([1, 2]).await;
-    // The write's first step is user 1's (with the call's audit record); the second,
-    // user 2's, records nothing in the audit log: only the user's version can tell that
-    // its state moved.
-    let pause = Pause::arm_after("redis-step-decided", 1);
+    // Both users' steps are decided, not yet sent. User 1's carries the call's audit
+    // record; user 2's records nothing in the audit log: only the user's version can tell
+    // that its state moved.
+    let pause = Pause::arm("redis-step-decided");
     let writing = {
         let client = first.client.clone();
         tokio::spawn(async move {

@@ -226,8 +226,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// completes exactly the users not yet applied. A record with another fingerprint
     /// refuses the write with [`StorageError::IdempotencyKeyReused`].
     ///
-    /// On an error, the shares before the failing one may have been applied (the engine
-    /// says whether); none after it is. Rows of another user in a share are refused with
+    /// On an error, some shares may have been applied (RocksDB: none; a Redis Cluster:
+    /// those of earlier waves); a retry with the same key completes the others and replays
+    /// those. Rows of another user in a share are refused with
     /// [`StorageError::Unfenced`]. A write that cannot be audited is not applied.
     fn apply_write(
         &self,

@@ -19,6 +19,7 @@ pub mod keys;
 mod nodes;
 mod stats;
 mod step;
+mod waves;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -289,37 +290,9 @@ impl RedisStore {
     /// The user's version, state, chain tail, surfaces and pseudonym key, and `extra` keys
     /// of the same slot, read in one command.
     fn snapshot(&self, keys: &UserKeys, extra: Vec<String>) -> Result<Snapshot, StorageError> {
-        let chain = keys.chain();
-        let mut all = vec![
-            keys.version(),
-            keys.state(),
-            chain.tail(),
-            keys.surfaces(),
-            keys.pseudonym_key(),
-        ];
-        all.extend(extra);
-        let mut values = self.get_many(all)?.into_iter();
-        let mut next = || values.next().flatten();
-        let version = next();
-        let state = next();
-        let tail = next();
-        let surfaces = next();
-        let pseudonym_key = next();
-        Ok(Snapshot {
-            version: Version::read(version)?,
-            state: match state {
-                Some(bytes) => Some(decode_user_state(keys.user_id, &bytes).map_err(|error| {
-                    corrupt(format!("state of user {}: {error}", keys.user_id))
-                })?),
-                None => None,
-            },
-            tail: Tail::read(tail)?,
-            surfaces: decode_surfaces(surfaces.as_deref())?,
-            pseudonym_key,
-            extra: values.collect(),
-        })
+        let values = self.get_many(Snapshot::keys(keys, extra))?;
+        Snapshot::decode(keys, values)
     }
-
     /// The rows of a user's `surfaces`, decoded.
     fn user_rows(
         &self,
@@ -393,6 +366,46 @@ impl Drop for IoRuntime {
         if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+impl Snapshot {
+    /// The keys a snapshot of the user reads, in one command: the user's version, state,
+    /// chain tail, surfaces and pseudonym key, then `extra` keys of the same slot.
+    fn keys(keys: &UserKeys, extra: Vec<String>) -> Vec<String> {
+        let mut all = vec![
+            keys.version(),
+            keys.state(),
+            keys.chain().tail(),
+            keys.surfaces(),
+            keys.pseudonym_key(),
+        ];
+        all.extend(extra);
+        all
+    }
+
+    /// A snapshot from the values of [`Snapshot::keys`].
+    fn decode(keys: &UserKeys, values: Vec<Option<Vec<u8>>>) -> Result<Snapshot, StorageError> {
+        let mut values = values.into_iter();
+        let mut next = || values.next().flatten();
+        let version = next();
+        let state = next();
+        let tail = next();
+        let surfaces = next();
+        let pseudonym_key = next();
+        Ok(Snapshot {
+            version: Version::read(version)?,
+            state: match state {
+                Some(bytes) => Some(decode_user_state(keys.user_id, &bytes).map_err(|error| {
+                    corrupt(format!("state of user {}: {error}", keys.user_id))
+                })?),
+                None => None,
+            },
+            tail: Tail::read(tail)?,
+            surfaces: decode_surfaces(surfaces.as_deref())?,
+            pseudonym_key,
+            extra: values.collect(),
+        })
     }
 }
 

@@ -106,12 +106,7 @@ impl Store for RedisStore {
                 });
             }
         }
-        self.check_idempotency_keys(idempotency, replay_since, users)?;
-        let mut applied = Vec::with_capacity(users.len());
-        for (index, share) in users.iter().enumerate() {
-            applied.push(self.apply_share(idempotency, replay_since, index, share, answer)?);
-        }
-        Ok(applied)
+        self.apply_shares(idempotency, replay_since, users, answer)
     }
 
     fn read_user_states(&self, users: &[u64]) -> Result<Vec<Option<UserState>>, StorageError> {
@@ -418,142 +413,198 @@ impl Store for RedisStore {
 }
 
 impl RedisStore {
-    /// Refuses the write before anything of it is applied when any of its users has a
-    /// record of the key for another request.
-    fn check_idempotency_keys(
+    /// Applies a write's shares in waves ([`super::waves`]): every pending user's snapshot
+    /// read at once, each share decided on its snapshot, every step sent at once; the
+    /// users whose step found something moved go to the next wave. A key reused for
+    /// another request refuses the write before anything of it is applied.
+    fn apply_shares(
         &self,
         idempotency: &IdempotencyRecord,
         replay_since: Timestamp,
         users: &[UserWrite],
-    ) -> Result<(), StorageError> {
-        let names: Vec<String> = users
+        answer: AnswerBuilder<'_>,
+    ) -> Result<Vec<Applied>, StorageError> {
+        let surfaces: Vec<Vec<SurfaceId>> = users
             .iter()
             .map(|share| {
-                self.layout
-                    .user(share.user_id)
-                    .idempotency(&idempotency.key)
+                let mut surfaces: Vec<SurfaceId> =
+                    share.rows.iter().map(|row| row.key.surface).collect();
+                surfaces.sort_unstable();
+                surfaces.dedup();
+                surfaces
             })
             .collect();
-        let connection = self.connection.clone();
-        let records = self.run(async move {
-            let reads = names.iter().map(|name| {
-                let mut connection = connection.clone();
-                async move {
-                    redis::cmd("GET")
-                        .arg(name)
-                        .query_async::<Option<Vec<u8>>>(&mut connection)
-                        .await
-                }
-            });
-            join_all(reads)
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-        })?;
-        for record in records.into_iter().flatten() {
-            if let Some((created_at, fingerprint, _)) =
-                decode_idempotency_record(&record).map_err(corrupt)?
-                && created_at >= replay_since
-                && fingerprint != idempotency.fingerprint
-            {
-                return Err(StorageError::IdempotencyKeyReused);
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one user's share in one step: the fence, the merge, the idempotency record
-    /// and the audit records.
-    fn apply_share(
-        &self,
-        idempotency: &IdempotencyRecord,
-        replay_since: Timestamp,
-        index: usize,
-        share: &UserWrite,
-        answer: AnswerBuilder<'_>,
-    ) -> Result<Applied, StorageError> {
-        let mut distinct: Vec<SurfaceId> = share.rows.iter().map(|row| row.key.surface).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let extra = |keys: &UserKeys| {
-            let mut names = vec![keys.idempotency(&idempotency.key)];
-            names.extend(distinct.iter().map(|&surface| keys.row(surface)));
-            names
-        };
         let window_millis = replay_since
             .unix_micros()
             .abs_diff(idempotency.created_at.unix_micros())
             / 1_000;
-        self.change_user(share.user_id, &extra, &mut |keys, snapshot| {
-            let mut extra = snapshot.extra.iter().cloned();
-            if let Some(record) = extra.next().flatten()
-                && let Some((created_at, fingerprint, stored)) =
-                    decode_idempotency_record(&record).map_err(corrupt)?
-                && created_at >= replay_since
-            {
-                if fingerprint != idempotency.fingerprint {
-                    return Err(StorageError::IdempotencyKeyReused);
-                }
-                return Ok(Decision::Done(Applied::Replayed { answer: stored }));
-            }
-            if snapshot.generation() != share.generation || snapshot.erasing() {
-                return Err(StorageError::GenerationChanged {
-                    user_id: share.user_id,
-                    current_generation: snapshot.generation(),
-                });
-            }
-            let mut current = Vec::with_capacity(distinct.len());
-            for (&surface, bytes) in distinct.iter().zip(extra) {
-                let key = RowKey {
-                    user_id: share.user_id,
-                    surface,
-                };
-                current.push(match bytes {
-                    Some(bytes) => decode_stored_row(key, &bytes)?,
-                    None => StoredRow::default(),
-                });
-            }
-            let mut changed = vec![false; distinct.len()];
-            let outcomes: Vec<Vec<_>> = share
-                .rows
+        let mut applied: Vec<Option<Applied>> = vec![None; users.len()];
+        let mut pending: Vec<usize> = (0..users.len()).collect();
+        for wave in 0..STEP_ATTEMPTS {
+            let reads: Vec<(UserKeys, Vec<String>)> = pending
                 .iter()
-                .map(|row| {
-                    let slot = distinct
-                        .binary_search(&row.key.surface)
-                        .expect("every surface is in the distinct list");
-                    row.values
-                        .iter()
-                        .map(|value| {
-                            let outcome = merge_value(&mut current[slot], value.clone());
-                            changed[slot] |= outcome == super::super::ValueOutcome::Stored;
-                            outcome
-                        })
-                        .collect()
+                .map(|&index| {
+                    let keys = self.layout.user(users[index].user_id);
+                    let mut extra = vec![keys.idempotency(&idempotency.key)];
+                    extra.extend(surfaces[index].iter().map(|&surface| keys.row(surface)));
+                    (keys, extra)
                 })
                 .collect();
-            let built = answer(index, &outcomes);
-            let mut step = snapshot.step(keys, !share.audit.is_empty());
-            let mut surfaces = snapshot.surfaces.clone();
-            for ((surface, row), changed) in distinct.iter().zip(&current).zip(changed) {
-                if changed {
-                    step.set(&keys.row(*surface), &encode_row(row));
-                    if let Err(position) = surfaces.binary_search(surface) {
-                        surfaces.insert(position, *surface);
+            let snapshots = self.snapshots(&reads)?;
+            if wave == 0 {
+                for snapshot in &snapshots {
+                    if let Some((created_at, fingerprint, _)) = recorded(snapshot)?
+                        && created_at >= replay_since
+                        && fingerprint != idempotency.fingerprint
+                    {
+                        return Err(StorageError::IdempotencyKeyReused);
                     }
                 }
             }
-            if surfaces != snapshot.surfaces {
-                set_surfaces(&mut step, keys, &surfaces);
+            let mut steps = Vec::new();
+            let mut stepped = Vec::new();
+            for (&index, ((keys, _), snapshot)) in pending.iter().zip(reads.iter().zip(snapshots)) {
+                let share = Share {
+                    index,
+                    write: &users[index],
+                    surfaces: &surfaces[index],
+                };
+                match decide_share(
+                    idempotency,
+                    replay_since,
+                    window_millis,
+                    &share,
+                    keys,
+                    snapshot,
+                    answer,
+                )? {
+                    Decision::Done(done) => applied[index] = Some(done),
+                    Decision::Apply(step, done) => {
+                        steps.push(step);
+                        stepped.push((index, done));
+                    }
+                }
             }
-            step.set_expiring(
-                &keys.idempotency(&idempotency.key),
-                &codec::encode_idempotency_record(idempotency, &built),
-                window_millis,
-            );
-            audit::append(&mut step, &keys.chain(), &snapshot.tail, &share.audit);
-            Ok(Decision::Apply(step, Applied::Fresh { answer: built }))
-        })
+            // Decided on what was read, not yet written: another server's change of a user
+            // may land here, and that user's step must then write nothing.
+            fail::fail_point!("redis-step-decided");
+            let written = self.execute_all(&steps)?;
+            pending.clear();
+            for ((index, done), written) in stepped.into_iter().zip(written) {
+                if written {
+                    applied[index] = Some(done);
+                } else {
+                    pending.push(index);
+                }
+            }
+            if pending.is_empty() {
+                return Ok(applied
+                    .into_iter()
+                    .map(|applied| applied.expect("every share is applied or replayed"))
+                    .collect());
+            }
+        }
+        Err(StorageError::Engine(format!(
+            "{} users of a write changed {STEP_ATTEMPTS} times while it was decided",
+            pending.len()
+        )))
     }
+}
+
+/// One user's share of a write, with its index in the write and the surfaces it touches.
+struct Share<'a> {
+    index: usize,
+    write: &'a UserWrite,
+    surfaces: &'a [SurfaceId],
+}
+
+/// The idempotency record a share's snapshot found (its first extra key).
+#[allow(clippy::type_complexity)]
+fn recorded(snapshot: &Snapshot) -> Result<Option<(Timestamp, u64, Vec<u8>)>, StorageError> {
+    match snapshot.extra.first().cloned().flatten() {
+        Some(record) => decode_idempotency_record(&record).map_err(corrupt),
+        None => Ok(None),
+    }
+}
+
+/// Decides one user's share on its snapshot: replayed when its record is there, refused
+/// when its fence moved, else the step that merges its rows and writes its record and
+/// audit records.
+fn decide_share(
+    idempotency: &IdempotencyRecord,
+    replay_since: Timestamp,
+    window_millis: u64,
+    share: &Share<'_>,
+    keys: &UserKeys,
+    snapshot: Snapshot,
+    answer: AnswerBuilder<'_>,
+) -> Result<Decision<Applied>, StorageError> {
+    if let Some((created_at, fingerprint, stored)) = recorded(&snapshot)?
+        && created_at >= replay_since
+    {
+        if fingerprint != idempotency.fingerprint {
+            return Err(StorageError::IdempotencyKeyReused);
+        }
+        return Ok(Decision::Done(Applied::Replayed { answer: stored }));
+    }
+    let write = share.write;
+    if snapshot.generation() != write.generation || snapshot.erasing() {
+        return Err(StorageError::GenerationChanged {
+            user_id: write.user_id,
+            current_generation: snapshot.generation(),
+        });
+    }
+    let mut current = Vec::with_capacity(share.surfaces.len());
+    for (&surface, bytes) in share.surfaces.iter().zip(snapshot.extra.iter().skip(1)) {
+        let key = RowKey {
+            user_id: write.user_id,
+            surface,
+        };
+        current.push(match bytes {
+            Some(bytes) => decode_stored_row(key, bytes)?,
+            None => StoredRow::default(),
+        });
+    }
+    let mut changed = vec![false; share.surfaces.len()];
+    let outcomes: Vec<Vec<_>> = write
+        .rows
+        .iter()
+        .map(|row| {
+            let slot = share
+                .surfaces
+                .binary_search(&row.key.surface)
+                .expect("every surface is in the distinct list");
+            row.values
+                .iter()
+                .map(|value| {
+                    let outcome = merge_value(&mut current[slot], value.clone());
+                    changed[slot] |= outcome == crate::storage::ValueOutcome::Stored;
+                    outcome
+                })
+                .collect()
+        })
+        .collect();
+    let built = answer(share.index, &outcomes);
+    let mut step = snapshot.step(keys, !write.audit.is_empty());
+    let mut surfaces = snapshot.surfaces.clone();
+    for ((surface, row), changed) in share.surfaces.iter().zip(&current).zip(changed) {
+        if changed {
+            step.set(&keys.row(*surface), &encode_row(row));
+            if let Err(position) = surfaces.binary_search(surface) {
+                surfaces.insert(position, *surface);
+            }
+        }
+    }
+    if surfaces != snapshot.surfaces {
+        set_surfaces(&mut step, keys, &surfaces);
+    }
+    step.set_expiring(
+        &keys.idempotency(&idempotency.key),
+        &codec::encode_idempotency_record(idempotency, &built),
+        window_millis,
+    );
+    audit::append(&mut step, &keys.chain(), &snapshot.tail, &write.audit);
+    Ok(Decision::Apply(step, Applied::Fresh { answer: built }))
 }
 
 impl crate::storage::Blobs for RedisStore {
