@@ -325,6 +325,44 @@ async fn a_server_refuses_to_start_without_a_cluster() {
     // A cluster whose master would evict keys when its memory fills up.
     let evicting = RedisCluster::start().await;
     let master = evicting.master_ports()[1];
+    // (First, an ACL user: the server authenticates as it, and not with a wrong password.)
+    for port in evicting.live_ports() {
+        let created = std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &port.to_string(),
+                "acl",
+                "setuser",
+                "featurestore",
+                "on",
+            ])
+            .args([">s3cret-for-tests", "~*", "&*", "+@all"])
+            .output()
+            .expect("redis-cli");
+        assert!(created.status.success());
+    }
+    let secrets = tempfile::tempdir().expect("a directory");
+    let password_file = secrets.path().join("redis-password");
+    std::fs::write(&password_file, "s3cret-for-tests\n").expect("write the password");
+    let server = TestServer::start_with(tempfile::tempdir().expect("a directory"), |config| {
+        on_cluster(config, &evicting, None);
+        config.storage.redis_cluster.username = Some("featurestore".to_string());
+        config.storage.redis_cluster.password_file = Some(password_file.clone());
+    })
+    .await;
+    server.us_adults([9]).await;
+    server.stop().await;
+    let wrong = secrets.path().join("wrong-password");
+    std::fs::write(&wrong, "not-the-password").expect("write the password");
+    let error = start_error_with(evicting.seeds(), |config| {
+        config.storage.redis_cluster.username = Some("featurestore".to_string());
+        config.storage.redis_cluster.password_file = Some(wrong.clone());
+    })
+    .await;
+    assert!(
+        error.contains("cannot reach a Redis Cluster") && error.to_lowercase().contains("pass"),
+        "{error}"
+    );
     let set = std::process::Command::new("redis-cli")
         .args([
             "-p",
@@ -346,6 +384,11 @@ async fn a_server_refuses_to_start_without_a_cluster() {
 
 /// Why a server on `seeds` did not start.
 async fn start_error(seeds: Vec<String>) -> String {
+    start_error_with(seeds, |_| {}).await
+}
+
+/// Why a server on `seeds`, configured by `configure`, did not start.
+async fn start_error_with(seeds: Vec<String>, configure: impl FnOnce(&mut Config)) -> String {
     let directory = tempfile::tempdir().expect("a directory");
     let mut config = Config {
         data_dir: directory.path().join("db"),
@@ -357,6 +400,7 @@ async fn start_error(seeds: Vec<String>) -> String {
     config.storage.redis_cluster.seeds = seeds;
     config.storage.redis_cluster.connect_timeout = std::time::Duration::from_millis(500);
     config.observability.metrics_enabled = false;
+    configure(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a port");
