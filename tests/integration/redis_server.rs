@@ -5,6 +5,7 @@
 use featurestore::domain::Value;
 use featurestore::proto::{Outcome, RowStatus, ValueStatus};
 use featurestore_server::config::{Backend, Config};
+use featurestore_server::policy::DEFAULT_BUNDLE_TOML;
 use featurestore_tests::cluster::{self, RedisCluster};
 use featurestore_tests::{
     TestServer, at, files_containing, files_still_containing, read, row, write,
@@ -456,4 +457,65 @@ impl Drop for Standalone {
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
+}
+
+#[tokio::test]
+async fn a_tighter_bundle_purges_what_it_forbids_across_the_cluster() {
+    let bundle = tempfile::tempdir().expect("a directory");
+    let bundle_path = bundle.path().join("bundle.toml");
+    std::fs::write(&bundle_path, DEFAULT_BUNDLE_TOML).expect("write the bundle");
+    let cluster = cluster::shared();
+    let server = TestServer::start_with(tempfile::tempdir().expect("a directory"), |config| {
+        on_cluster(config, cluster, None);
+        config.policy_bundle_path = Some(bundle_path.clone());
+    })
+    .await;
+    let users: Vec<u64> = (1..=12).collect();
+    server.us_adults(users.iter().copied()).await;
+    let rows = users
+        .iter()
+        .map(|&user| {
+            row(
+                user,
+                &["facebook_feed"],
+                at(-60),
+                vec![("interest_hiking", Value::Float(0.5))],
+            )
+        })
+        .collect();
+    server
+        .client
+        .write_features(write("before", rows))
+        .await
+        .expect("write");
+    let keys: Vec<(u64, &str)> = users.iter().map(|&user| (user, "facebook_feed")).collect();
+    let present = |response: &featurestore::proto::GetFeaturesResponse| {
+        (0..keys.len())
+            .filter(|&index| status(response, index, "interest_hiking") == ValueStatus::Present)
+            .count()
+    };
+    let response = server
+        .client
+        .get_features(read(&keys, &["interest_hiking"]))
+        .await
+        .expect("read");
+    assert_eq!(present(&response), users.len());
+
+    // The US joins the regions where AI-derived signals are excluded.
+    std::fs::write(
+        &bundle_path,
+        DEFAULT_BUNDLE_TOML.replace("uk = [\"GB\"]", "uk = [\"GB\", \"US\"]"),
+    )
+    .expect("write the bundle");
+    server.client.reload_policy().await.expect("reload");
+    let finished = server.wait_for_purge().await;
+    assert_eq!(finished.purge_users_done, users.len() as u64, "{finished:?}");
+    assert_eq!(finished.purge_values_removed, users.len() as u64, "{finished:?}");
+    let response = server
+        .client
+        .get_features(read(&keys, &["interest_hiking"]))
+        .await
+        .expect("read");
+    assert_eq!(present(&response), 0, "every user's AI-derived value is purged");
+    server.stop().await;
 }
