@@ -19,6 +19,7 @@ mod policy_changes;
 mod races;
 mod read_instructions;
 mod read_write;
+mod redis_backends;
 mod redis_bulk_load;
 mod redis_cluster;
 mod redis_failover;

@@ -509,13 +509,25 @@ async fn a_tighter_bundle_purges_what_it_forbids_across_the_cluster() {
     .expect("write the bundle");
     server.client.reload_policy().await.expect("reload");
     let finished = server.wait_for_purge().await;
-    assert_eq!(finished.purge_users_done, users.len() as u64, "{finished:?}");
-    assert_eq!(finished.purge_values_removed, users.len() as u64, "{finished:?}");
+    assert_eq!(
+        finished.purge_users_done,
+        users.len() as u64,
+        "{finished:?}"
+    );
+    assert_eq!(
+        finished.purge_values_removed,
+        users.len() as u64,
+        "{finished:?}"
+    );
     let response = server
         .client
         .get_features(read(&keys, &["interest_hiking"]))
         .await
         .expect("read");
-    assert_eq!(present(&response), 0, "every user's AI-derived value is purged");
+    assert_eq!(
+        present(&response),
+        0,
+        "every user's AI-derived value is purged"
+    );
     server.stop().await;
 }
