@@ -350,8 +350,16 @@ pub enum Backend {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisClusterConfig {
-    /// Nodes to learn the cluster from (`redis://host:port`); any reachable one is enough.
+    /// Nodes to learn the cluster from (`redis://host:port`, or `rediss://host:port` for
+    /// TLS); any reachable one is enough.
     pub seeds: Vec<String>,
+    /// With `rediss://` seeds: the certificate authority (PEM) the nodes' certificates are
+    /// checked against; unset, the system's trusted roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://` seeds, when the nodes require client certificates: this server's
+    /// certificate and key (PEM).
+    pub tls_client_certificate_file: Option<PathBuf>,
+    pub tls_client_key_file: Option<PathBuf>,
     /// The ACL user, when the cluster has ACLs.
     pub username: Option<String>,
     /// A file holding the password of the user (or of `default`), without a newline
@@ -385,6 +393,9 @@ impl Default for RedisClusterConfig {
     fn default() -> Self {
         RedisClusterConfig {
             seeds: vec!["redis://127.0.0.1:7000".to_string()],
+            tls_ca_file: None,
+            tls_client_certificate_file: None,
+            tls_client_key_file: None,
             username: None,
             password_file: None,
             key_prefix: "fs".to_string(),

@@ -25,6 +25,7 @@ mod redis_cluster;
 mod redis_failover;
 mod redis_races;
 mod redis_server;
+mod redis_tls;
 mod retention;
 mod stress;
 mod tidy;

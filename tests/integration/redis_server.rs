@@ -389,7 +389,10 @@ async fn start_error(seeds: Vec<String>) -> String {
 }
 
 /// Why a server on `seeds`, configured by `configure`, did not start.
-async fn start_error_with(seeds: Vec<String>, configure: impl FnOnce(&mut Config)) -> String {
+pub(crate) async fn start_error_with(
+    seeds: Vec<String>,
+    configure: impl FnOnce(&mut Config),
+) -> String {
     let directory = tempfile::tempdir().expect("a directory");
     let mut config = Config {
         data_dir: directory.path().join("db"),

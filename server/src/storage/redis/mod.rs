@@ -93,19 +93,26 @@ impl RedisStore {
                 "storage.redis_cluster.seeds names no node".to_string(),
             ));
         }
-        if let Some(seed) = config
-            .seeds
-            .iter()
-            .find(|seed| !seed.starts_with("redis://"))
-        {
+        let tls = config.seeds[0].starts_with("rediss://");
+        let scheme = if tls { "rediss://" } else { "redis://" };
+        if let Some(seed) = config.seeds.iter().find(|seed| !seed.starts_with(scheme)) {
             return Err(StorageError::Engine(format!(
-                "storage.redis_cluster.seeds: {seed:?} is not a redis:// address (TLS to the \
-                 cluster is not built into this server)"
+                "storage.redis_cluster.seeds: {seed:?} is not a {scheme} address like the \
+                 first seed (every seed is redis://, or every seed is rediss:// for TLS)"
             )));
         }
         let mut builder = ClusterClientBuilder::new(config.seeds.clone())
             .connection_timeout(config.connect_timeout)
             .response_timeout(config.response_timeout);
+        if tls {
+            builder = builder.certs(tls_certificates(config)?);
+        } else if config.tls_ca_file.is_some() || config.tls_client_certificate_file.is_some() {
+            return Err(StorageError::Engine(
+                "storage.redis_cluster: TLS files are set but the seeds are redis://, not \
+                 rediss://"
+                    .to_string(),
+            ));
+        }
         if let Some(username) = &config.username {
             builder = builder.username(username);
         }
@@ -347,6 +354,37 @@ impl RedisStore {
         }
         removed
     }
+}
+
+/// The certificates of a TLS connection to the nodes: the authority to trust (else the
+/// system's roots) and this server's own, when the nodes ask for one.
+fn tls_certificates(config: &RedisClusterConfig) -> Result<redis::TlsCertificates, StorageError> {
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|error| {
+            StorageError::Engine(format!("cannot read {}: {error}", path.display()))
+        })
+    };
+    let client_tls = match (
+        &config.tls_client_certificate_file,
+        &config.tls_client_key_file,
+    ) {
+        (Some(certificate), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(certificate)?,
+            client_key: read(key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(StorageError::Engine(
+                "storage.redis_cluster: set both tls_client_certificate_file and \
+                 tls_client_key_file, or neither"
+                    .to_string(),
+            ));
+        }
+    };
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert: config.tls_ca_file.as_ref().map(read).transpose()?,
+    })
 }
 
 /// The runtime of the connections, shut down without waiting when the store is dropped
