@@ -276,15 +276,7 @@ fn main() {
     }
     drop(client_runtime);
 
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
+    let (load, cores) = common::machine();
     println!(
         "\ncluster: {users} users x {} surfaces, written through WriteFeatures ({WRITERS} \
          requests of {USERS_PER_WRITE} users in flight); {connections} connections, \

@@ -366,15 +366,7 @@ fn main() {
     );
     drop(kept);
 
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
+    let (load, cores) = common::machine();
     println!(
         "\nserving: {users} users x {} surfaces x ({FLOATS} floats + {EMBEDDING}-float embedding); \
          {connections} connections, {concurrency} in flight; block cache {} MiB; {cores} cores, \

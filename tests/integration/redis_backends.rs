@@ -7,14 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate, Value};
+use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate};
 use featurestore_server::audit::{AuditAction, AuditEntry};
 use featurestore_server::clock::ManualClock;
 use featurestore_server::config::{Durability, StorageConfig};
-use featurestore_server::registry::{FeatureId, Sensitivity, SourceId, SurfaceId};
+use featurestore_server::registry::SurfaceId;
+use featurestore_server::storage::conformance::value;
 use featurestore_server::storage::{
     IdempotencyRecord, RedisStore, RocksStore, RowKey, RowRead, RowWrite, StorageError, Store,
-    StoredRow, StoredValue, UserState, UserWrite, ValueOutcome,
+    StoredRow, UserState, UserWrite, ValueOutcome,
 };
 use featurestore_tests::cluster;
 use proptest::prelude::*;
@@ -68,23 +69,6 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn at(seconds: i64) -> Timestamp {
     Timestamp::from_unix_micros(T0 + seconds * 1_000_000)
-}
-
-fn value(feature: u16, event_seconds: i64, number: u8) -> StoredValue {
-    StoredValue {
-        feature: FeatureId(feature),
-        event_time: at(event_seconds),
-        write_time: at(30),
-        expires_at: at(100_000),
-        source: SourceId(1),
-        sensitivity: Sensitivity::None,
-        policy_version: 7,
-        origin_app: "facebook".to_string(),
-        topic_id: String::new(),
-        microphone_permission: false,
-        topic_confidence: None,
-        value: Value::Float(f32::from(number)),
-    }
 }
 
 fn entry(action: AuditAction) -> AuditEntry {
@@ -149,7 +133,7 @@ fn apply(store: &dyn Store, index: usize, op: &Op) -> String {
                         user_id: *user,
                         surface: SurfaceId(*surface),
                     },
-                    values: vec![value(*feature, *event_seconds, *number)],
+                    values: vec![value(*feature, *event_seconds, f32::from(*number))],
                 }],
                 audit: vec![entry(AuditAction::Write)],
             };

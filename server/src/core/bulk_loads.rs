@@ -340,17 +340,7 @@ impl Core {
         let _staging = self.loads.staging_lock.lock();
         // A user erased since the chunk was decided leaves no staged copy: an erasure
         // purges the chunks already durable, and this one is written after it.
-        let users: Vec<u64> = chunk.users.iter().map(|user| user.user_id).collect();
-        let erased: HashSet<u64> = users
-            .iter()
-            .zip(self.store.read_user_states(&users)?)
-            .filter(|(_, state)| {
-                state
-                    .as_ref()
-                    .is_some_and(|state| state.erasure != ErasureState::None)
-            })
-            .map(|(user, _)| *user)
-            .collect();
+        let erased = self.erased_among(&chunk.users)?;
         let mut staged = chunk.staged;
         if !erased.is_empty() {
             staged.retain(|row| !erased.contains(&row.key.user_id));
@@ -374,6 +364,21 @@ impl Core {
             summary: chunk.summary,
             invalid: chunk.invalid,
         })
+    }
+
+    /// The users among `users` whose erasure has begun.
+    fn erased_among(&self, users: &[StagedUser]) -> Result<HashSet<u64>, Error> {
+        let ids: Vec<u64> = users.iter().map(|user| user.user_id).collect();
+        Ok(ids
+            .iter()
+            .zip(self.store.read_user_states(&ids)?)
+            .filter(|(_, state)| {
+                state
+                    .as_ref()
+                    .is_some_and(|state| state.erasure != ErasureState::None)
+            })
+            .map(|(user, _)| *user)
+            .collect())
     }
 
     /// Deletes the staged rows of an erased user from every job not yet applied. The

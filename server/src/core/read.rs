@@ -288,8 +288,7 @@ impl Fill<'_> {
         problem: &dyn Display,
     ) {
         tracing::warn!(user_id, surface = %surface.name, %problem, "stored row does not decode");
-        *row = self.empty();
-        row.status = proto::RowStatus::DataLoss as i32;
+        self.unserved(row, proto::RowStatus::DataLoss);
     }
 
     /// Marks a row whose part of the engine did not answer: nothing served, the batch goes on.
@@ -301,8 +300,13 @@ impl Fill<'_> {
         problem: &dyn Display,
     ) {
         tracing::warn!(user_id, surface = %surface.name, %problem, "stored row unavailable");
+        self.unserved(row, proto::RowStatus::Unavailable);
+    }
+
+    /// Empties a row and gives it `status`.
+    fn unserved(&self, row: &mut proto::FeatureRow, status: proto::RowStatus) {
         *row = self.empty();
-        row.status = proto::RowStatus::Unavailable as i32;
+        row.status = status as i32;
     }
 
     /// Fills one row from its stored values: one pass over both the row and the columns,

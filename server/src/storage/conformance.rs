@@ -102,7 +102,7 @@ fn at(seconds: i64) -> Timestamp {
 }
 
 /// A float value of `feature`, as if written `event_seconds` after a fixed time.
-pub(crate) fn value(feature: u16, event_seconds: i64, number: f32) -> StoredValue {
+pub fn value(feature: u16, event_seconds: i64, number: f32) -> StoredValue {
     StoredValue {
         feature: FeatureId(feature),
         event_time: at(event_seconds),

@@ -187,6 +187,65 @@ pub enum StorageError {
     IdempotencyKeyReused,
 }
 
+impl UserState {
+    /// The state `update` makes of `current` (`None`: the user has none yet): the next
+    /// generation, the erasure state kept. Refused when `update` expects another
+    /// generation than the current one.
+    pub fn updated(
+        current: Option<&UserState>,
+        update: &UserStateUpdate,
+        now: Timestamp,
+    ) -> Result<UserState, StorageError> {
+        let current_generation = current.map_or(0, |state| state.generation);
+        if update
+            .expected_generation
+            .is_some_and(|expected| expected != current_generation)
+        {
+            return Err(StorageError::GenerationChanged {
+                user_id: update.user_id,
+                current_generation,
+            });
+        }
+        Ok(UserState {
+            user_id: update.user_id,
+            jurisdiction: update.jurisdiction.clone(),
+            age_band: update.age_band,
+            linked_apps: update.linked_apps.clone(),
+            ads_objection: update.ads_objection,
+            erasure: current.map_or(ErasureState::None, |state| state.erasure),
+            generation: current_generation + 1,
+            updated_at: now,
+        })
+    }
+
+    /// The tombstone an erasure leaves of `current`: "erasure pending" with the next
+    /// generation, and nothing else of the user (no jurisdiction, age or links).
+    pub fn tombstone(user_id: u64, current: Option<&UserState>, now: Timestamp) -> UserState {
+        UserState {
+            user_id,
+            jurisdiction: String::new(),
+            age_band: AgeBand::Unknown,
+            linked_apps: Vec::new(),
+            ads_objection: false,
+            erasure: ErasureState::Pending,
+            generation: current.map_or(0, |state| state.generation) + 1,
+            updated_at: now,
+        }
+    }
+}
+
+impl UserWrite {
+    /// Refuses a share holding rows of another user ([`StorageError::Unfenced`]).
+    pub fn check_rows_are_the_users(&self) -> Result<(), StorageError> {
+        match self.rows.iter().find(|row| row.key.user_id != self.user_id) {
+            Some(row) => Err(StorageError::Unfenced {
+                user_id: row.key.user_id,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Decides again which values of a stored row may stay, given the user's state: returns
 /// the row to keep (values removed or re-stamped), or the row unchanged.
 pub type Revalidate<'a> = &'a mut dyn FnMut(Option<&UserState>, RowKey, StoredRow) -> StoredRow;
@@ -202,8 +261,30 @@ pub type AnswerBuilder<'a> = &'a mut dyn FnMut(usize, &[Vec<ValueOutcome>]) -> V
 /// users. An engine may give more (RocksDB applies a whole write in one batch); callers
 /// rely only on what is written here, and the conformance suite checks exactly that.
 pub trait Store: Send + Sync + Debug + 'static {
-    /// Reads the rows of `keys`, one answer per key, in order.
-    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError>;
+    /// Reads the rows of `keys`, one answer per key, in order, decoded; fails when a part
+    /// of the engine holding some of them does not answer.
+    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
+        let mut reads = vec![RowRead::Missing; keys.len()];
+        let mut failure = None;
+        self.visit_rows(keys, &mut |index, found| {
+            reads[index] = match found {
+                RowFound::Row(view) => match view.to_row() {
+                    Ok(row) => RowRead::Found(row),
+                    Err(error) => RowRead::Corrupt(error.to_string()),
+                },
+                RowFound::Missing => RowRead::Missing,
+                RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
+                RowFound::Unavailable(problem) => {
+                    failure.get_or_insert_with(|| problem.to_owned());
+                    RowRead::Missing
+                }
+            };
+        })?;
+        match failure {
+            Some(problem) => Err(StorageError::Engine(problem)),
+            None => Ok(reads),
+        }
+    }
 
     /// Reads the rows of `keys` in one batch and shows each to `visit` in place, with its
     /// index in `keys`: every key exactly once, in no particular order. Nothing is copied

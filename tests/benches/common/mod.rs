@@ -209,3 +209,17 @@ pub async fn drive(
     measured.client_cpu = cpu_after.1 - cpu_before.1;
     measured
 }
+
+/// The machine's load average (1, 5 and 15 minutes) and its cores, for a report.
+pub fn machine() -> (String, usize) {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
+    (load, cores)
+}

@@ -105,17 +105,7 @@ impl Core {
         if self.store.blobs().is_none() {
             return Ok(());
         }
-        let ids: Vec<u64> = users.iter().map(|user| user.user_id).collect();
-        let erased: HashSet<u64> = ids
-            .iter()
-            .zip(self.store.read_user_states(&ids)?)
-            .filter(|(_, state)| {
-                state
-                    .as_ref()
-                    .is_some_and(|state| state.erasure != ErasureState::None)
-            })
-            .map(|(user, _)| *user)
-            .collect();
+        let erased = self.erased_among(users)?;
         if !erased.is_empty() {
             self.purge_staged_chunk(job_id, sequence, &erased)
                 .map_err(|error| staging(job_id, error))?;

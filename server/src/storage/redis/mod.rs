@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use featurestore::domain::{AgeBand, Timestamp, UserStateUpdate};
+use featurestore::domain::{Timestamp, UserStateUpdate};
 use futures_util::future::join_all;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -35,7 +35,7 @@ use super::codec::{
     encode_user_state, merge_value,
 };
 use super::{
-    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowFound, RowKey, RowRead,
+    AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowFound, RowKey,
     StorageError, Store, StoredRow, UserState, UserWrite,
 };
 use crate::audit::{AuditEntry, AuditRecord, AuditReport, PARTITIONS_MAX, Pseudonym};
@@ -220,6 +220,24 @@ impl RedisStore {
                     })
             }),
         }
+    }
+
+    /// Values of several groups of keys, each group in one slot: one `MGET` per group, all
+    /// sent at once (the connection pipelines those to one node). Each group's answer on
+    /// its own, so that a node that does not answer fails only its groups.
+    #[allow(clippy::type_complexity)]
+    fn get_groups(
+        &self,
+        groups: Vec<Vec<String>>,
+    ) -> Result<Vec<redis::RedisResult<Vec<Option<Vec<u8>>>>>, StorageError> {
+        let connection = self.connection.clone();
+        self.run(async move {
+            let reads = groups.iter().map(|names| {
+                let mut connection = connection.clone();
+                async move { mget(&mut connection, names).await }
+            });
+            Ok(join_all(reads).await)
+        })
     }
 
     /// Values of `keys`, all in one slot, in one command.

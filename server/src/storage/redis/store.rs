@@ -4,29 +4,6 @@
 use super::*;
 
 impl Store for RedisStore {
-    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
-        let mut reads = vec![RowRead::Missing; keys.len()];
-        let mut failure = None;
-        self.visit_rows(keys, &mut |index, found| {
-            reads[index] = match found {
-                RowFound::Row(view) => match view.to_row() {
-                    Ok(row) => RowRead::Found(row),
-                    Err(error) => RowRead::Corrupt(error.to_string()),
-                },
-                RowFound::Missing => RowRead::Missing,
-                RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
-                RowFound::Unavailable(problem) => {
-                    failure.get_or_insert_with(|| problem.to_owned());
-                    RowRead::Missing
-                }
-            };
-        })?;
-        match failure {
-            Some(problem) => Err(StorageError::Engine(problem)),
-            None => Ok(reads),
-        }
-    }
-
     fn visit_rows(
         &self,
         keys: &[RowKey],
@@ -50,14 +27,7 @@ impl Store for RedisStore {
                 })
                 .collect();
         let names: Vec<Vec<String>> = groups.iter().map(|(_, names)| names.clone()).collect();
-        let connection = self.connection.clone();
-        let answers = self.run(async move {
-            let reads = names.iter().map(|names| {
-                let mut connection = connection.clone();
-                async move { mget(&mut connection, names).await }
-            });
-            Ok(join_all(reads).await)
-        })?;
+        let answers = self.get_groups(names)?;
         for ((indices, _), answer) in groups.iter().zip(answers) {
             match answer {
                 Ok(values) => {
@@ -96,15 +66,7 @@ impl Store for RedisStore {
         answer: AnswerBuilder<'_>,
     ) -> Result<Vec<Applied>, StorageError> {
         for share in users {
-            if let Some(row) = share
-                .rows
-                .iter()
-                .find(|row| row.key.user_id != share.user_id)
-            {
-                return Err(StorageError::Unfenced {
-                    user_id: row.key.user_id,
-                });
-            }
+            share.check_rows_are_the_users()?;
         }
         self.apply_shares(idempotency, replay_since, users, answer)
     }
@@ -120,17 +82,11 @@ impl Store for RedisStore {
                     .collect()
             })
             .collect();
-        let connection = self.connection.clone();
-        let answers = self.run(async move {
-            let reads = names.iter().map(|names| {
-                let mut connection = connection.clone();
-                async move { mget(&mut connection, names).await }
-            });
-            join_all(reads)
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-        })?;
+        let answers = self
+            .get_groups(names)?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(engine)?;
         let mut states = vec![None; users.len()];
         for (indices, values) in groups.values().zip(answers) {
             for (&index, value) in indices.iter().zip(values) {
@@ -154,29 +110,7 @@ impl Store for RedisStore {
         audit: &AuditEntry,
     ) -> Result<UserState, StorageError> {
         self.change_user(update.user_id, &|_| Vec::new(), &mut |keys, snapshot| {
-            let current_generation = snapshot.generation();
-            if update
-                .expected_generation
-                .is_some_and(|expected| expected != current_generation)
-            {
-                return Err(StorageError::GenerationChanged {
-                    user_id: update.user_id,
-                    current_generation,
-                });
-            }
-            let state = UserState {
-                user_id: update.user_id,
-                jurisdiction: update.jurisdiction.clone(),
-                age_band: update.age_band,
-                linked_apps: update.linked_apps.clone(),
-                ads_objection: update.ads_objection,
-                erasure: snapshot
-                    .state
-                    .as_ref()
-                    .map_or(ErasureState::None, |state| state.erasure),
-                generation: current_generation + 1,
-                updated_at: now,
-            };
+            let state = UserState::updated(snapshot.state.as_ref(), update, now)?;
             let rows = self.user_rows(keys, &snapshot.surfaces)?;
             let mut step = snapshot.step(keys, true);
             step.set(&keys.state(), &encode_user_state(&state));
@@ -328,16 +262,7 @@ impl Store for RedisStore {
         audit: &AuditEntry,
     ) -> Result<UserState, StorageError> {
         self.change_user(user_id, &|_| Vec::new(), &mut |keys, snapshot| {
-            let state = UserState {
-                user_id,
-                jurisdiction: String::new(),
-                age_band: AgeBand::Unknown,
-                linked_apps: Vec::new(),
-                ads_objection: false,
-                erasure: ErasureState::Pending,
-                generation: snapshot.generation() + 1,
-                updated_at: now,
-            };
+            let state = UserState::tombstone(user_id, snapshot.state.as_ref(), now);
             let mut step = snapshot.step(keys, true);
             step.set(&keys.state(), &encode_user_state(&state));
             for &surface in &snapshot.surfaces {

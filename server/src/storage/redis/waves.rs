@@ -9,7 +9,7 @@ use redis::cluster_routing::SingleNodeRoutingInfo;
 
 use super::keys::UserKeys;
 use super::step::{self, Step};
-use super::{RedisStore, Snapshot, StorageError, mget};
+use super::{RedisStore, Snapshot, StorageError};
 
 impl RedisStore {
     /// The snapshots of several users, each with its `extra` keys, read at once.
@@ -21,17 +21,11 @@ impl RedisStore {
             .iter()
             .map(|(keys, extra)| Snapshot::keys(keys, extra.clone()))
             .collect();
-        let connection = self.connection.clone();
-        let values = self.run(async move {
-            let reads = names.iter().map(|names| {
-                let mut connection = connection.clone();
-                async move { mget(&mut connection, names).await }
-            });
-            join_all(reads)
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-        })?;
+        let values = self
+            .get_groups(names)?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(super::engine)?;
         users
             .iter()
             .zip(values)

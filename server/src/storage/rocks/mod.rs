@@ -331,24 +331,6 @@ impl RocksStore {
 }
 
 impl Store for RocksStore {
-    fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
-        let mut reads = vec![RowRead::Missing; keys.len()];
-        self.visit_rows(keys, &mut |index, found| {
-            reads[index] = match found {
-                RowFound::Row(view) => match view.to_row() {
-                    Ok(row) => RowRead::Found(row),
-                    Err(error) => RowRead::Corrupt(error.to_string()),
-                },
-                RowFound::Missing => RowRead::Missing,
-                RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
-                RowFound::Unavailable(problem) => {
-                    unreachable!("RocksDB answers every key or fails the batch: {problem}")
-                }
-            };
-        })?;
-        Ok(reads)
-    }
-
     fn visit_rows(
         &self,
         keys: &[RowKey],
@@ -481,26 +463,7 @@ impl Store for RocksStore {
             .read_user_states(&[update.user_id])?
             .pop()
             .expect("one answer per user");
-        let current_generation = current.as_ref().map_or(0, |state| state.generation);
-        if update
-            .expected_generation
-            .is_some_and(|expected| expected != current_generation)
-        {
-            return Err(StorageError::GenerationChanged {
-                user_id: update.user_id,
-                current_generation,
-            });
-        }
-        let state = UserState {
-            user_id: update.user_id,
-            jurisdiction: update.jurisdiction.clone(),
-            age_band: update.age_band,
-            linked_apps: update.linked_apps.clone(),
-            ads_objection: update.ads_objection,
-            erasure: current.map_or(ErasureState::None, |state| state.erasure),
-            generation: current_generation + 1,
-            updated_at: now,
-        };
+        let state = UserState::updated(current.as_ref(), update, now)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
         self.revalidate_rows(update.user_id, Some(&state), revalidate, &mut batch)?;
@@ -638,16 +601,7 @@ impl Store for RocksStore {
         let key = user_id.to_be_bytes();
         let _guard = self.lock_stripes(std::iter::once(key.as_slice()));
         let current = self.read_user_states(&[user_id])?.pop().flatten();
-        let state = UserState {
-            user_id,
-            jurisdiction: String::new(),
-            age_band: featurestore::domain::AgeBand::Unknown,
-            linked_apps: Vec::new(),
-            ads_objection: false,
-            erasure: ErasureState::Pending,
-            generation: current.map_or(0, |state| state.generation) + 1,
-            updated_at: now,
-        };
+        let state = UserState::tombstone(user_id, current.as_ref(), now);
         let (start, end) = user_range(user_id);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));

@@ -12,15 +12,7 @@ impl RocksStore {
     /// generation the share was decided with (0 for no state) and no erasure. The caller
     /// holds the user's stripe, so that the answer stays true until its batch is written.
     pub(super) fn check_fence(&self, share: &UserWrite) -> Result<(), StorageError> {
-        if let Some(row) = share
-            .rows
-            .iter()
-            .find(|row| row.key.user_id != share.user_id)
-        {
-            return Err(StorageError::Unfenced {
-                user_id: row.key.user_id,
-            });
-        }
+        share.check_rows_are_the_users()?;
         let state = self
             .read_user_states(&[share.user_id])?
             .pop()
