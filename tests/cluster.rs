@@ -202,6 +202,28 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Moves `slots` hash slots, with their keys, from the master on `from` to the master
+    /// on `to`, as an operator rebalancing the cluster would (`redis-cli --cluster
+    /// reshard`: each slot marked migrating, its keys moved, then handed over). Blocks
+    /// until done.
+    pub fn reshard(&self, from: u16, to: u16, slots: u32) {
+        let id = |port: u16| cli(port, &["cluster", "myid"]).expect("a node id");
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{from}"))
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster reshard");
+        assert!(
+            output.status.success(),
+            "resharding failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+
     /// Whether the master on `port` has a replica that follows it.
     pub fn has_replica(&self, port: u16) -> bool {
         cli(port, &["info", "replication"]).is_some_and(|info| {

@@ -1,6 +1,7 @@
-//! A master of the cluster dies (SIGKILL) under reads and writes: the rows of the other
-//! masters never fail, the dead master's rows serve again once its replica took over, no
-//! acknowledged write or erasure is lost, and no erased user is readable.
+//! The cluster's topology changes under reads and writes. A master dies (SIGKILL): the rows
+//! of the other masters never fail, the dead master's rows serve again once its replica
+//! took over, no acknowledged write or erasure is lost, and no erased user is readable.
+//! Every slot of a master moves to another: nothing fails, nothing is lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -258,5 +259,104 @@ async fn read_load(
         if whole && after_kill {
             seen.reads_ok_after_kill += 1;
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_moving_to_another_master_under_load_fail_nothing() {
+    let cluster = Arc::new(RedisCluster::start().await);
+    let prefix = cluster::unique_prefix();
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.storage.backend = Backend::RedisCluster;
+        config.storage.redis_cluster = crate::redis_cluster::store_config(&cluster);
+        config.storage.redis_cluster.key_prefix = prefix.clone();
+        config.storage.audit_partitions = PARTITIONS;
+    })
+    .await;
+    let server = Arc::new(server);
+    server.us_adults(1..=USERS).await;
+    let layout = Layout::new(&prefix, PARTITIONS);
+    let master_of: HashMap<u64, u16> = (1..=USERS)
+        .map(|user| {
+            let port = cluster
+                .master_of(&layout.user(user).state())
+                .expect("a master serves every slot");
+            (user, port)
+        })
+        .collect();
+    let source = master_of[&1];
+    let target = *cluster
+        .master_ports()
+        .iter()
+        .find(|&&port| port != source)
+        .expect("another master");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    for user in 1..=USERS {
+        write_value(&server, &seen, user, user as u32).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn(read_load(
+        Arc::clone(&server),
+        Arc::clone(&seen),
+        master_of.clone(),
+        source,
+        Arc::new(Mutex::new(Some(Instant::now()))),
+        Arc::clone(&stop),
+    ));
+    let writer = {
+        let (server, seen, stop) = (Arc::clone(&server), Arc::clone(&seen), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut sequence = 1_000;
+            while !stop.load(Ordering::SeqCst) {
+                for user in 1..=USERS {
+                    sequence += 1;
+                    write_value(&server, &seen, user, sequence).await;
+                }
+            }
+        })
+    };
+    // Every slot of the source master moves, its keys with it, while the load runs.
+    let moving = Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || moving.reshard(source, target, 5_461))
+        .await
+        .expect("the resharding ends");
+    assert_eq!(
+        cluster.master_of(&layout.user(1).state()),
+        Some(target),
+        "user 1's slot moved"
+    );
+    featurestore_tests::pause(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    reader.await.expect("the reader ends");
+    writer.await.expect("the writer ends");
+
+    let seen = std::mem::take(&mut *seen.lock().expect("not poisoned"));
+    eprintln!(
+        "resharding: writes acknowledged {}, failed {}; rows unavailable {:?}; failed read \
+         batches {}; reads served whole {}",
+        seen.writes_acknowledged,
+        seen.writes_failed,
+        seen.unavailable_rows,
+        seen.failed_batches,
+        seen.reads_ok_after_kill,
+    );
+    assert_eq!(seen.failed_batches, 0, "a read batch failed whole");
+    assert_eq!(
+        seen.unavailable_rows,
+        HashMap::new(),
+        "rows failed while slots moved"
+    );
+    assert_eq!(seen.writes_failed, 0, "writes failed while slots moved");
+    let keys: Vec<(u64, &str)> = (1..=USERS).map(|user| (user, SURFACE)).collect();
+    let response = server
+        .client
+        .get_features(read(&keys, &[FEATURE]))
+        .await
+        .expect("read after the resharding");
+    for (index, user) in (1..=USERS).enumerate() {
+        assert!(
+            float(&response, index, FEATURE) >= seen.acknowledged[&user],
+            "user {user} lost an acknowledged write"
+        );
     }
 }
