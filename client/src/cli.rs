@@ -4,6 +4,7 @@
 //! against a real server.
 
 mod admin;
+mod bench;
 mod data;
 mod json;
 mod loads;

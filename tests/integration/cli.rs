@@ -258,3 +258,53 @@ async fn the_cli_authenticates_with_its_token() {
     .expect_err("the operators do not hold the privacy role");
     assert!(error.to_string().contains("PermissionDenied"), "{error}");
 }
+
+#[tokio::test]
+async fn bench_read_sends_the_reads_it_is_asked_for_and_reports_them() {
+    let server = TestServer::start().await;
+    server.us_adults(1..=3).await;
+    for user in 1..=3 {
+        server
+            .write_float(
+                &format!("bench-{user}"),
+                user,
+                "facebook_feed",
+                featurestore_tests::at(-60),
+                "interest_hiking",
+                0.5,
+            )
+            .await;
+    }
+    let (code, output) = featurestore(
+        &server,
+        &[
+            "bench-read",
+            "--surface",
+            "facebook_feed",
+            "--users",
+            "3",
+            "--keys",
+            "7",
+            "--requests",
+            "9",
+            "--concurrency",
+            "2",
+        ],
+    )
+    .await
+    .expect("bench-read");
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = output.lines().collect();
+    assert!(lines[0].starts_with("requests  keys/request"), "{output}");
+    let figures: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&figures[..2], ["9", "7"], "{output}");
+    let keys_per_second: f64 = figures[5].parse().expect("keys/s");
+    assert!(keys_per_second > 0.0, "{output}");
+    let error = featurestore(
+        &server,
+        &["bench-read", "--surface", "facebook_feed", "--users", "0"],
+    )
+    .await
+    .expect_err("no users to read");
+    assert!(error.to_string().contains("at least 1"), "{error}");
+}

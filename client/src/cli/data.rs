@@ -21,6 +21,9 @@ pub(super) enum DataCommand {
     Explain(ExplainArgs),
     /// Read features for (user, surface) keys.
     Read(ReadArgs),
+    /// Send the same shape of read again and again (random users, one surface) and print
+    /// requests/s, keys/s and latency percentiles.
+    BenchRead(super::bench::BenchReadArgs),
 }
 
 /// Runs one of these commands.
@@ -45,6 +48,7 @@ pub(super) async fn run(
         }
         DataCommand::Explain(args) => explain(args, client, call, out).await,
         DataCommand::Read(args) => read(args, client, call, out).await,
+        DataCommand::BenchRead(args) => super::bench::bench_read(args, client, call, out).await,
     }
 }
 
