@@ -42,27 +42,8 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_master_killed_under_load_loses_nothing_and_fails_only_its_rows() {
     let mut cluster = RedisCluster::start().await;
-    let prefix = cluster::unique_prefix();
-    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
-        config.storage.backend = Backend::RedisCluster;
-        config.storage.redis_cluster = crate::redis_cluster::store_config(&cluster);
-        config.storage.redis_cluster.key_prefix = prefix.clone();
-        config.storage.redis_cluster.response_timeout = Duration::from_secs(1);
-        config.storage.audit_partitions = PARTITIONS;
-    })
-    .await;
-    let server = Arc::new(server);
-    server.us_adults(1..=USERS).await;
     // Which master holds each user, before the kill.
-    let layout = Layout::new(&prefix, PARTITIONS);
-    let master_of: HashMap<u64, u16> = (1..=USERS)
-        .map(|user| {
-            let port = cluster
-                .master_of(&layout.user(user).state())
-                .expect("a master serves every slot");
-            (user, port)
-        })
-        .collect();
+    let (server, layout, master_of) = users_on(&cluster).await;
     let victim = master_of[&1];
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut sequence = 0u32;
@@ -200,6 +181,31 @@ async fn a_master_killed_under_load_loses_nothing_and_fails_only_its_rows() {
     );
 }
 
+/// A server on `cluster` under a fresh key prefix, its `USERS` users' states set; the
+/// store's layout, and the master holding each user now.
+async fn users_on(cluster: &RedisCluster) -> (Arc<TestServer>, Layout, HashMap<u64, u16>) {
+    let prefix = cluster::unique_prefix();
+    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
+        config.storage.backend = Backend::RedisCluster;
+        config.storage.redis_cluster = crate::redis_cluster::store_config(cluster);
+        config.storage.redis_cluster.key_prefix = prefix.clone();
+        config.storage.redis_cluster.response_timeout = Duration::from_secs(1);
+        config.storage.audit_partitions = PARTITIONS;
+    })
+    .await;
+    server.us_adults(1..=USERS).await;
+    let layout = Layout::new(&prefix, PARTITIONS);
+    let master_of = (1..=USERS)
+        .map(|user| {
+            let port = cluster
+                .master_of(&layout.user(user).state())
+                .expect("a master serves every slot");
+            (user, port)
+        })
+        .collect();
+    (Arc::new(server), layout, master_of)
+}
+
 /// Writes value `sequence` for `user`, with an event time that grows with it, and records
 /// what was acknowledged.
 async fn write_value(server: &TestServer, seen: &Mutex<Seen>, user: u64, sequence: u32) {
@@ -265,25 +271,7 @@ async fn read_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slots_moving_to_another_master_under_load_fail_nothing() {
     let cluster = Arc::new(RedisCluster::start().await);
-    let prefix = cluster::unique_prefix();
-    let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
-        config.storage.backend = Backend::RedisCluster;
-        config.storage.redis_cluster = crate::redis_cluster::store_config(&cluster);
-        config.storage.redis_cluster.key_prefix = prefix.clone();
-        config.storage.audit_partitions = PARTITIONS;
-    })
-    .await;
-    let server = Arc::new(server);
-    server.us_adults(1..=USERS).await;
-    let layout = Layout::new(&prefix, PARTITIONS);
-    let master_of: HashMap<u64, u16> = (1..=USERS)
-        .map(|user| {
-            let port = cluster
-                .master_of(&layout.user(user).state())
-                .expect("a master serves every slot");
-            (user, port)
-        })
-        .collect();
+    let (server, layout, master_of) = users_on(&cluster).await;
     let source = master_of[&1];
     let target = *cluster
         .master_ports()
