@@ -224,6 +224,17 @@ impl RedisCluster {
         );
     }
 
+    /// The port of the replica following the master on `port`, if one does.
+    pub fn replica_of(&self, port: u16) -> Option<u16> {
+        cli(port, &["info", "replication"])?
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("slave0:")?
+                    .split(',')
+                    .find_map(|field| field.strip_prefix("port=")?.parse().ok())
+            })
+    }
+
     /// Whether the master on `port` has a replica that follows it.
     pub fn has_replica(&self, port: u16) -> bool {
         cli(port, &["info", "replication"]).is_some_and(|info| {

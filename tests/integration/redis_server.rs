@@ -6,6 +6,7 @@ use featurestore::domain::Value;
 use featurestore::proto::{Outcome, RowStatus, ValueStatus};
 use featurestore_server::config::{Backend, Config};
 use featurestore_server::policy::DEFAULT_BUNDLE_TOML;
+use featurestore_server::storage::redis::keys::Layout;
 use featurestore_tests::cluster::{self, RedisCluster};
 use featurestore_tests::{
     TestServer, at, files_containing, files_still_containing, read, row, write,
@@ -304,7 +305,7 @@ async fn two_servers_on_one_cluster_serve_one_store() {
 }
 
 #[tokio::test]
-async fn a_server_refuses_to_start_without_a_cluster() {
+async fn a_server_refuses_clusters_it_cannot_use_and_changes_no_replica_confirmed() {
     // Nobody listens on the port: unreachable.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     let port = closed.local_addr().expect("address").port();
@@ -324,7 +325,7 @@ async fn a_server_refuses_to_start_without_a_cluster() {
     );
 
     // A cluster whose master would evict keys when its memory fills up.
-    let evicting = RedisCluster::start().await;
+    let mut evicting = RedisCluster::start().await;
     let master = evicting.master_ports()[1];
     // (First, an ACL user: the server authenticates as it, and not with a wrong password.)
     for port in evicting.live_ports() {
@@ -349,9 +350,39 @@ async fn a_server_refuses_to_start_without_a_cluster() {
         on_cluster(config, &evicting, None);
         config.storage.redis_cluster.username = Some("featurestore".to_string());
         config.storage.redis_cluster.password_file = Some(password_file.clone());
+        config.storage.redis_cluster.wait_timeout = std::time::Duration::from_millis(200);
     })
     .await;
     server.us_adults([9]).await;
+    // (And a change its master's replica cannot confirm is not acknowledged.)
+    let layout = Layout::new(
+        &server.config.storage.redis_cluster.key_prefix,
+        server.config.storage.audit_partitions,
+    );
+    let master_of_9 = evicting
+        .master_of(&layout.user(9).state())
+        .expect("a master");
+    let replica = evicting.replica_of(master_of_9).expect("a replica");
+    evicting.kill(replica);
+    let client = server.client_with(featurestore_client::ClientOptions {
+        timeout: std::time::Duration::from_secs(2),
+        ..featurestore_client::ClientOptions::default()
+    });
+    let unconfirmed = client
+        .set_user_state(featurestore_tests::us_adult(9))
+        .await
+        .expect_err("no replica confirms the change");
+    assert_eq!(
+        unconfirmed.code(),
+        tonic::Code::Unavailable,
+        "{unconfirmed}"
+    );
+    assert!(
+        unconfirmed
+            .to_string()
+            .contains("replicas required confirmed it"),
+        "{unconfirmed}"
+    );
     server.stop().await;
     let wrong = secrets.path().join("wrong-password");
     std::fs::write(&wrong, "not-the-password").expect("write the password");

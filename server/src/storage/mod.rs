@@ -90,6 +90,21 @@ pub enum RowFound<'a> {
     Unavailable(&'a str),
 }
 
+impl RowFound<'_> {
+    /// Shows the stored bytes of key `index` to `visit`: the row read in place, or why the
+    /// bytes do not decode.
+    #[inline]
+    pub fn visit_stored(index: usize, bytes: &[u8], visit: &mut dyn FnMut(usize, RowFound<'_>)) {
+        match codec::current_format(bytes) {
+            Ok(current) => match codec::RowView::parse(&current) {
+                Ok(view) => visit(index, RowFound::Row(view)),
+                Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
+            },
+            Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
+        }
+    }
+}
+
 /// Values to merge into one row.
 #[derive(Clone, Debug)]
 pub struct RowWrite {

@@ -31,8 +31,8 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 
 use super::codec::{
-    self, RowView, decode_idempotency_record, decode_row, decode_user_state, encode_row,
-    encode_user_state, merge_value,
+    self, decode_idempotency_record, decode_row, decode_user_state, encode_row, encode_user_state,
+    merge_value,
 };
 use super::{
     AnswerBuilder, Applied, ErasureState, IdempotencyRecord, Revalidate, RowFound, RowKey,
@@ -268,20 +268,30 @@ impl RedisStore {
             .first()
             .and_then(step::written)
             .ok_or_else(|| StorageError::Engine(format!("redis: the step answered {answers:?}")))?;
-        if let (true, Some((replicas, timeout))) = (written, self.wait) {
-            let confirmed = match answers.get(1) {
-                Some(redis::Value::Int(confirmed)) => *confirmed,
-                _ => 0,
-            };
-            if confirmed < i64::from(replicas) {
-                return Err(StorageError::Engine(format!(
-                    "redis: the change is on its master, but {confirmed} of the {replicas} \
-                     replicas required confirmed it within {timeout:?}; retry with the same \
-                     idempotency key"
-                )));
-            }
+        if written {
+            self.check_confirmed(answers.get(1))?;
         }
         Ok(written)
+    }
+
+    /// Refuses to acknowledge a change that fewer than `wait_replicas` replicas confirmed;
+    /// `answer` is what `WAIT` answered.
+    fn check_confirmed(&self, answer: Option<&redis::Value>) -> Result<(), StorageError> {
+        let Some((replicas, timeout)) = self.wait else {
+            return Ok(());
+        };
+        let confirmed = match answer {
+            Some(redis::Value::Int(confirmed)) => *confirmed,
+            _ => 0,
+        };
+        if confirmed < i64::from(replicas) {
+            return Err(StorageError::Engine(format!(
+                "redis: the change is on its master, but {confirmed} of the {replicas} \
+                 replicas required confirmed it within {timeout:?}; retry with the same \
+                 idempotency key"
+            )));
+        }
+        Ok(())
     }
 
     /// Reads what one user's change depends on, decides, and applies it, again until no

@@ -34,15 +34,7 @@ impl Store for RedisStore {
                     for (&index, value) in indices.iter().zip(values) {
                         match value {
                             None => visit(index, RowFound::Missing),
-                            Some(bytes) => match codec::current_format(&bytes) {
-                                Ok(current) => match RowView::parse(&current) {
-                                    Ok(view) => visit(index, RowFound::Row(view)),
-                                    Err(error) => {
-                                        visit(index, RowFound::Corrupt(&error.to_string()))
-                                    }
-                                },
-                                Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
-                            },
+                            Some(bytes) => RowFound::visit_stored(index, &bytes, visit),
                         }
                     }
                 }

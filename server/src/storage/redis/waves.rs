@@ -93,20 +93,8 @@ impl RedisStore {
                 StorageError::Engine(format!("redis: the step answered {answer:?}"))
             })?);
         }
-        if let Some((replicas, timeout)) = self.wait {
-            for answer in confirmed {
-                let count = match answer.first() {
-                    Some(redis::Value::Int(count)) => *count,
-                    _ => 0,
-                };
-                if count < i64::from(replicas) {
-                    return Err(StorageError::Engine(format!(
-                        "redis: the changes are on their masters, but {count} of the \
-                         {replicas} replicas required confirmed them within {timeout:?}; \
-                         retry with the same idempotency key"
-                    )));
-                }
-            }
+        for answer in confirmed {
+            self.check_confirmed(answer.first())?;
         }
         Ok(written)
     }

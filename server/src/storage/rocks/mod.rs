@@ -348,13 +348,7 @@ impl Store for RocksStore {
             .batched_multi_get_cf(self.cf(FEATURES_CF), encoded.iter(), true);
         for (&index, result) in order.iter().zip(results) {
             match result {
-                Ok(Some(bytes)) => match codec::current_format(&bytes) {
-                    Ok(current) => match RowView::parse(&current) {
-                        Ok(view) => visit(index, RowFound::Row(view)),
-                        Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
-                    },
-                    Err(error) => visit(index, RowFound::Corrupt(&error.to_string())),
-                },
+                Ok(Some(bytes)) => RowFound::visit_stored(index, &bytes, visit),
                 Ok(None) => visit(index, RowFound::Missing),
                 // A merge over undecodable operands surfaces as corruption of that key.
                 Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
