@@ -42,8 +42,9 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_master_killed_under_load_loses_nothing_and_fails_only_its_rows() {
     let mut cluster = RedisCluster::start().await;
-    // Which master holds each user, before the kill.
-    let (server, layout, master_of) = users_on(&cluster).await;
+    // Which master holds each user, before the kill. A command to the dead master gives up
+    // after a second.
+    let (server, layout, master_of) = users_on(&cluster, Duration::from_secs(1)).await;
     let victim = master_of[&1];
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut sequence = 0u32;
@@ -181,15 +182,19 @@ async fn a_master_killed_under_load_loses_nothing_and_fails_only_its_rows() {
     );
 }
 
-/// A server on `cluster` under a fresh key prefix, its `USERS` users' states set; the
-/// store's layout, and the master holding each user now.
-async fn users_on(cluster: &RedisCluster) -> (Arc<TestServer>, Layout, HashMap<u64, u16>) {
+/// A server on `cluster` under a fresh key prefix, waiting `response_timeout` for a node's
+/// answer, its `USERS` users' states set; the store's layout, and the master holding each
+/// user now.
+async fn users_on(
+    cluster: &RedisCluster,
+    response_timeout: Duration,
+) -> (Arc<TestServer>, Layout, HashMap<u64, u16>) {
     let prefix = cluster::unique_prefix();
     let server = TestServer::start_with(tempfile::tempdir().expect("directory"), |config| {
         config.storage.backend = Backend::RedisCluster;
         config.storage.redis_cluster = crate::redis_cluster::store_config(cluster);
         config.storage.redis_cluster.key_prefix = prefix.clone();
-        config.storage.redis_cluster.response_timeout = Duration::from_secs(1);
+        config.storage.redis_cluster.response_timeout = response_timeout;
         config.storage.audit_partitions = PARTITIONS;
     })
     .await;
@@ -271,7 +276,8 @@ async fn read_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slots_moving_to_another_master_under_load_fail_nothing() {
     let cluster = Arc::new(RedisCluster::start().await);
-    let (server, layout, master_of) = users_on(&cluster).await;
+    // A master moving slots out blocks while it migrates their keys: the default timeout.
+    let (server, layout, master_of) = users_on(&cluster, Duration::from_secs(2)).await;
     let source = master_of[&1];
     let target = *cluster
         .master_ports()

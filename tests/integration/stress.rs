@@ -319,7 +319,22 @@ async fn loader(client: Client, shared: Arc<Shared>, seed: u64) {
             session.send_chunk(sequence, chunk).await.expect("send");
             session.next_ack().await.expect("staged");
         }
-        session.commit().await.expect("commit");
+        // UNAVAILABLE is retryable: a commit that failed before applying anything leaves
+        // its job open, and a real loader commits it again.
+        let mut committed = session.commit().await;
+        for _ in 0..3 {
+            match &committed {
+                Err(error) if error.code() == Code::Unavailable => {
+                    let session = client
+                        .start_load(&format!("stress-{job}"), "")
+                        .await
+                        .expect("attach again");
+                    committed = session.commit().await;
+                }
+                _ => break,
+            }
+        }
+        committed.expect("commit");
         shared.tally.commits.fetch_add(1, Ordering::SeqCst);
         if shared
             .changes

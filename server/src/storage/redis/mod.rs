@@ -233,8 +233,11 @@ impl RedisStore {
         let connection = self.connection.clone();
         self.run(async move {
             let reads = groups.iter().map(|names| {
-                let mut connection = connection.clone();
-                async move { mget(&mut connection, names).await }
+                let connection = connection.clone();
+                retried(move || {
+                    let mut connection = connection.clone();
+                    async move { mget(&mut connection, names).await }
+                })
             });
             Ok(join_all(reads).await)
         })
@@ -261,9 +264,12 @@ impl RedisStore {
                 .arg(timeout.as_millis().max(1) as u64);
         }
         let count = if self.wait.is_some() { 2 } else { 1 };
-        let mut connection = self.connection.clone();
-        let answers =
-            self.run(async move { connection.route_pipeline(pipeline, 0, count, route).await })?;
+        let connection = self.connection.clone();
+        let answers = self.run(retried(move || {
+            let (mut connection, pipeline, route) =
+                (connection.clone(), pipeline.clone(), route.clone());
+            async move { connection.route_pipeline(pipeline, 0, count, route).await }
+        }))?;
         let written = answers
             .first()
             .and_then(step::written)
@@ -581,6 +587,32 @@ fn decode_stored_row(key: RowKey, bytes: &[u8]) -> Result<StoredRow, StorageErro
             key.user_id, key.surface.0
         ))
     })
+}
+
+/// Times a command that failed on the cluster's own account is sent again, and the pause
+/// before each time: a slot moving to another master answers `TRYAGAIN` to a command whose
+/// keys are split between the two for a moment (the command was not run).
+const CLUSTER_RETRIES: usize = 8;
+const CLUSTER_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Runs `attempt`, again while it fails with a cluster error (`TRYAGAIN`, `MOVED`, `ASK`,
+/// `CLUSTERDOWN`), up to [`CLUSTER_RETRIES`] times.
+async fn retried<T, Attempt, Sent>(mut attempt: Attempt) -> redis::RedisResult<T>
+where
+    Attempt: FnMut() -> Sent,
+    Sent: Future<Output = redis::RedisResult<T>>,
+{
+    let mut result = attempt().await;
+    for _ in 0..CLUSTER_RETRIES {
+        match &result {
+            Err(error) if error.is_cluster_error() => {
+                tokio::time::sleep(CLUSTER_RETRY_PAUSE).await;
+                result = attempt().await;
+            }
+            _ => break,
+        }
+    }
+    result
 }
 
 async fn mget(

@@ -9,7 +9,7 @@ use redis::cluster_routing::SingleNodeRoutingInfo;
 
 use super::keys::UserKeys;
 use super::step::{self, Step};
-use super::{RedisStore, Snapshot, StorageError};
+use super::{RedisStore, Snapshot, StorageError, retried};
 
 impl RedisStore {
     /// The snapshots of several users, each with its `extra` keys, read at once.
@@ -50,12 +50,14 @@ impl RedisStore {
         let connection = self.connection.clone();
         let (answers, confirmed) = self.run(async move {
             let writes = routed.into_iter().map(|(command, route)| {
-                let mut connection = connection.clone();
-                async move {
-                    let mut pipeline = redis::pipe();
-                    pipeline.add_command(command);
-                    connection.route_pipeline(pipeline, 0, 1, route).await
-                }
+                let connection = connection.clone();
+                let mut pipeline = redis::pipe();
+                pipeline.add_command(command);
+                retried(move || {
+                    let (mut connection, pipeline, route) =
+                        (connection.clone(), pipeline.clone(), route.clone());
+                    async move { connection.route_pipeline(pipeline, 0, 1, route).await }
+                })
             });
             let answers = join_all(writes)
                 .await
