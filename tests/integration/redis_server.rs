@@ -353,7 +353,13 @@ async fn a_server_refuses_clusters_it_cannot_use_and_changes_no_replica_confirme
         config.storage.redis_cluster.wait_timeout = std::time::Duration::from_millis(200);
     })
     .await;
-    server.us_adults([9]).await;
+    // Logged in: a change is acknowledged (with the short wait for replicas a loaded
+    // machine may answer UNAVAILABLE once; the client's retry sets the state again).
+    server
+        .client
+        .set_user_state(featurestore_tests::us_adult(9))
+        .await
+        .expect("a change through the ACL user");
     // (And a change its master's replica cannot confirm is not acknowledged.)
     let layout = Layout::new(
         &server.config.storage.redis_cluster.key_prefix,
