@@ -36,24 +36,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     reason = "the workloads of a bulk load and of writes are the serving bench's"
 )]
 mod common;
-use common::{Measured, Workload, drive, setting};
+use common::{Measured, Workload, drive, processes_cpu, setting};
 
 /// Users per write request while loading.
 const USERS_PER_WRITE: u64 = 100;
 /// Write requests in flight while loading.
 const WRITERS: u64 = 8;
-
-/// CPU seconds the processes `pids` have used so far (user + system), from /proc.
-fn processes_cpu(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum::<u64>() as f64
-        / 100.0
-}
 
 /// Writes users `1..=users` through `endpoint`, `WRITERS` requests in flight; returns the
 /// time it took.

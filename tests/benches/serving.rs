@@ -1,8 +1,11 @@
 //! Serving benchmark: loads a dataset through the bulk loader, then drives the server
-//! through the Rust client over loopback with several HTTP/2 connections, next to two
+//! through the Rust client over loopback with several HTTP/2 connections, next to three
 //! floors measured in the same run: raw in-process RocksDB `batched_multi_get` of the same
-//! keys (storage), and a minimal tonic server answering a response of the same bytes
-//! (transport).
+//! keys (storage), a minimal tonic server answering each workload with a response of the
+//! same bytes (transport: its CPU per call is what a request costs without the store), and
+//! one `redis-server` answering 500-key `MGET`s of the rows as 80-byte values (skipped,
+//! saying why, when `redis-server` is not installed). Every workload reports the server's
+//! CPU per request and per key.
 //!
 //! Run with `cargo bench -p featurestore-tests --bench serving`. Sizes through the
 //! environment: `SERVING_USERS` (default 1,000,000 users × 3 surfaces × 20 floats + a
@@ -32,7 +35,25 @@ use tonic::{Request, Response, Status};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
-use common::{Workload, drive, setting};
+#[path = "serving/redis_floor.rs"]
+mod redis_floor;
+use common::{Measured, Workload, drive, setting};
+
+/// The closed loops measured, each with many requests in flight (`true`:
+/// `SERVING_CONCURRENCY`) or one.
+const CLOSED_LOOPS: [(Workload, bool); 7] = [
+    (Workload::Batch500, true),
+    (Workload::Batch500, false),
+    (Workload::User3, true),
+    (Workload::Latency3, false),
+    (Workload::Key1, false),
+    (Workload::Key1, true),
+    (Workload::Mixed, true),
+];
+
+fn closed_loop(lanes: usize) -> String {
+    format!("closed, {lanes} in flight")
+}
 
 /// The transport floor: a tonic server that answers every read with the same response.
 #[derive(Debug, Clone)]
@@ -228,6 +249,7 @@ fn main() {
 
     let mut rows = BTreeMap::new();
     let mut floors = BTreeMap::new();
+    let mut redis = Err("not measured".to_string());
     let mut load_note = String::new();
     let mut backfill_note = String::new();
     client_runtime.block_on(async {
@@ -254,12 +276,10 @@ fn main() {
         let clients: Vec<Client> = (0..connections)
             .map(|_| Client::connect(&endpoint, options.clone()).expect("client"))
             .collect();
-        for (workload, lanes) in [
-            (Workload::Batch500, concurrency),
-            (Workload::User3, concurrency),
-            (Workload::Latency3, 1),
-            (Workload::Mixed, concurrency),
-        ] {
+        for (workload, lanes) in CLOSED_LOOPS
+            .iter()
+            .map(|&(workload, many)| (workload, if many { concurrency } else { 1 }))
+        {
             // Warm-up, not measured.
             drive(
                 &clients,
@@ -271,12 +291,9 @@ fn main() {
             )
             .await;
             let measured = drive(&clients, workload, users, lanes, None, duration).await;
-            rows.insert((workload, "closed".to_string()), measured);
+            rows.insert((workload, closed_loop(lanes)), measured);
         }
-        let (_, closed) = rows
-            .iter()
-            .find(|((workload, _), _)| *workload == Workload::Batch500)
-            .expect("measured");
+        let closed = &rows[&(Workload::Batch500, closed_loop(concurrency))];
         let half = closed.per_second(closed.requests) / 2.0;
         let measured = drive(
             &clients,
@@ -311,7 +328,7 @@ fn main() {
         )
         .await;
         let overlapped = !backfilling.is_finished();
-        rows.insert((Workload::DuringLoad, "closed".to_string()), measured);
+        rows.insert((Workload::DuringLoad, closed_loop(concurrency)), measured);
         let (report, took) = backfilling.await.expect("bulk load task");
         let stored = report.job.summary.unwrap_or_default().rows_accepted;
         assert_eq!(stored, backfill_users, "every backfilled row stored");
@@ -330,11 +347,11 @@ fn main() {
         let echo_clients: Vec<Client> = (0..connections)
             .map(|_| Client::connect(&echo_endpoint, options.clone()).expect("client"))
             .collect();
-        for (workload, lanes) in [
-            (Workload::Batch500, concurrency),
-            (Workload::User3, concurrency),
-            (Workload::Latency3, 1),
-        ] {
+        for (workload, lanes) in CLOSED_LOOPS
+            .iter()
+            .filter(|(workload, _)| *workload != Workload::Mixed)
+            .map(|&(workload, many)| (workload, if many { concurrency } else { 1 }))
+        {
             let sample = workload.read(&mut Random(1), users);
             *echo.response.write().expect("not poisoned") =
                 clients[0].get_features(sample).await.expect("sample");
@@ -348,10 +365,11 @@ fn main() {
             )
             .await;
             floors.insert(
-                workload,
+                (workload, closed_loop(lanes)),
                 drive(&echo_clients, workload, users, lanes, None, duration).await,
             );
         }
+        redis = redis_floor::measure(users, connections, concurrency, duration).await;
     });
     // Closing the load generator's connections lets the servers stop at once.
     drop(client_runtime);
@@ -375,59 +393,75 @@ fn main() {
         storage.block_cache_bytes >> 20
     );
     println!(
-        "| workload | loop | req/s | keys/s | p50 µs | p99 µs | p99.9 µs | server CPU µs/req | client CPU µs/req | req/s ÷ echo | p50 ÷ echo |"
+        "| workload | loop | req/s | keys/s | p50 µs | p99 µs | p99.9 µs | server CPU µs/req | server CPU µs/key | server CPU ÷ echo's | client CPU µs/req | req/s ÷ echo | p50 ÷ echo |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let ratio = |value: Option<f64>| value.map_or("-".to_string(), |value| format!("{value:.2}"));
     let mut json = Vec::new();
-    for ((workload, mode), measured) in &rows {
-        let floor = floors.get(workload).filter(|_| mode == "closed");
-        let ratio =
-            |value: Option<f64>| value.map_or("-".to_string(), |value| format!("{value:.2}"));
+    let mut print_row = |name: String,
+                         mode: &str,
+                         measured: &Measured,
+                         floor: Option<&Measured>| {
         println!(
-            "| {} | {mode} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
-            workload.name(),
+            "| {name} | {mode} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {} | {:.0} | {} | {} |",
             measured.per_second(measured.requests),
             measured.per_second(measured.keys),
             measured.micros(0.5),
             measured.micros(0.99),
             measured.micros(0.999),
-            measured.server_cpu * 1e6 / measured.requests.max(1) as f64,
+            measured.server_cpu_per_request(),
+            measured.server_cpu_per_key(),
+            ratio(floor.map(|floor| measured.server_cpu_per_request()
+                / floor.server_cpu_per_request())),
             measured.client_cpu * 1e6 / measured.requests.max(1) as f64,
-            ratio(
-                floor.map(|floor| measured.per_second(measured.requests)
-                    / floor.per_second(floor.requests))
-            ),
+            ratio(floor.map(|floor| measured.per_second(measured.requests)
+                / floor.per_second(floor.requests))),
             ratio(floor.map(|floor| measured.micros(0.5) / floor.micros(0.5))),
         );
         json.push(serde_json::json!({
-            "workload": workload.name(),
+            "workload": name,
             "loop": mode,
             "requests_per_second": measured.per_second(measured.requests),
             "keys_per_second": measured.per_second(measured.keys),
             "p50_us": measured.micros(0.5),
             "p99_us": measured.micros(0.99),
             "p999_us": measured.micros(0.999),
-            "server_cpu_seconds": measured.server_cpu,
+            "server_cpu_us_per_request": measured.server_cpu_per_request(),
+            "server_cpu_us_per_key": measured.server_cpu_per_key(),
             "client_cpu_seconds": measured.client_cpu,
             "requests": measured.requests,
         }));
-    }
-    for (workload, floor) in &floors {
-        println!(
-            "| echo floor: {} | closed | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | - | {:.0} | 1.00 | 1.00 |",
-            workload.name(),
-            floor.per_second(floor.requests),
-            floor.per_second(floor.keys),
-            floor.micros(0.5),
-            floor.micros(0.99),
-            floor.micros(0.999),
-            floor.client_cpu * 1e6 / floor.requests.max(1) as f64,
+    };
+    for ((workload, mode), measured) in &rows {
+        print_row(
+            workload.name().to_string(),
+            mode,
+            measured,
+            floors.get(&(*workload, mode.clone())),
         );
     }
+    for ((workload, mode), floor) in &floors {
+        print_row(
+            format!("echo floor: {}", workload.name()),
+            mode,
+            floor,
+            Some(floor),
+        );
+    }
+    match &redis {
+        Ok(measured) => print_row(
+            "Redis floor: 500-key MGET of 80-byte values".to_string(),
+            &closed_loop(concurrency),
+            measured,
+            None,
+        ),
+        Err(reason) => println!("\nRedis floor skipped: {reason}"),
+    }
     let served = rows
-        .get(&(Workload::Batch500, "closed".to_string()))
-        .map(|measured| measured.server_cpu * 1e9 / measured.keys.max(1) as f64)
-        .unwrap_or(f64::NAN);
+        .get(&(Workload::Batch500, closed_loop(concurrency)))
+        .map_or(f64::NAN, |measured| measured.server_cpu_per_key() * 1e3);
     println!(
         "\nstorage floor: raw batched_multi_get of (a)'s keys in process: {floor:.0} ns/key; \
          the server's CPU per key in (a): {served:.0} ns ({:.2}x the floor)",
@@ -442,6 +476,12 @@ fn main() {
         "storage_floor_ns_per_key": floor,
         "block_cache_bytes": storage.block_cache_bytes,
         "server_cpu_ns_per_key_a": served,
+        "redis_floor": redis.as_ref().ok().map(|measured| serde_json::json!({
+            "keys_per_second": measured.per_second(measured.keys),
+            "p50_us": measured.micros(0.5),
+            "p99_us": measured.micros(0.99),
+            "redis_cpu_us_per_key": measured.server_cpu_per_key(),
+        })),
         "dataset": load_note,
         "bulk_load_during_e": backfill_note,
     });

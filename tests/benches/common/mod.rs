@@ -24,6 +24,8 @@ pub enum Workload {
     User3,
     /// 3 keys at concurrency 1: pure latency.
     Latency3,
+    /// One random key × the 20 floats: the per-request overhead.
+    Key1,
     /// 90 % the 500-key read, 10 % a one-row write.
     Mixed,
     /// The 500-key read while a bulk load of other users runs.
@@ -36,6 +38,7 @@ impl Workload {
             Workload::Batch500 => "(a) 500 keys x 20 floats",
             Workload::User3 => "(b) 1 user x 3 surfaces",
             Workload::Latency3 => "(c) 3 keys, concurrency 1",
+            Workload::Key1 => "(f) 1 key x 20 floats",
             Workload::Mixed => "(d) 90% (a) reads, 10% writes",
             Workload::DuringLoad => "(e) (a) during a bulk load",
         }
@@ -46,6 +49,7 @@ impl Workload {
             Workload::Batch500 | Workload::Mixed | Workload::DuringLoad => {
                 random_read(random, users, 500)
             }
+            Workload::Key1 => random_read(random, users, 1),
             Workload::User3 | Workload::Latency3 => {
                 let user_id = 1 + random.below(users);
                 ReadRequest {
@@ -112,6 +116,18 @@ pub fn cpu_seconds() -> (f64, f64) {
     )
 }
 
+/// CPU seconds the processes `pids` have used so far (user + system), from /proc.
+pub fn processes_cpu(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum::<u64>() as f64
+        / 100.0
+}
+
 #[derive(Debug)]
 pub struct Measured {
     pub requests: u64,
@@ -129,6 +145,16 @@ impl Measured {
 
     pub fn micros(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64
+    }
+
+    /// Microseconds of the server's CPU per request.
+    pub fn server_cpu_per_request(&self) -> f64 {
+        self.server_cpu * 1e6 / self.requests.max(1) as f64
+    }
+
+    /// Microseconds of the server's CPU per key read.
+    pub fn server_cpu_per_key(&self) -> f64 {
+        self.server_cpu * 1e6 / self.keys.max(1) as f64
     }
 }
 
