@@ -3,6 +3,8 @@
 //! and method), and at `debug` the spans of its stages (`parse`, `read_rows`, `policy`,
 //! `storage`) are logged as they close, with their time.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -28,9 +30,12 @@ pub fn init(format: LogFormat) {
     } else {
         FmtSpan::NONE
     };
+    // Colors only for a person at a terminal: escape codes have no place in a log file, and
+    // writing them costs every request (its span's fields are formatted when it opens).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_span_events(span_events);
     match format {
         LogFormat::Text => builder.init(),

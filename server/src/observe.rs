@@ -102,7 +102,11 @@ impl RequestIds {
         }
         let count = self.next.fetch_add(1, Ordering::Relaxed);
         let id = xxhash_rust::xxh3::xxh3_64_with_seed(&count.to_le_bytes(), self.seed);
-        http::HeaderValue::from_str(&format!("{id:016x}")).expect("hex digits are a valid header")
+        let mut hex = [0u8; 16];
+        for (place, digit) in hex.iter_mut().rev().enumerate() {
+            *digit = b"0123456789abcdef"[((id >> (place * 4)) & 0xf) as usize];
+        }
+        http::HeaderValue::from_bytes(&hex).expect("hex digits are a valid header")
     }
 }
 
@@ -141,10 +145,13 @@ where
         request.extensions_mut().insert(Received(started));
         let id = self.layer.ids.of(&request);
         let path = request.uri().path();
+        // Displayed, not debug-formatted: neither needs escaping (an id is made of letters,
+        // digits and `-_.:/`, a path is a URI's), and the span's fields are formatted for
+        // every call.
         let span = tracing::info_span!(
             "request",
-            request_id = id.to_str().unwrap_or_default(),
-            method = path,
+            request_id = %id.to_str().unwrap_or_default(),
+            method = %path,
         );
         let finish = Finish {
             metrics: self
@@ -294,5 +301,12 @@ mod tests {
         let second = ids.of(&request);
         assert_ne!(first, second);
         assert_eq!(first.len(), 16);
+        // The hash of the counter, in hexadecimal.
+        let known = RequestIds {
+            seed: 7,
+            next: AtomicU64::new(3),
+        };
+        let expected = xxhash_rust::xxh3::xxh3_64_with_seed(&3u64.to_le_bytes(), 7);
+        assert_eq!(known.of(&request), format!("{expected:016x}").as_str());
     }
 }

@@ -1,6 +1,7 @@
 //! Each race between a decision and the user state it was made on, forced at the worst
 //! moment: a failpoint stops the server's thread after it decided and before it applied
-//! (a write, a bulk-load chunk, a bulk-load commit, a purge, a sweep), the test changes the
+//! (a write, a bulk-load chunk, a bulk-load commit, a purge, a sweep; a read about to keep
+//! the rows it read in the row cache), the test changes the
 //! user's state or erases the user right then, lets the thread go, and reads back that
 //! nothing the new state forbids was stored. Failpoints are global to a process, so each
 //! scenario runs in a child process of this test binary (see [`crate::run_in_child`]).
@@ -451,4 +452,53 @@ async fn sweep_then_state_change() {
         client.sweep_expired().await.expect("sweep");
     })
     .await;
+}
+
+#[test]
+fn rows_read_before_an_erasure_are_not_kept_in_the_row_cache_after_it() {
+    run_in_child("read_then_erasure");
+}
+
+#[tokio::test]
+// Ignored so that it runs only in the child process its parent test starts (failpoints
+// are process-wide); the parent runs in every suite run.
+#[ignore = "run by rows_read_before_an_erasure_are_not_kept_in_the_row_cache_after_it"]
+async fn read_then_erasure() {
+    if !is_child_for("read_then_erasure") {
+        return;
+    }
+    let server = TestServer::start().await;
+    server.us_adults([1]).await;
+    server
+        .client
+        .write_features(write("before", vec![chat(1)]))
+        .await
+        .expect("write");
+    // A read large enough for the blocking pool, stopped after it read the user's row from
+    // the engine and before it keeps it in the cache.
+    let pause = Pause::arm("row-cache-keep");
+    let client = server.client.clone();
+    let reading = tokio::spawn(async move {
+        let keys: Vec<(u64, &str)> = (1..=20).map(|user| (user, "facebook_feed")).collect();
+        client
+            .get_features(featurestore_tests::read(&keys, &["interest_hiking"]))
+            .await
+    });
+    pause.reached().await;
+    let receipt = server.client.erase_user(1).await.expect("erase");
+    assert!(receipt.verified, "{receipt:?}");
+    pause.release();
+    let read = reading.await.expect("the read's task").expect("read");
+    assert_eq!(read.rows.len(), 20);
+    // The row read before the erasure is not served after it.
+    assert_eq!(hiking(&server, [1]).await, [ABSENT]);
+    // Rows read after a change are kept and served.
+    server.us_adults([2]).await;
+    server
+        .client
+        .write_features(write("after", vec![chat(2)]))
+        .await
+        .expect("write");
+    assert_eq!(hiking(&server, [2]).await, [STORED]);
+    assert_eq!(hiking(&server, [2]).await, [STORED]);
 }

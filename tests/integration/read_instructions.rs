@@ -43,7 +43,7 @@ fn read_path_workload() {
             proto::GetFeaturesRequest::from(random_read(&mut random, USERS, KEYS)).encode_to_vec()
         })
         .collect();
-    // Once to fill the block cache, so that the measured reads find every block there.
+    // Once to fill the caches, so that the measured reads find every row in the row cache.
     let warm = answer(&store, &limits, &requests);
     let measured = serve_reads(&store, &limits, &requests);
     assert_eq!(warm, measured, "the same reads answer the same bytes");

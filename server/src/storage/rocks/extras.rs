@@ -57,9 +57,11 @@ impl BulkFiles for RocksStore {
         let mut options = IngestExternalFileOptions::default();
         // Hard links when the staging directory is on the same file system: no copy.
         options.set_move_files(true);
-        self.db
-            .ingest_external_file_cf_opts(self.cf(FEATURES_CF), &options, files.to_vec())
-            .map_err(engine)
+        let ingested =
+            self.db
+                .ingest_external_file_cf_opts(self.cf(FEATURES_CF), &options, files.to_vec());
+        self.all_rows_changed();
+        ingested.map_err(engine)
     }
 
     fn merge_rows(
@@ -75,7 +77,9 @@ impl BulkFiles for RocksStore {
             batch.merge_cf(features, encode_row_key(*key), operand);
         }
         batch.put_cf(self.cf(META_CF), meta.0.as_bytes(), meta.1);
-        self.write_with_audit(batch, &chain_zero(audit))
+        let written = self.write_with_audit(batch, &chain_zero(audit));
+        self.rows_changed(rows.iter().map(|(key, _)| key.user_id));
+        written
     }
 
     fn user_state_changes(&self) -> u64 {
@@ -126,6 +130,9 @@ impl Maintenance for RocksStore {
         options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         self.db
             .compact_range_cf_opt(features, None::<&[u8]>, None::<&[u8]>, &options);
+        // Rows whose every value expired are gone from the engine: from the cache too, so
+        // that they read as not found rather than expired, as the engine answers.
+        self.all_rows_changed();
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 
 mod audit;
 mod extras;
+mod row_cache;
 mod write;
 
 use std::path::Path;
@@ -94,6 +95,8 @@ pub struct RocksStore {
     /// The database's options when RocksDB keeps statistics (block cache hits, stalls),
     /// which are read through them.
     statistics: Option<Options>,
+    /// Rows kept in memory in front of the engine; `None` when `row_cache_bytes` is 0.
+    rows: Option<row_cache::RowCache>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -282,6 +285,7 @@ impl RocksStore {
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             table_file_options,
             statistics: config.statistics.then_some(db_options),
+            rows: row_cache::RowCache::new(config.row_cache_bytes),
         })
     }
 
@@ -330,15 +334,26 @@ impl RocksStore {
     }
 }
 
-impl Store for RocksStore {
-    fn visit_rows(
+impl RocksStore {
+    /// Reads the rows of `keys` at `indexes` from the engine and shows them to `visit`;
+    /// with a cache, keeps them in it.
+    fn visit_engine_rows(
         &self,
         keys: &[RowKey],
+        mut order: Vec<usize>,
         visit: &mut dyn FnMut(usize, RowFound<'_>),
+        cache: Option<&row_cache::RowCache>,
     ) -> Result<(), StorageError> {
-        // Sorted input lets RocksDB walk each file once for the whole batch.
-        let mut order: Vec<usize> = (0..keys.len()).collect();
+        // Sorted input lets RocksDB walk each file once for the whole batch; it also puts
+        // the keys of a user side by side.
         order.sort_unstable_by_key(|&index| keys[index]);
+        let tickets: Vec<_> = match cache {
+            Some(cache) => order
+                .iter()
+                .map(|&index| cache.ticket(keys[index].user_id))
+                .collect(),
+            None => Vec::new(),
+        };
         let encoded: Vec<_> = order
             .iter()
             .map(|&index| encode_row_key(keys[index]))
@@ -346,18 +361,92 @@ impl Store for RocksStore {
         let results = self
             .db
             .batched_multi_get_cf(self.cf(FEATURES_CF), encoded.iter(), true);
-        for (&index, result) in order.iter().zip(results) {
+        // The rows of the user being read, to cache once its last key is read.
+        let mut read = Vec::new();
+        for (position, (&index, result)) in order.iter().zip(results).enumerate() {
+            let key = keys[index];
             match result {
-                Ok(Some(bytes)) => RowFound::visit_stored(index, &bytes, visit),
-                Ok(None) => visit(index, RowFound::Missing),
+                Ok(Some(bytes)) => {
+                    RowFound::visit_stored(index, &bytes, visit);
+                    if cache.is_some() {
+                        read.push((key.surface, Some(Box::<[u8]>::from(&*bytes))));
+                    }
+                }
+                Ok(None) => {
+                    visit(index, RowFound::Missing);
+                    read.push((key.surface, None));
+                }
                 // A merge over undecodable operands surfaces as corruption of that key.
                 Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
                     visit(index, RowFound::Corrupt(&error.into_string()));
                 }
                 Err(error) => return Err(engine(error)),
             }
+            let last_of_user = order
+                .get(position + 1)
+                .is_none_or(|&next| keys[next].user_id != key.user_id);
+            if let Some(cache) = cache
+                && last_of_user
+            {
+                fail::fail_point!("row-cache-keep");
+                cache.keep(key.user_id, tickets[position], read.drain(..));
+            }
         }
         Ok(())
+    }
+}
+
+impl RocksStore {
+    /// Drops the cached rows of `users` once their change is in the engine, before it is
+    /// acknowledged. Called whether the engine's write succeeded or not: a change that may
+    /// have been applied is treated as made.
+    fn rows_changed(&self, users: impl IntoIterator<Item = u64>) {
+        if let Some(cache) = &self.rows {
+            for user_id in users {
+                cache.changed(user_id);
+            }
+        }
+    }
+
+    /// Drops every cached row, after a change whose users are not known one by one.
+    fn all_rows_changed(&self) {
+        if let Some(cache) = &self.rows {
+            cache.clear();
+        }
+    }
+}
+
+impl Store for RocksStore {
+    fn visit_rows(
+        &self,
+        keys: &[RowKey],
+        visit: &mut dyn FnMut(usize, RowFound<'_>),
+    ) -> Result<(), StorageError> {
+        let Some(cache) = &self.rows else {
+            return self.visit_engine_rows(keys, (0..keys.len()).collect(), visit, None);
+        };
+        // Rows in the cache are shown at once; the others are read from the engine.
+        let mut missed = Vec::new();
+        let mut last: Option<(u64, Option<Arc<row_cache::CachedUser>>)> = None;
+        for (index, key) in keys.iter().enumerate() {
+            let cached = match &last {
+                Some((user_id, cached)) if *user_id == key.user_id => cached.clone(),
+                _ => {
+                    let cached = cache.user(key.user_id);
+                    last = Some((key.user_id, cached.clone()));
+                    cached
+                }
+            };
+            match cached.as_ref().and_then(|cached| cached.row(key.surface)) {
+                Some(Some(bytes)) => RowFound::visit_stored(index, bytes, visit),
+                Some(None) => visit(index, RowFound::Missing),
+                None => missed.push(index),
+            }
+        }
+        if missed.is_empty() {
+            return Ok(());
+        }
+        self.visit_engine_rows(keys, missed, visit, Some(cache))
     }
 
     fn apply_write(
@@ -419,7 +508,9 @@ impl Store for RocksStore {
             audit.extend(share.audit.iter().map(|entry| (partition, entry.clone())));
             *slot = Some(Applied::Fresh { answer });
         }
-        self.write_with_audit(batch, &audit)?;
+        let written = self.write_with_audit(batch, &audit);
+        self.rows_changed(users.iter().map(|share| share.user_id));
+        written?;
         Ok(applied
             .into_iter()
             .map(|slot| slot.expect("every share is replayed or applied"))
@@ -461,7 +552,10 @@ impl Store for RocksStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
         self.revalidate_rows(update.user_id, Some(&state), revalidate, &mut batch)?;
-        self.write_with_audit(batch, &[(self.partition(update.user_id), audit.clone())])?;
+        let written =
+            self.write_with_audit(batch, &[(self.partition(update.user_id), audit.clone())]);
+        self.rows_changed([update.user_id]);
+        written?;
         Ok(state)
     }
 
@@ -493,9 +587,9 @@ impl Store for RocksStore {
         let mut batch = WriteBatch::default();
         let removed = self.revalidate_rows(user_id, state.as_ref(), revalidate, &mut batch)?;
         if !batch.is_empty() {
-            self.db
-                .write_opt(batch, &self.write_options)
-                .map_err(engine)?;
+            let written = self.db.write_opt(batch, &self.write_options);
+            self.rows_changed([user_id]);
+            written.map_err(engine)?;
         }
         Ok(removed)
     }
@@ -601,7 +695,9 @@ impl Store for RocksStore {
         batch.put_cf(self.cf(USER_STATE_CF), key, encode_user_state(&state));
         batch.delete_range_cf(self.cf(FEATURES_CF), start, end);
         batch.delete_cf(self.cf(PSEUDONYM_KEYS_CF), key);
-        self.write_with_audit(batch, &[(self.partition(user_id), audit.clone())])?;
+        let written = self.write_with_audit(batch, &[(self.partition(user_id), audit.clone())]);
+        self.rows_changed([user_id]);
+        written?;
         Ok(state)
     }
 

@@ -1,4 +1,5 @@
-//! Tests of what only the RocksDB engine does: merge operands and corrupt bytes.
+//! Tests of what only the RocksDB engine does: merge operands and corrupt bytes; the
+//! conformance suite with and without the row cache.
 
 use super::*;
 use crate::clock::ManualClock;
@@ -7,10 +8,14 @@ use crate::storage::{RowWrite, StoredValue, ValueOutcome};
 use featurestore::domain::Value;
 
 fn open(dir: &Path) -> RocksStore {
+    open_with(dir, &StorageConfig::default())
+}
+
+fn open_with(dir: &Path, config: &StorageConfig) -> RocksStore {
     let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(1_000)));
     RocksStore::open(
         dir,
-        &StorageConfig::default(),
+        config,
         Durability::Buffered,
         Duration::from_secs(60),
         clock,
@@ -42,6 +47,26 @@ mod conformance {
     conformance_suite!(|| {
         let directory = tempfile::tempdir().expect("temp dir");
         let store = open(directory.path());
+        Opened {
+            store: Arc::new(store),
+            keep: Box::new(directory),
+        }
+    });
+}
+
+/// The same promises with every read going to the engine (`row_cache_bytes = 0`).
+mod conformance_without_row_cache {
+    use super::*;
+    use crate::storage::conformance::{Opened, conformance_suite};
+
+    conformance_suite!(|| {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let config = StorageConfig {
+            row_cache_bytes: 0,
+            ..StorageConfig::default()
+        };
+        let store = open_with(directory.path(), &config);
+        assert!(store.rows.is_none());
         Opened {
             store: Arc::new(store),
             keep: Box::new(directory),
