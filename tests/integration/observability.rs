@@ -391,6 +391,24 @@ async fn the_metrics_count_a_known_workload() {
         value(&samples, "featurestore_rocksdb_memtable_bytes", &[]) > 0.0,
         "the writes are in the memtable"
     );
+    // The first 500-key read found nothing in the row cache; the two after it and the small
+    // read found every row there.
+    let row_cache = |name: &str| {
+        value(
+            &samples,
+            &format!("featurestore_rocksdb_row_cache_{name}"),
+            &[],
+        )
+    };
+    assert_eq!(
+        (row_cache("hits_total"), row_cache("misses_total")),
+        (2.0 * READ_USERS as f64 + 2.0, READ_USERS as f64)
+    );
+    assert_eq!(
+        row_cache("capacity_bytes"),
+        server.config.storage.row_cache_bytes as f64
+    );
+    assert!(row_cache("usage_bytes") > 0.0, "the rows read are kept");
     // No label carries a user id.
     for sample in &samples {
         for user in ["1", "490", "500"] {

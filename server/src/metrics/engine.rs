@@ -16,13 +16,17 @@ pub(super) struct RocksdbGauges {
     block_cache_capacity_bytes: Gauge,
     block_cache_hits: Counter,
     block_cache_misses: Counter,
+    row_cache_usage_bytes: Gauge,
+    row_cache_capacity_bytes: Gauge,
+    row_cache_hits: Counter,
+    row_cache_misses: Counter,
     write_stall_seconds: Counter<f64, AtomicU64>,
     writes_stopped: Gauge,
 }
 
 impl RocksdbGauges {
     pub(super) fn register(&self, registry: &mut Registry) {
-        let gauges: [(&str, &str, &Gauge); 9] = [
+        let gauges: [(&str, &str, &Gauge); 11] = [
             (
                 "estimated_rows",
                 "RocksDB's estimate of the (user, surface) rows stored",
@@ -64,6 +68,16 @@ impl RocksdbGauges {
                 &self.block_cache_capacity_bytes,
             ),
             (
+                "row_cache_usage_bytes",
+                "Bytes held in the row cache in front of RocksDB",
+                &self.row_cache_usage_bytes,
+            ),
+            (
+                "row_cache_capacity_bytes",
+                "Capacity of the row cache (0: none)",
+                &self.row_cache_capacity_bytes,
+            ),
+            (
                 "writes_stopped",
                 "1 while RocksDB stops writes until compaction catches up",
                 &self.writes_stopped,
@@ -81,6 +95,16 @@ impl RocksdbGauges {
             "block_cache_misses",
             "Block cache lookups that read the block from a file (statistics on)",
             self.block_cache_misses.clone(),
+        );
+        registry.register(
+            "row_cache_hits",
+            "Rows read that the row cache held",
+            self.row_cache_hits.clone(),
+        );
+        registry.register(
+            "row_cache_misses",
+            "Rows read from RocksDB because the row cache did not hold them",
+            self.row_cache_misses.clone(),
         );
         registry.register(
             "write_stall_seconds",
@@ -110,6 +134,11 @@ impl RocksdbGauges {
             &self.block_cache_capacity_bytes,
             figures.block_cache_capacity_bytes,
         );
+        gauge(&self.row_cache_usage_bytes, figures.row_cache_usage_bytes);
+        gauge(
+            &self.row_cache_capacity_bytes,
+            figures.row_cache_capacity_bytes,
+        );
         gauge(&self.writes_stopped, u64::from(figures.writes_stopped));
         // RocksDB keeps these totals itself; the counters catch up to them.
         let catch_up = |counter: &Counter, total: u64| {
@@ -117,6 +146,8 @@ impl RocksdbGauges {
         };
         catch_up(&self.block_cache_hits, figures.block_cache_hits);
         catch_up(&self.block_cache_misses, figures.block_cache_misses);
+        catch_up(&self.row_cache_hits, figures.row_cache_hits);
+        catch_up(&self.row_cache_misses, figures.row_cache_misses);
         let stalled = figures.write_stall_micros as f64 / 1e6;
         let counted = self.write_stall_seconds.get();
         if stalled > counted {

@@ -105,6 +105,34 @@ impl RowFound<'_> {
     }
 }
 
+/// The rows `visit_rows` shows of `keys` keys, decoded, one answer per key in order; fails
+/// when a part of the engine holding some of them does not answer.
+pub fn decode_rows(
+    keys: usize,
+    visit_rows: impl FnOnce(&mut dyn FnMut(usize, RowFound<'_>)) -> Result<(), StorageError>,
+) -> Result<Vec<RowRead>, StorageError> {
+    let mut reads = vec![RowRead::Missing; keys];
+    let mut failure = None;
+    visit_rows(&mut |index, found| {
+        reads[index] = match found {
+            RowFound::Row(view) => match view.to_row() {
+                Ok(row) => RowRead::Found(row),
+                Err(error) => RowRead::Corrupt(error.to_string()),
+            },
+            RowFound::Missing => RowRead::Missing,
+            RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
+            RowFound::Unavailable(problem) => {
+                failure.get_or_insert_with(|| problem.to_owned());
+                RowRead::Missing
+            }
+        };
+    })?;
+    match failure {
+        Some(problem) => Err(StorageError::Engine(problem)),
+        None => Ok(reads),
+    }
+}
+
 /// Values to merge into one row.
 #[derive(Clone, Debug)]
 pub struct RowWrite {
@@ -279,26 +307,7 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Reads the rows of `keys`, one answer per key, in order, decoded; fails when a part
     /// of the engine holding some of them does not answer.
     fn read_rows(&self, keys: &[RowKey]) -> Result<Vec<RowRead>, StorageError> {
-        let mut reads = vec![RowRead::Missing; keys.len()];
-        let mut failure = None;
-        self.visit_rows(keys, &mut |index, found| {
-            reads[index] = match found {
-                RowFound::Row(view) => match view.to_row() {
-                    Ok(row) => RowRead::Found(row),
-                    Err(error) => RowRead::Corrupt(error.to_string()),
-                },
-                RowFound::Missing => RowRead::Missing,
-                RowFound::Corrupt(problem) => RowRead::Corrupt(problem.to_owned()),
-                RowFound::Unavailable(problem) => {
-                    failure.get_or_insert_with(|| problem.to_owned());
-                    RowRead::Missing
-                }
-            };
-        })?;
-        match failure {
-            Some(problem) => Err(StorageError::Engine(problem)),
-            None => Ok(reads),
-        }
+        decode_rows(keys.len(), |visit| self.visit_rows(keys, visit))
     }
 
     /// Reads the rows of `keys` in one batch and shows each to `visit` in place, with its
@@ -591,6 +600,13 @@ pub struct EngineFigures {
     /// database opened (zero when statistics are off).
     pub block_cache_hits: u64,
     pub block_cache_misses: u64,
+    /// Bytes held in the row cache in front of the engine, and its capacity (zero when
+    /// there is none).
+    pub row_cache_usage_bytes: u64,
+    pub row_cache_capacity_bytes: u64,
+    /// Rows read that the row cache held, and that it did not, since the store opened.
+    pub row_cache_hits: u64,
+    pub row_cache_misses: u64,
     /// Time writes were stalled or slowed by RocksDB to let compaction catch up, since the
     /// database opened (zero when statistics are off).
     pub write_stall_micros: u64,

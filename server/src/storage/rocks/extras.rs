@@ -191,6 +191,10 @@ impl EngineStats for RocksStore {
             block_cache_capacity_bytes: property(FEATURES_CF, properties::BLOCK_CACHE_CAPACITY)?,
             block_cache_hits: ticker(Ticker::BlockCacheHit),
             block_cache_misses: ticker(Ticker::BlockCacheMiss),
+            row_cache_usage_bytes: self.rows.as_ref().map_or(0, |rows| rows.usage_bytes()),
+            row_cache_capacity_bytes: self.rows.as_ref().map_or(0, |rows| rows.capacity_bytes()),
+            row_cache_hits: self.rows.as_ref().map_or(0, |rows| rows.hits()),
+            row_cache_misses: self.rows.as_ref().map_or(0, |rows| rows.misses()),
             write_stall_micros: ticker(Ticker::StallMicros),
             writes_stopped: COLUMN_FAMILIES
                 .iter()

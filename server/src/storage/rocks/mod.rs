@@ -34,7 +34,7 @@ use super::keys::{decode_row_key, encode_row_key, user_range};
 use super::{
     AnswerBuilder, Applied, BulkFiles, EngineStats, ErasureState, IdempotencyRecord, Maintenance,
     Revalidate, RowFound, RowKey, RowRead, StorageError, Store, StoredRow, UserState, UserWrite,
-    ValueOutcome,
+    ValueOutcome, decode_rows,
 };
 use crate::clock::Clock;
 use crate::config::{Durability, StorageConfig};
@@ -443,6 +443,7 @@ impl Store for RocksStore {
                 None => missed.push(index),
             }
         }
+        cache.count((keys.len() - missed.len()) as u64, missed.len() as u64);
         if missed.is_empty() {
             return Ok(());
         }

@@ -68,6 +68,9 @@ pub(super) struct Ticket(u64);
 pub(super) struct RowCache {
     users: quick_cache::sync::Cache<u64, Arc<CachedUser>, Weight>,
     stripes: Box<[Stripe]>,
+    /// Rows found in the cache and not, since it was made.
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -96,7 +99,31 @@ impl RowCache {
                 Weight,
             ),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         })
+    }
+
+    /// Counts the rows a read found in the cache and those it did not.
+    pub(super) fn count(&self, hits: u64, misses: u64) {
+        self.hits.fetch_add(hits, Ordering::Relaxed);
+        self.misses.fetch_add(misses, Ordering::Relaxed);
+    }
+
+    pub(super) fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn usage_bytes(&self) -> u64 {
+        self.users.weight()
+    }
+
+    pub(super) fn capacity_bytes(&self) -> u64 {
+        self.users.capacity()
     }
 
     fn stripe(&self, user_id: u64) -> &Stripe {

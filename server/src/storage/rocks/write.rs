@@ -63,7 +63,12 @@ impl RocksStore {
         distinct.sort_unstable();
         distinct.dedup();
         let mut current: Vec<StoredRow> = Vec::with_capacity(distinct.len());
-        for (key, read) in distinct.iter().zip(self.read_rows(&distinct)?) {
+        // From the engine, not the row cache: what is merged and put back must be the
+        // latest row, whatever changed it (a bulk load's merge does not take the stripe).
+        let reads = decode_rows(distinct.len(), |visit| {
+            self.visit_engine_rows(&distinct, (0..distinct.len()).collect(), visit, None)
+        })?;
+        for (key, read) in distinct.iter().zip(reads) {
             current.push(match read {
                 RowRead::Found(row) => row,
                 RowRead::Missing => StoredRow::default(),
