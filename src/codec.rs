@@ -15,7 +15,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::BufMut;
+use bytes::{Buf, BufMut};
 use prost::encoding::{self, WireType};
 use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
@@ -55,6 +55,11 @@ pub trait Encoded: prost::Message + Sized {
     /// Writes the message, as [`prost::Message::encode`] does.
     fn encode_wire(&self, buf: &mut impl BufMut) {
         self.encode_raw(buf);
+    }
+
+    /// About how many bytes the message takes, to size the buffer once (0: unknown).
+    fn wire_bytes_hint(&self) -> usize {
+        0
     }
 }
 
@@ -105,6 +110,15 @@ impl Encoded for proto::GetFeaturesResponse {
     fn encode_wire(&self, buf: &mut impl BufMut) {
         encode_get_features_response(self, buf);
     }
+
+    fn wire_bytes_hint(&self) -> usize {
+        // The packed arrays and a few bytes of keys and lengths per row: a 500-row answer
+        // is hundreds of kilobytes, which the buffer would otherwise reach by doubling.
+        self.rows
+            .iter()
+            .map(|row| 16 + row.statuses.len() + row.float_values.len() * 4)
+            .sum()
+    }
 }
 
 /// Writes `response` as prost would, without its per-element calls: each row is laid out
@@ -116,29 +130,54 @@ pub fn encode_get_features_response(response: &proto::GetFeaturesResponse, buf: 
     for row in &response.rows {
         row_bytes.clear();
         encode_row(row, &mut row_bytes);
-        encoding::encode_key(2, WireType::LengthDelimited, buf);
-        encoding::encode_varint(row_bytes.len() as u64, buf);
+        let length = row_bytes.len();
+        match u8::try_from(length) {
+            Ok(byte) if byte < 0x80 => buf.put_slice(&[key(2, WireType::LengthDelimited), byte]),
+            _ => {
+                buf.put_u8(key(2, WireType::LengthDelimited));
+                encoding::encode_varint(length as u64, buf);
+            }
+        }
         buf.put_slice(&row_bytes);
     }
 }
 
+/// The key byte of field `tag` (below 16) with `wire_type`.
+const fn key(tag: u8, wire_type: WireType) -> u8 {
+    (tag << 3) | wire_type as u8
+}
+
+/// A length as a varint: one byte below 0x80.
+fn put_length(length: usize, out: &mut Vec<u8>) {
+    match u8::try_from(length) {
+        Ok(byte) if byte < 0x80 => out.push(byte),
+        _ => encoding::encode_varint(length as u64, out),
+    }
+}
+
 fn encode_row(row: &proto::FeatureRow, out: &mut Vec<u8>) {
-    if row.status != 0 {
+    if let Ok(status) = u8::try_from(row.status)
+        && status < 0x80
+    {
+        if status != 0 {
+            out.extend_from_slice(&[key(1, WireType::Varint), status]);
+        }
+    } else {
         encoding::int32::encode(1, &row.status, out);
     }
     if row.statuses.iter().all(|status| (0..0x80).contains(status)) {
         if !row.statuses.is_empty() {
             // A varint below 0x80 is its own single byte.
-            encoding::encode_key(2, WireType::LengthDelimited, out);
-            encoding::encode_varint(row.statuses.len() as u64, out);
+            out.push(key(2, WireType::LengthDelimited));
+            put_length(row.statuses.len(), out);
             out.extend(row.statuses.iter().map(|&status| status as u8));
         }
     } else {
         encoding::int32::encode_packed(2, &row.statuses, out);
     }
     if !row.float_values.is_empty() {
-        encoding::encode_key(3, WireType::LengthDelimited, out);
-        encoding::encode_varint(row.float_values.len() as u64 * 4, out);
+        out.push(key(3, WireType::LengthDelimited));
+        put_length(row.float_values.len() * 4, out);
         out.reserve(row.float_values.len() * 4);
         for value in &row.float_values {
             out.extend_from_slice(&value.to_le_bytes());
@@ -190,6 +229,7 @@ impl<T: Encoded> Encoder for MessageEncoder<T> {
 
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         // The buffer grows as it is written: encoding a message cannot fail.
+        buf.reserve(item.wire_bytes_hint());
         item.encode_wire(buf);
         Ok(())
     }
@@ -207,7 +247,17 @@ where
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(|error| {
+        // A message arrives in one contiguous buffer: decoding from a slice steps over its
+        // bytes without the buffer's bookkeeping for every field.
+        let length = buf.remaining();
+        let decoded = if buf.chunk().len() == length {
+            let decoded = U::decode(&buf.chunk()[..length]);
+            buf.advance(length);
+            decoded
+        } else {
+            U::decode(buf)
+        };
+        decoded.map(Some).map_err(|error| {
             let code = if U::BY_THE_SERVER {
                 Code::InvalidArgument
             } else {

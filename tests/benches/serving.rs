@@ -11,8 +11,8 @@
 //! environment: `SERVING_USERS` (default 1,000,000 users × 3 surfaces × 20 floats + a
 //! 64-float embedding; workload (e) bulk-loads half as many other users), `SERVING_SECONDS`
 //! per workload (10), `SERVING_CONNECTIONS` (4), `SERVING_CONCURRENCY` requests in flight
-//! for closed loops (8), `SERVING_BLOCK_CACHE_BYTES` (the server's default). Prints a table
-//! and writes `target/serving-bench.json`.
+//! for closed loops (8), `SERVING_BLOCK_CACHE_BYTES` and `SERVING_ROW_CACHE_BYTES` (the
+//! server's defaults). Prints a table and writes `target/serving-bench.json`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -157,6 +157,10 @@ fn main() {
             "SERVING_BLOCK_CACHE_BYTES",
             StorageConfig::default().block_cache_bytes as u64,
         ) as usize,
+        row_cache_bytes: setting(
+            "SERVING_ROW_CACHE_BYTES",
+            StorageConfig::default().row_cache_bytes,
+        ),
         ..StorageConfig::default()
     };
     let duration = Duration::from_secs(seconds);
@@ -387,10 +391,11 @@ fn main() {
     let (load, cores) = common::machine();
     println!(
         "\nserving: {users} users x {} surfaces x ({FLOATS} floats + {EMBEDDING}-float embedding); \
-         {connections} connections, {concurrency} in flight; block cache {} MiB; {cores} cores, \
-         load average {load}\n",
+         {connections} connections, {concurrency} in flight; block cache {} MiB, row cache {} MiB; \
+         {cores} cores, load average {load}\n",
         SURFACES.len(),
-        storage.block_cache_bytes >> 20
+        storage.block_cache_bytes >> 20,
+        storage.row_cache_bytes >> 20
     );
     println!(
         "| workload | loop | req/s | keys/s | p50 µs | p99 µs | p99.9 µs | server CPU µs/req | server CPU µs/key | server CPU ÷ echo's | client CPU µs/req | req/s ÷ echo | p50 ÷ echo |"
@@ -475,6 +480,7 @@ fn main() {
         "workloads": json,
         "storage_floor_ns_per_key": floor,
         "block_cache_bytes": storage.block_cache_bytes,
+        "row_cache_bytes": storage.row_cache_bytes,
         "server_cpu_ns_per_key_a": served,
         "redis_floor": redis.as_ref().ok().map(|measured| serde_json::json!({
             "keys_per_second": measured.per_second(measured.keys),

@@ -46,10 +46,19 @@ impl Core {
             core: self,
             in_force: &in_force,
         };
+        // Keys of a batch name few surfaces: the last one found is compared first.
+        let mut last: Option<(&str, Option<&Surface>)> = None;
         let surfaces: Vec<Option<&Surface>> = request
             .keys
             .iter()
-            .map(|key| self.registry.surface(&key.surface))
+            .map(|key| match last {
+                Some((name, surface)) if name == key.surface => surface,
+                _ => {
+                    let surface = self.registry.surface(&key.surface);
+                    last = Some((&key.surface, surface));
+                    surface
+                }
+            })
             .collect();
         let features = self.select_features(request, &surfaces)?;
         let (columns, shape) = lay_out(&features);

@@ -11,7 +11,8 @@ use crate::registry::{FeatureId, Sensitivity, SourceId};
 use crate::storage::{StoredRow, StoredValue};
 
 /// A row in the current format whose checksum, header and provenance records were checked
-/// when it was parsed; its values are checked as they are read, in one pass.
+/// when it was parsed (its labels' lengths too; their text when [`RowView::to_row`] copies
+/// them); its values are checked as they are read, in one pass.
 #[derive(Clone, Copy, Debug)]
 pub struct RowView<'a> {
     provenances: &'a [u8],
@@ -35,10 +36,12 @@ impl<'a> RowView<'a> {
         for record in provenances.chunks_exact(PROVENANCE_LEN) {
             Provenance::read(record)?;
         }
+        // The labels are only stepped over: the read path serves none of them, and
+        // `to_row` checks their text when it copies them.
         let labels_start = reader.bytes;
-        for _ in 0..provenance_count {
-            reader.short_text()?;
-            reader.short_text()?;
+        for _ in 0..provenance_count * 2 {
+            let len = usize::from(reader.u8()?);
+            reader.take(len)?;
         }
         let labels = &labels_start[..labels_start.len() - reader.bytes.len()];
         Ok(RowView {
@@ -72,16 +75,12 @@ impl<'a> RowView<'a> {
             .expect("provenance records were checked when the row was parsed")
     }
 
-    /// The owned row, labels and all, every value checked.
+    /// The owned row, labels and all, every value and label checked.
     pub fn to_row(&self) -> Result<StoredRow, CodecError> {
         let mut reader = Reader { bytes: self.labels };
         let labels: Vec<(&str, &str)> = (0..self.provenance_count())
-            .map(|_| {
-                let origin_app = reader.short_text().expect("labels were checked");
-                let topic_id = reader.short_text().expect("labels were checked");
-                (origin_app, topic_id)
-            })
-            .collect();
+            .map(|_| Ok((reader.short_text()?, reader.short_text()?)))
+            .collect::<Result<_, CodecError>>()?;
         let values = self
             .values()
             .map(|value| {
