@@ -76,8 +76,8 @@ fn write_request(random: &mut Random, users: u64, sequence: u64) -> WriteRequest
     }
 }
 
-/// CPU seconds used so far by the server (its runtime, RocksDB's threads, the threads of its
-/// Redis connections) and by the
+/// CPU seconds used so far by the server (its runtime, the threads reading parts of large
+/// reads, RocksDB's threads, the threads of its Redis connections) and by the
 /// load generator's runtime, from /proc. The server's share is the process's total minus
 /// every other live thread, so that blocking-pool threads that have exited still count.
 pub fn cpu_seconds() -> (f64, f64) {
@@ -103,6 +103,7 @@ pub fn cpu_seconds() -> (f64, f64) {
                 client += used;
             }
             if !(name.starts_with("server")
+                || name.starts_with("fs-read")
                 || name.starts_with("rocksdb")
                 || name.starts_with("redis-io"))
             {
@@ -145,6 +146,25 @@ impl Measured {
 
     pub fn micros(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64
+    }
+
+    /// Nothing measured yet.
+    pub fn nothing() -> Measured {
+        Measured {
+            requests: 0,
+            keys: 0,
+            seconds: 0.0,
+            latency: Histogram::<u64>::new(3).expect("histogram"),
+            server_cpu: 0.0,
+            client_cpu: 0.0,
+        }
+    }
+
+    /// Adds what one lane of a loop measured: its requests, keys and latencies.
+    pub fn add_lane(&mut self, (requests, keys, latency): (u64, u64, Histogram<u64>)) {
+        self.requests += requests;
+        self.keys += keys;
+        self.latency.add(latency).expect("same precision");
     }
 
     /// Microseconds of the server's CPU per request.
@@ -215,19 +235,9 @@ pub async fn drive(
             (requests, keys, latency)
         });
     }
-    let mut measured = Measured {
-        requests: 0,
-        keys: 0,
-        seconds: 0.0,
-        latency: Histogram::<u64>::new(3).expect("histogram"),
-        server_cpu: 0.0,
-        client_cpu: 0.0,
-    };
+    let mut measured = Measured::nothing();
     while let Some(lane) = tasks.join_next().await {
-        let (requests, keys, latency) = lane.expect("lane");
-        measured.requests += requests;
-        measured.keys += keys;
-        measured.latency.add(latency).expect("same precision");
+        measured.add_lane(lane.expect("lane"));
     }
     measured.seconds = started.elapsed().as_secs_f64();
     let cpu_after = cpu_seconds();

@@ -131,19 +131,9 @@ pub async fn measure(
                 begun + seconds,
             ));
         }
-        let mut total = Measured {
-            requests: 0,
-            keys: 0,
-            seconds: 0.0,
-            latency: Histogram::<u64>::new(3).expect("histogram"),
-            server_cpu: 0.0,
-            client_cpu: 0.0,
-        };
+        let mut total = Measured::nothing();
         while let Some(lane) = tasks.join_next().await {
-            let (requests, keys, latency) = lane.map_err(|error| error.to_string())?;
-            total.requests += requests;
-            total.keys += keys;
-            total.latency.add(latency).expect("same precision");
+            total.add_lane(lane.map_err(|error| error.to_string())?);
         }
         total.seconds = begun.elapsed().as_secs_f64();
         total.server_cpu = processes_cpu(&[pid]) - cpu_before;
