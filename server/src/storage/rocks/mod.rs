@@ -369,7 +369,7 @@ impl RocksStore {
                 Ok(Some(bytes)) => {
                     RowFound::visit_stored(index, &bytes, visit);
                     if cache.is_some() {
-                        read.push((key.surface, Some(Box::<[u8]>::from(&*bytes))));
+                        read.push((key.surface, Some(Arc::<[u8]>::from(&*bytes))));
                     }
                 }
                 Ok(None) => {

@@ -26,10 +26,11 @@ const STRIPES: usize = 1024;
 /// Bytes counted for an entry beyond its rows: the key, the entry, the cache's slot.
 const ENTRY_OVERHEAD_BYTES: u64 = 96;
 
-/// One user's cached rows: per surface, the stored bytes or `None` (no row).
+/// One user's cached rows: per surface, the stored bytes or `None` (no row). The bytes are
+/// shared, so that adding a surface to an entry copies none of the others.
 #[derive(Debug, Default)]
 pub(super) struct CachedUser {
-    rows: Vec<(SurfaceId, Option<Box<[u8]>>)>,
+    rows: Vec<(SurfaceId, Option<Arc<[u8]>>)>,
 }
 
 impl CachedUser {
@@ -147,7 +148,7 @@ impl RowCache {
         &self,
         user_id: u64,
         ticket: Ticket,
-        rows: impl IntoIterator<Item = (SurfaceId, Option<Box<[u8]>>)>,
+        rows: impl IntoIterator<Item = (SurfaceId, Option<Arc<[u8]>>)>,
     ) {
         let stripe = self.stripe(user_id);
         let _locked = stripe.lock.lock();
@@ -199,8 +200,8 @@ impl RowCache {
 mod tests {
     use super::*;
 
-    fn row(byte: u8) -> Option<Box<[u8]>> {
-        Some(vec![byte; 4].into_boxed_slice())
+    fn row(byte: u8) -> Option<Arc<[u8]>> {
+        Some(Arc::from(vec![byte; 4]))
     }
 
     #[test]
