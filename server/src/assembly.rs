@@ -153,6 +153,12 @@ pub async fn start_core(
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Arc<Core>> {
     let config = config.clone();
+    // The threads that read the parts of a large read at once, one per core, named
+    // `fs-read-N` (thread names hold 15 bytes). Built once per process: a second server
+    // in the same process shares them.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|index| format!("fs-read-{index}"))
+        .build_global();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(

@@ -65,6 +65,8 @@ pub struct Core {
     backup_dir: PathBuf,
     /// Set at shutdown: purges and sweeps stop between two users.
     stopping: std::sync::atomic::AtomicBool,
+    /// Reads large enough to be split running now (see `core/read.rs`).
+    large_reads: std::sync::atomic::AtomicUsize,
 }
 
 /// A store in `directory` with a small block cache, for the domain's tests.
@@ -154,6 +156,7 @@ impl Core {
             registry,
             policy: PolicyState::new(policy, options.policy_path, clock.now()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            large_reads: std::sync::atomic::AtomicUsize::new(0),
             store,
             clock,
             writes: WriteSettings {

@@ -35,6 +35,12 @@ fn baseline_path() -> &'static Path {
 #[test]
 #[ignore = "the workload callgrind measures; run by read_path_instructions_hold_to_the_baseline"]
 fn read_path_workload() {
+    // One reading thread: a read split across threads would do part of its work where
+    // callgrind does not count it (outside `serve_reads`).
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()
+        .expect("the first pool of this process");
     let store = InProcessStore::with_users(USERS);
     let limits = RequestLimits::default();
     let mut random = Random(7);

@@ -2,6 +2,9 @@
 //! each row's values out by column offset straight into the wire response.
 
 use std::fmt::Display;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
 
 use featurestore::domain::{ReadRequest, Timestamp, Value, ValueType};
 use featurestore::proto;
@@ -11,7 +14,75 @@ use super::{Core, PolicyInForce};
 use crate::error::Error;
 use crate::registry::{Feature, Surface};
 use crate::storage::codec::{CodecError, Payload, Provenance, RowView};
-use crate::storage::{RowFound, RowKey};
+use crate::storage::{RowFound, RowKey, Store};
+
+/// Keys a part of a split read has at least: below it, handing a part to another core
+/// costs more than reading it.
+const PART_KEYS_MIN: usize = 128;
+
+/// Counts a large read (one that may be split) for as long as it runs.
+struct LargeRead<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> LargeRead<'a> {
+    fn enter(core: &'a Core, keys: usize) -> LargeRead<'a> {
+        LargeRead((keys >= 2 * PART_KEYS_MIN).then(|| {
+            core.large_reads.fetch_add(1, Ordering::Relaxed);
+            &core.large_reads
+        }))
+    }
+}
+
+impl Drop for LargeRead<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What every part of a read shares.
+struct Part<'a> {
+    fill: &'a Fill<'a>,
+    surfaces: &'a [Option<&'a Surface>],
+    store: &'a dyn Store,
+}
+
+impl Part<'_> {
+    /// Reads `known` keys and fills their rows: `positions` says where each key's row is in
+    /// the answer, whose rows from `first_row` on are `rows`.
+    fn visit(
+        &self,
+        known: &[RowKey],
+        positions: &[usize],
+        first_row: usize,
+        rows: &mut [proto::FeatureRow],
+        tally: &mut ReadTally,
+    ) -> Result<(), Error> {
+        let fill = self.fill;
+        self.store.visit_rows(known, &mut |index, found| {
+            let position = positions[index];
+            let surface = self.surfaces[position].expect("only keys with a known surface are read");
+            let row = &mut rows[position - first_row];
+            match found {
+                RowFound::Row(stored) => {
+                    if let Err(error) = fill.row(row, surface, Some(stored), tally) {
+                        fill.damaged(row, known[index].user_id, surface, &error);
+                    }
+                }
+                RowFound::Missing => fill
+                    .row(row, surface, None, tally)
+                    .expect("a missing row has no value to find damaged"),
+                RowFound::Corrupt(problem) => {
+                    fill.damaged(row, known[index].user_id, surface, &problem);
+                }
+                RowFound::Unavailable(problem) => {
+                    fill.unavailable(row, known[index].user_id, surface, &problem);
+                }
+            }
+        })?;
+        Ok(())
+    }
+}
 
 /// One response column: a feature and where its values sit in each row.
 struct Column<'a> {
@@ -39,6 +110,24 @@ impl Core {
         &self,
         request: &ReadRequest,
         tally: &mut ReadTally,
+    ) -> Result<proto::GetFeaturesResponse, Error> {
+        self.read_in_parts(request, tally, None)
+    }
+
+    /// How many parts a read of `keys` keys is split into: one per core no other large
+    /// read is using, each of at least [`PART_KEYS_MIN`] keys; one when the server is busy.
+    fn read_parts(&self, keys: usize) -> usize {
+        let busy = self.large_reads.load(Ordering::Relaxed);
+        let idle = rayon::current_num_threads().saturating_sub(busy.saturating_sub(1));
+        (keys / PART_KEYS_MIN).min(idle).max(1)
+    }
+
+    /// [`Core::read_counted`] in `parts` parts (`None`: as [`Core::read_parts`] decides).
+    fn read_in_parts(
+        &self,
+        request: &ReadRequest,
+        tally: &mut ReadTally,
+        parts: Option<usize>,
     ) -> Result<proto::GetFeaturesResponse, Error> {
         let now = self.clock.now();
         let in_force = self.policy_in_force();
@@ -85,27 +174,49 @@ impl Core {
             .collect();
         let (known, positions) = known_keys(request, &surfaces);
         let span = tracing::debug_span!("read_rows", keys = known.len()).entered();
-        self.store.visit_rows(&known, &mut |index, found| {
-            let position = positions[index];
-            let surface = surfaces[position].expect("only keys with a known surface are read");
-            let row = &mut rows[position];
-            match found {
-                RowFound::Row(stored) => {
-                    if let Err(error) = fill.row(row, surface, Some(stored), tally) {
-                        fill.damaged(row, known[index].user_id, surface, &error);
-                    }
-                }
-                RowFound::Missing => fill
-                    .row(row, surface, None, tally)
-                    .expect("a missing row has no value to find damaged"),
-                RowFound::Corrupt(problem) => {
-                    fill.damaged(row, known[index].user_id, surface, &problem);
-                }
-                RowFound::Unavailable(problem) => {
-                    fill.unavailable(row, known[index].user_id, surface, &problem);
-                }
+        let _large = LargeRead::enter(self, known.len());
+        let parts = parts.unwrap_or_else(|| self.read_parts(known.len()));
+        let part = Part {
+            fill: &fill,
+            surfaces: &surfaces,
+            store: self.store.as_ref(),
+        };
+        if parts <= 1 {
+            part.visit(&known, &positions, 0, &mut rows, tally)?;
+        } else {
+            // Contiguous runs of the keys, each filling the run of rows its keys answer.
+            let mut work = Vec::with_capacity(parts);
+            let mut rest = rows.as_mut_slice();
+            let mut first_row = 0;
+            for index in 0..parts {
+                let keys = index * known.len() / parts..(index + 1) * known.len() / parts;
+                let end_row = match positions.get(keys.end) {
+                    Some(&next) if index + 1 < parts => next,
+                    _ => first_row + rest.len(),
+                };
+                let (mine, others) = std::mem::take(&mut rest).split_at_mut(end_row - first_row);
+                work.push((keys, first_row, mine, ReadTally::default()));
+                (rest, first_row) = (others, end_row);
             }
-        })?;
+            let request_span = tracing::Span::current();
+            let visited: Vec<Result<(), Error>> = work
+                .par_iter_mut()
+                .map(|(keys, first_row, rows, tally)| {
+                    let _span = request_span.enter();
+                    part.visit(
+                        &known[keys.clone()],
+                        &positions[keys.clone()],
+                        *first_row,
+                        rows,
+                        tally,
+                    )
+                })
+                .collect();
+            visited.into_iter().collect::<Result<(), Error>>()?;
+            for (_, _, _, part_tally) in work {
+                tally.absorb(part_tally);
+            }
+        }
         drop(span);
         for row in &rows {
             if let Some(count) = usize::try_from(row.status)
@@ -444,5 +555,124 @@ fn put_value(row: &mut proto::FeatureRow, column: &Column<'_>, value: &Value) {
             sparse.topics = entries.iter().map(|(topic, _)| topic.clone()).collect();
             sparse.weights = entries.iter().map(|(_, weight)| *weight).collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use featurestore::domain::{
+        AgeBand, FeatureWrite, Provenance, ReadKey, UserStateUpdate, WriteRequest, WriteRow,
+    };
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::core::CoreOptions;
+    use crate::policy::Policy;
+    use crate::registry::Registry;
+
+    /// 2026-06-01T00:00:00Z.
+    const NOW: i64 = 1_780_272_000_000_000;
+
+    fn user_row(user_id: u64, value: f32) -> WriteRow {
+        WriteRow {
+            user_id,
+            target_surfaces: vec!["facebook_feed".to_string()],
+            provenance: Provenance {
+                source: "engagement".to_string(),
+                origin_app: "facebook".to_string(),
+                // Ages differ per user, so that the parts count different age buckets.
+                interaction_time: Timestamp::from_unix_micros(NOW - user_id as i64 * 600_000_000),
+                producer_id: "tests".to_string(),
+                microphone_permission_granted: false,
+            },
+            features: vec![FeatureWrite {
+                name: "interest_hiking".to_string(),
+                value: Value::Float(value),
+                topic: None,
+                ttl: None,
+            }],
+            user_state_generation: 1,
+        }
+    }
+
+    #[test]
+    fn a_read_split_into_parts_answers_as_one() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
+        let store = crate::core::test_store(directory.path(), clock.clone());
+        let registry = Arc::new(Registry::embedded_default());
+        let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
+        let core = Core::new(
+            registry,
+            policy,
+            Arc::new(store),
+            clock,
+            CoreOptions::under(directory.path()),
+        )
+        .expect("core");
+        for user_id in 1..=300 {
+            let update = UserStateUpdate {
+                user_id,
+                jurisdiction: "US".to_string(),
+                age_band: AgeBand::Adult,
+                linked_apps: vec!["facebook".to_string()],
+                ads_objection: false,
+                expected_generation: None,
+            };
+            core.set_user_state(&update, "tests").expect("state");
+        }
+        let request = WriteRequest {
+            idempotency_key: "rows".to_string(),
+            rows: (1..=300)
+                .map(|user_id| user_row(user_id, user_id as f32))
+                .collect(),
+        };
+        core.write(&request, 1).expect("write");
+        // Stored rows, missing ones, unknown surfaces and a key asked twice, in no order.
+        let keys = (0..700u64)
+            .map(|index| ReadKey {
+                user_id: (index * 7919) % 400 + 1,
+                surface: match index % 50 {
+                    0 => "no_such_surface",
+                    1 => "instagram_reels",
+                    _ => "facebook_feed",
+                }
+                .to_string(),
+            })
+            .collect();
+        let request = ReadRequest {
+            keys,
+            features: vec!["interest_hiking".to_string()],
+            include_event_times: true,
+        };
+        let read = |parts| {
+            let mut tally = ReadTally::default();
+            let response = core
+                .read_in_parts(&request, &mut tally, Some(parts))
+                .expect("read");
+            let mut ages: Vec<_> = tally
+                .ages
+                .iter()
+                .map(|(surface, ages)| (*surface, ages.buckets, ages.count, ages.sum_micros))
+                .collect();
+            ages.sort_unstable_by_key(|(surface, ..)| *surface);
+            (response, tally.rows, tally.values, ages)
+        };
+        let whole = read(1);
+        assert_eq!(whole.0.rows.len(), 700);
+        assert!(whole.1[proto::RowStatus::UnknownSurface as usize] > 0);
+        assert!(whole.2[proto::ValueStatus::Present as usize] > 0);
+        for parts in [2, 3, 5] {
+            let split = read(parts);
+            assert!(split.0 == whole.0, "the answer differs in {parts} parts");
+            assert_eq!(split.1, whole.1, "rows counted in {parts} parts");
+            assert_eq!(split.2, whole.2, "values counted in {parts} parts");
+            assert_eq!(split.3, whole.3, "ages counted in {parts} parts");
+        }
+        // A read this large is split when nothing else runs.
+        assert_eq!(core.read_parts(700), rayon::current_num_threads().min(5));
+        assert_eq!(core.read_parts(200), 1);
     }
 }

@@ -39,6 +39,26 @@ pub struct ReadTally {
     pub ages: Vec<(SurfaceId, SurfaceAges)>,
 }
 
+impl ReadTally {
+    /// Adds what another part of the same read counted.
+    pub fn absorb(&mut self, other: ReadTally) {
+        for (total, part) in self.rows.iter_mut().zip(other.rows) {
+            *total += part;
+        }
+        for (total, part) in self.values.iter_mut().zip(other.values) {
+            *total += part;
+        }
+        for (surface, part) in other.ages {
+            let ages = ages_on(&mut self.ages, surface);
+            for (total, count) in ages.buckets.iter_mut().zip(part.buckets) {
+                *total += count;
+            }
+            ages.count += part.count;
+            ages.sum_micros += part.sum_micros;
+        }
+    }
+}
+
 /// Ages of the values served on one surface, bucketed like [`AGE_BUCKETS_SECONDS`].
 #[derive(Debug, Default)]
 pub struct SurfaceAges {

@@ -76,8 +76,8 @@ fn write_request(random: &mut Random, users: u64, sequence: u64) -> WriteRequest
     }
 }
 
-/// CPU seconds used so far by the server (its runtime, RocksDB's threads, the threads of its
-/// Redis connections) and by the
+/// CPU seconds used so far by the server (its runtime, the threads reading parts of large
+/// reads, RocksDB's threads, the threads of its Redis connections) and by the
 /// load generator's runtime, from /proc. The server's share is the process's total minus
 /// every other live thread, so that blocking-pool threads that have exited still count.
 pub fn cpu_seconds() -> (f64, f64) {
@@ -103,6 +103,7 @@ pub fn cpu_seconds() -> (f64, f64) {
                 client += used;
             }
             if !(name.starts_with("server")
+                || name.starts_with("fs-read")
                 || name.starts_with("rocksdb")
                 || name.starts_with("redis-io"))
             {
