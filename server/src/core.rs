@@ -88,6 +88,52 @@ fn test_store(
     .expect("open the store")
 }
 
+/// A core on `store` with the embedded registry and policy bundle, its files under
+/// `directory`, for the core's tests.
+#[cfg(test)]
+fn test_core(
+    directory: &std::path::Path,
+    store: Arc<dyn Store>,
+    clock: Arc<crate::clock::ManualClock>,
+) -> Core {
+    let registry = Arc::new(Registry::embedded_default());
+    let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
+    Core::new(
+        registry,
+        policy,
+        store,
+        clock,
+        CoreOptions::under(directory),
+    )
+    .expect("core")
+}
+
+/// A row of `interest_hiking` = `value` for `user_id` on the Facebook feed, from an
+/// interaction at `interaction_time` (Unix microseconds), decided on generation 1, for the
+/// core's tests.
+#[cfg(test)]
+fn hiking_row(user_id: u64, value: f32, interaction_time: i64) -> featurestore::domain::WriteRow {
+    use featurestore::domain::{FeatureWrite, Provenance, Timestamp, Value, WriteRow};
+    WriteRow {
+        user_id,
+        target_surfaces: vec!["facebook_feed".to_string()],
+        provenance: Provenance {
+            source: "engagement".to_string(),
+            origin_app: "facebook".to_string(),
+            interaction_time: Timestamp::from_unix_micros(interaction_time),
+            producer_id: "tests@v1".to_string(),
+            microphone_permission_granted: false,
+        },
+        features: vec![FeatureWrite {
+            name: "interest_hiking".to_string(),
+            value: Value::Float(value),
+            topic: None,
+            ttl: None,
+        }],
+        user_state_generation: 1,
+    }
+}
+
 /// An adult in `jurisdiction` with a Facebook account only, for the core's tests.
 #[cfg(test)]
 fn adult_on_facebook(user_id: u64, jurisdiction: &str) -> featurestore::domain::UserStateUpdate {

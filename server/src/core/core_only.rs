@@ -5,18 +5,13 @@
 
 use std::sync::Arc;
 
-use featurestore::domain::{
-    FeatureWrite, Provenance, ReadKey, ReadRequest, Timestamp, UserStateUpdate, Value,
-    WriteRequest, WriteRow,
-};
+use featurestore::domain::{ReadKey, ReadRequest, Timestamp, UserStateUpdate, WriteRequest};
 use featurestore::proto;
 
-use super::{Core, CoreOptions};
+use super::Core;
 use crate::audit::{AuditEntry, AuditRecord, AuditReport, Pseudonym};
 use crate::clock::ManualClock;
 use crate::error::{Error, ErrorKind};
-use crate::policy::Policy;
-use crate::registry::Registry;
 use crate::storage::{
     AnswerBuilder, Applied, IdempotencyRecord, Revalidate, RocksStore, RowFound, RowKey, RowRead,
     StorageError, Store, UserState, UserWrite,
@@ -145,16 +140,7 @@ impl Store for CoreOnly {
 fn core_only(directory: &std::path::Path) -> Arc<Core> {
     let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
     let store = CoreOnly(super::test_store(directory, clock.clone()));
-    let registry = Arc::new(Registry::embedded_default());
-    let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
-    let core = Core::new(
-        registry,
-        policy,
-        Arc::new(store),
-        clock,
-        CoreOptions::under(directory),
-    )
-    .expect("core");
+    let core = super::test_core(directory, Arc::new(store), clock);
     let core = Arc::new(core);
     core.start().expect("start");
     core
@@ -163,24 +149,7 @@ fn core_only(directory: &std::path::Path) -> Arc<Core> {
 fn hiking(user_id: u64, value: f32) -> WriteRequest {
     WriteRequest {
         idempotency_key: format!("hiking-{user_id}-{value}"),
-        rows: vec![WriteRow {
-            user_id,
-            target_surfaces: vec!["facebook_feed".to_string()],
-            provenance: Provenance {
-                source: "engagement".to_string(),
-                origin_app: "facebook".to_string(),
-                interaction_time: Timestamp::from_unix_micros(NOW - 1_000_000),
-                producer_id: "tests@v1".to_string(),
-                microphone_permission_granted: false,
-            },
-            features: vec![FeatureWrite {
-                name: "interest_hiking".to_string(),
-                value: Value::Float(value),
-                topic: None,
-                ttl: None,
-            }],
-            user_state_generation: 1,
-        }],
+        rows: vec![super::hiking_row(user_id, value, NOW - 1_000_000)],
     }
 }
 

@@ -562,71 +562,32 @@ fn put_value(row: &mut proto::FeatureRow, column: &Column<'_>, value: &Value) {
 mod tests {
     use std::sync::Arc;
 
-    use featurestore::domain::{
-        AgeBand, FeatureWrite, Provenance, ReadKey, UserStateUpdate, WriteRequest, WriteRow,
-    };
+    use featurestore::domain::{ReadKey, WriteRequest};
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::core::CoreOptions;
-    use crate::policy::Policy;
-    use crate::registry::Registry;
+    use crate::core::{adult_on_facebook, hiking_row, test_core};
 
     /// 2026-06-01T00:00:00Z.
     const NOW: i64 = 1_780_272_000_000_000;
-
-    fn user_row(user_id: u64, value: f32) -> WriteRow {
-        WriteRow {
-            user_id,
-            target_surfaces: vec!["facebook_feed".to_string()],
-            provenance: Provenance {
-                source: "engagement".to_string(),
-                origin_app: "facebook".to_string(),
-                // Ages differ per user, so that the parts count different age buckets.
-                interaction_time: Timestamp::from_unix_micros(NOW - user_id as i64 * 600_000_000),
-                producer_id: "tests".to_string(),
-                microphone_permission_granted: false,
-            },
-            features: vec![FeatureWrite {
-                name: "interest_hiking".to_string(),
-                value: Value::Float(value),
-                topic: None,
-                ttl: None,
-            }],
-            user_state_generation: 1,
-        }
-    }
 
     #[test]
     fn a_read_split_into_parts_answers_as_one() {
         let directory = tempfile::tempdir().expect("temp dir");
         let clock = Arc::new(ManualClock::new(Timestamp::from_unix_micros(NOW)));
         let store = crate::core::test_store(directory.path(), clock.clone());
-        let registry = Arc::new(Registry::embedded_default());
-        let policy = Arc::new(Policy::embedded_default(&registry).expect("default bundle"));
-        let core = Core::new(
-            registry,
-            policy,
-            Arc::new(store),
-            clock,
-            CoreOptions::under(directory.path()),
-        )
-        .expect("core");
+        let core = test_core(directory.path(), Arc::new(store), clock);
         for user_id in 1..=300 {
-            let update = UserStateUpdate {
-                user_id,
-                jurisdiction: "US".to_string(),
-                age_band: AgeBand::Adult,
-                linked_apps: vec!["facebook".to_string()],
-                ads_objection: false,
-                expected_generation: None,
-            };
-            core.set_user_state(&update, "tests").expect("state");
+            core.set_user_state(&adult_on_facebook(user_id, "US"), "tests")
+                .expect("state");
         }
         let request = WriteRequest {
             idempotency_key: "rows".to_string(),
+            // Ages differ per user, so that the parts count different age buckets.
             rows: (1..=300)
-                .map(|user_id| user_row(user_id, user_id as f32))
+                .map(|user_id| {
+                    hiking_row(user_id, user_id as f32, NOW - user_id as i64 * 600_000_000)
+                })
                 .collect(),
         };
         core.write(&request, 1).expect("write");
