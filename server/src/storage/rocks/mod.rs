@@ -335,8 +335,8 @@ impl RocksStore {
 }
 
 impl RocksStore {
-    /// Reads the rows of `keys` at `indexes` from the engine and shows them to `visit`;
-    /// with a cache, keeps them in it.
+    /// Reads the rows of the keys at `order` (indexes into `keys`) from the engine and shows
+    /// them to `visit`; with a cache, keeps them in it.
     fn visit_engine_rows(
         &self,
         keys: &[RowKey],
@@ -374,7 +374,9 @@ impl RocksStore {
                 }
                 Ok(None) => {
                     visit(index, RowFound::Missing);
-                    read.push((key.surface, None));
+                    if cache.is_some() {
+                        read.push((key.surface, None));
+                    }
                 }
                 // A merge over undecodable operands surfaces as corruption of that key.
                 Err(error) if error.kind() == rocksdb::ErrorKind::Corruption => {
@@ -394,9 +396,7 @@ impl RocksStore {
         }
         Ok(())
     }
-}
 
-impl RocksStore {
     /// Drops the cached rows of `users` once their change is in the engine, before it is
     /// acknowledged. Called whether the engine's write succeeded or not: a change that may
     /// have been applied is treated as made.
