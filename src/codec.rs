@@ -130,14 +130,8 @@ pub fn encode_get_features_response(response: &proto::GetFeaturesResponse, buf: 
     for row in &response.rows {
         row_bytes.clear();
         encode_row(row, &mut row_bytes);
-        let length = row_bytes.len();
-        match u8::try_from(length) {
-            Ok(byte) if byte < 0x80 => buf.put_slice(&[key(2, WireType::LengthDelimited), byte]),
-            _ => {
-                buf.put_u8(key(2, WireType::LengthDelimited));
-                encoding::encode_varint(length as u64, buf);
-            }
-        }
+        buf.put_u8(key(2, WireType::LengthDelimited));
+        put_length(row_bytes.len(), buf);
         buf.put_slice(&row_bytes);
     }
 }
@@ -148,9 +142,9 @@ const fn key(tag: u8, wire_type: WireType) -> u8 {
 }
 
 /// A length as a varint: one byte below 0x80.
-fn put_length(length: usize, out: &mut Vec<u8>) {
+fn put_length(length: usize, out: &mut impl BufMut) {
     match u8::try_from(length) {
-        Ok(byte) if byte < 0x80 => out.push(byte),
+        Ok(byte) if byte < 0x80 => out.put_u8(byte),
         _ => encoding::encode_varint(length as u64, out),
     }
 }
